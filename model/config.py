@@ -1,0 +1,150 @@
+"""Architecture of an LM2 model: the backbone (ModelConfig) and its memory bank (MemoryConfig).
+
+Only shape and initialisation live here; batch sizes, optimiser and parallel degrees belong to the trainer's
+config. Every field checks itself when the dataclass is built, and `validate_for_tp` checks what depends on the
+tensor-parallel degree, so a bad config fails before any weight is allocated, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class LM2ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and how to fix it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LM2ConfigError(message)
+
+
+def _positive(name: str, value: int) -> None:
+    _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = True
+    """False gives the vanilla baseline: the same backbone with full causal attention over the row."""
+    slots: int = 16
+    """N, the number of memory slots per block (the paper: 2048)."""
+    dim: int | None = None
+    """d_m, the width of a memory slot. None means the model's hidden_size."""
+    heads: int = 4
+    """H_m, memory heads. Heads are head-local and are split over tensor-parallel ranks like attention heads."""
+    layers: list[int] | None = None
+    """Indices of the blocks that carry memory; None means every block."""
+    bptt_segments: int = 4
+    """Gradients flow through the memory chain over blocks of this many segments, then are detached."""
+    forget_bias_init: float = 1.0
+    """Initial forget-gate bias: +1 makes a fresh model remember by default."""
+
+    def __post_init__(self) -> None:
+        _positive("memory.slots", self.slots)
+        _positive("memory.heads", self.heads)
+        _positive("memory.bptt_segments", self.bptt_segments)
+        if self.dim is not None:
+            _positive("memory.dim", self.dim)
+            _require(
+                self.dim % self.heads == 0,
+                f"memory.dim={self.dim} must be divisible by memory.heads={self.heads}: "
+                "change one of them so every memory head gets the same width",
+            )
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    """Tokenizer vocabulary size; the embedding is padded to a multiple of tp * 128 (see padded_vocab_size)."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """Grouped-query attention: num_heads must be a multiple of it."""
+    ffn_hidden_size: int
+    """Inner width of the SwiGLU MLP."""
+    row_length: int
+    """Tokens per training row (the context the model is trained on)."""
+    segment_length: int
+    """S: with memory on, a row is processed as row_length / S segments; attention stays inside a segment."""
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2 * num_layers)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                     "row_length", "segment_length"):
+            _positive(name, getattr(self, name))
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
+        )
+        _require(self.head_dim % 2 == 0, f"head dim hidden_size/num_heads={self.head_dim} must be even for RoPE")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+            "(grouped-query attention shares each kv head between num_heads/num_kv_heads query heads)",
+        )
+        _require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        _require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
+        if not self.memory.enabled:
+            return
+        _require(
+            self.row_length % self.segment_length == 0,
+            f"row_length={self.row_length} must be a multiple of segment_length={self.segment_length}: "
+            "a row is processed as whole segments",
+        )
+        _require(
+            self.memory_dim % self.memory.heads == 0,
+            f"memory.dim (defaults to hidden_size={self.hidden_size}) = {self.memory_dim} must be divisible by "
+            f"memory.heads={self.memory.heads}",
+        )
+        for layer in self.memory.layers or []:
+            _require(
+                isinstance(layer, int) and 0 <= layer < self.num_layers,
+                f"memory.layers contains {layer!r}; block indices run from 0 to num_layers-1={self.num_layers - 1}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def memory_dim(self) -> int:
+        return self.memory.dim or self.hidden_size
+
+    @property
+    def num_segments(self) -> int:
+        return self.row_length // self.segment_length if self.memory.enabled else 1
+
+    def has_memory(self, layer: int) -> bool:
+        return self.memory.enabled and (self.memory.layers is None or layer in self.memory.layers)
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocabulary rounded up to a multiple of tp_size * 128, as megatron does, so shards are equal and aligned."""
+        multiple = 128 * tp_size
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    def validate_for_tp(self, tp_size: int) -> None:
+        """Checks that every sharded dimension splits evenly over tp_size ranks."""
+        _positive("tensor parallel size", tp_size)
+        _require(
+            self.num_kv_heads % tp_size == 0,
+            f"num_kv_heads={self.num_kv_heads} must be divisible by the tensor-parallel size {tp_size}: "
+            "lower parallel.tp or raise num_kv_heads",
+        )
+        _require(
+            self.ffn_hidden_size % tp_size == 0,
+            f"ffn_hidden_size={self.ffn_hidden_size} must be divisible by the tensor-parallel size {tp_size}",
+        )
+        if self.memory.enabled:
+            _require(
+                self.memory.heads % tp_size == 0,
+                f"memory.heads={self.memory.heads} must be divisible by the tensor-parallel size {tp_size}: "
+                "memory heads are split over tensor-parallel ranks like attention heads",
+            )

@@ -1,0 +1,83 @@
+"""Small building blocks shared by the decoder: RMSNorm, rotary embeddings, megatron-core TP glue, init."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in fp32 whatever the activation dtype (bf16 sums of squares lose precision)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [len(positions), head_dim] in Hugging Face Llama's half-split layout.
+
+    Our own implementation because megatron-core's RotaryEmbedding hard-codes CUDA.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim]. Same rotation as HF's rotate_half."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def init(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def output_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Projections that write into the residual stream get std / sqrt(2 * layers), as in GPT-2 and megatron."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
+
+
+def megatron_config(tp_size: int, params_dtype: torch.dtype, cpu_init: bool) -> ModelParallelConfig:
+    """The ModelParallelConfig megatron-core's TP layers read. No sequence parallelism: its backward needs CUDA.
+
+    With cpu_init every TP layer draws its full weight from the global torch RNG and keeps its slice, so a
+    model built at TP=2 holds exactly the weights of TP=1 built from the same seed.
+    """
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size,
+        params_dtype=params_dtype,
+        use_cpu_initialization=cpu_init,
+        perform_initialization=True,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        async_tensor_model_parallel_allreduce=False,
+    )
+
+
+def sharded_parameter(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int) -> nn.Parameter:
+    """This rank's slice of a full tensor along dim, marked the way megatron-core marks its TP weights.
+
+    DeepSpeed's grad norm and our checkpoint/export gathering read these attributes.
+    """
+    shard = full.chunk(tp_size, dim=dim)[tp_rank].clone()
+    param = nn.Parameter(shard)
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+    return param

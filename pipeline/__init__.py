@@ -1,0 +1,1 @@
+"""Everything that knows about ranks, files or time: data, training, checkpoints, export, evaluation."""

@@ -1,0 +1,105 @@
+"""The run configuration: a dataclass tree loaded from YAML plus dotted overrides, validated as it is built.
+
+`load_config("configs/tiny.yaml", ["model.memory.slots=32"])` works like OLMo-core's merge: unknown keys fail
+with the list of known ones, values are coerced to the field's type, and every dataclass checks itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lm2.model.config import LM2ConfigError, ModelConfig
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    """The architecture (model/config.py)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise LM2ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LM2ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise LM2ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LM2ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LM2ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise LM2ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping; `where` is the dotted path used in error messages."""
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise LM2ConfigError(f"{label} must be a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise LM2ConfigError(f"unknown key(s) {', '.join(unknown)} in {label}; known keys: {', '.join(fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise LM2ConfigError(f"{label} is missing required key(s): {', '.join(missing)}")
+    prefix = f"{where}." if where else ""
+    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """`a.b.c=value` sets tree[a][b][c]; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in override:
+        raise LM2ConfigError(f"override {override!r} must look like section.key=value")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise LM2ConfigError(f"override {override!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise LM2ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    tree = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        apply_override(tree, override)
+    return from_dict(RunConfig, tree)

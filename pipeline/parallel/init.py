@@ -1,0 +1,48 @@
+"""Process groups: torch.distributed from the launcher's environment, then megatron-core's TP/PP/DP groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from lm2.pipeline.parallel.dims import ParallelDims
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> ParallelDims:
+    """Joins the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and builds megatron-core's
+    groups. Without a launcher (no WORLD_SIZE) it is a world of one, which megatron-core's layers still need.
+    Idempotent for the default group; returns the validated degrees."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        backend = backend or default_backend()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             order="tp-cp-ep-dp-pp")
+    return dims
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
