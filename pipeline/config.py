@@ -9,19 +9,22 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lm2.model.config import LM2ConfigError, ModelConfig
+from lm2.pipeline.data.config import DataConfig
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig
     """The architecture (model/config.py)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which prepared datasets to stream and in what order (pipeline/data/config.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
