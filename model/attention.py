@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from lm2.model.config import ModelConfig
-from lm2.model.layers import apply_rope, normal_init, output_init
+from lm2.model.layers import TensorParallel, apply_rope, normal_init, output_init
 
 
 class Attention(nn.Module):
@@ -19,24 +17,16 @@ class Attention(nn.Module):
     all-reduces. The caller decides what a sequence is: a whole row (vanilla) or one segment (LM2).
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
         self.head_dim = cfg.head_dim
-        self.local_heads = cfg.num_heads // tp
-        self.local_kv_heads = cfg.num_kv_heads // tp
+        self.local_heads = cfg.num_heads // tp.size
+        self.local_kv_heads = cfg.num_kv_heads // tp.size
         init = normal_init(cfg.init_std)
-
-        def column(out_features: int) -> ColumnParallelLinear:
-            return ColumnParallelLinear(cfg.hidden_size, out_features, config=mp, init_method=init, bias=False,
-                                        gather_output=False)
-
-        self.q_proj = column(cfg.num_heads * cfg.head_dim)
-        self.k_proj = column(cfg.num_kv_heads * cfg.head_dim)
-        self.v_proj = column(cfg.num_kv_heads * cfg.head_dim)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp,
-                                        init_method=output_init(cfg.init_std, cfg.num_layers), bias=False,
-                                        input_is_parallel=True, skip_bias_add=True)
+        self.q_proj = tp.column(cfg.hidden_size, cfg.num_heads * cfg.head_dim, init)
+        self.k_proj = tp.column(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, init)
+        self.v_proj = tp.column(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, init)
+        self.o_proj = tp.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, output_init(cfg.init_std, cfg.num_layers))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, d] normalised input; cos/sin: [T, head_dim]. Returns [B, T, d], causal over T."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 
 import torch
-from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from lm2.model.attention import Attention
 from lm2.model.config import ModelConfig
-from lm2.model.layers import RMSNorm, rope_cos_sin
+from lm2.model.layers import RMSNorm, TensorParallel, rope_cos_sin
 from lm2.model.memory import LM2Memory
 from lm2.model.mlp import MLP
 
@@ -29,14 +28,14 @@ class DecoderBlock(nn.Module):
     (tensor in, tensor out), as pipeline stages and activation checkpointing require.
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_rank: int, layer_index: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_index: int):
         super().__init__()
         self.cfg = cfg
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg, mp)
-        self.memory = LM2Memory(cfg, mp, tp_rank) if cfg.has_memory(layer_index) else None
+        self.self_attn = Attention(cfg, tp)
+        self.memory = LM2Memory(cfg, tp) if cfg.has_memory(layer_index) else None
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg, mp)
+        self.mlp = MLP(cfg, tp)
 
     def _attention(self, xn: torch.Tensor) -> torch.Tensor:
         """Causal attention of [B', T, d] sequences, RoPE positions 0..T-1."""
@@ -57,11 +56,12 @@ class DecoderBlock(nn.Module):
             h = h + self.memory(xn, self.cfg.segment_length)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward_segment(self, x: torch.Tensor, mem: torch.Tensor | None):
-        """One segment x: [B, S, d] with this block's memory M_s (None if it has none) -> (out, M_{s+1})."""
+    def forward_segment(self, x: torch.Tensor, mem: torch.Tensor | None, segment: int):
+        """Segment number `segment`, x: [B, S, d], with this block's memory M_s (None if it has none)
+        -> (out, M_{s+1})."""
         xn = self.input_layernorm(x)
         h = x + self._attention(xn)
         if self.memory is not None:
-            read, mem = self.memory.step(xn, mem)
+            read, mem = self.memory.step(xn, mem, segment)
             h = h + read
         return h + self.mlp(self.post_attention_layernorm(h)), mem

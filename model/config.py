@@ -37,7 +37,8 @@ class MemoryConfig:
     layers: list[int] | None = None
     """Indices of the blocks that carry memory; None means every block."""
     bptt_segments: int = 4
-    """Gradients flow through the memory chain over blocks of this many segments, then are detached."""
+    """Truncated BPTT: the memory chain is detached before every bptt_segments-th write, so gradients cross at
+    most this many segment boundaries (at least one: a segment always trains the write that fed it)."""
     forget_bias_init: float = 1.0
     """Initial forget-gate bias: +1 makes a fresh model remember by default."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 
@@ -55,21 +57,37 @@ def output_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.T
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
-def megatron_config(tp_size: int, params_dtype: torch.dtype, cpu_init: bool) -> ModelParallelConfig:
-    """The ModelParallelConfig megatron-core's TP layers read. No sequence parallelism: its backward needs CUDA.
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's tensor-parallel context, handed to every layer: megatron-core's config and group, passed
+    explicitly rather than looked up from globals inside the layers."""
 
-    With cpu_init every TP layer draws its full weight from the global torch RNG and keeps its slice, so a
-    model built at TP=2 holds exactly the weights of TP=1 built from the same seed.
-    """
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tp_size,
-        params_dtype=params_dtype,
-        use_cpu_initialization=cpu_init,
-        perform_initialization=True,
-        sequence_parallel=False,
-        gradient_accumulation_fusion=False,
-        async_tensor_model_parallel_allreduce=False,
-    )
+    config: ModelParallelConfig
+    group: torch.distributed.ProcessGroup
+    rank: int
+    size: int
+
+    @classmethod
+    def from_parallel_state(cls, params_dtype: torch.dtype, cpu_init: bool) -> "TensorParallel":
+        """With cpu_init every TP layer draws its full weight on CPU from the global torch RNG and keeps its
+        slice, so a model built at TP=2 holds exactly the weights of TP=1 built from the same seed. No sequence
+        parallelism: its backward allocates on CUDA."""
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        config = ModelParallelConfig(tensor_model_parallel_size=size, params_dtype=params_dtype,
+                                     use_cpu_initialization=cpu_init, perform_initialization=True,
+                                     sequence_parallel=False, gradient_accumulation_fusion=False)
+        return cls(config, parallel_state.get_tensor_model_parallel_group(),
+                   parallel_state.get_tensor_model_parallel_rank(), size)
+
+    def column(self, in_features: int, out_features: int, init: Callable, **kwargs) -> ColumnParallelLinear:
+        """in -> out/tp on this rank, no bias, output left split (the next layer consumes the split)."""
+        return ColumnParallelLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
+                                    gather_output=False, tp_group=self.group, **kwargs)
+
+    def row(self, in_features: int, out_features: int, init: Callable) -> RowParallelLinear:
+        """in/tp -> out, all-reduced over the group, no bias."""
+        return RowParallelLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
+                                 input_is_parallel=True, skip_bias_add=True, tp_group=self.group)
 
 
 def sharded_parameter(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int) -> nn.Parameter:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
-from lm2.model.layers import RMSNorm, megatron_config, normal_init
+from lm2.model.layers import RMSNorm, TensorParallel, normal_init
 
 
 class LM2Model(nn.Module):
@@ -32,22 +31,23 @@ class LM2Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, cpu_init: bool = True):
         super().__init__()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        cfg.validate_for_tp(tp_size)
+        tp = TensorParallel.from_parallel_state(params_dtype, cpu_init)
+        cfg.validate_for_tp(tp.size)
         self.cfg = cfg
-        mp = megatron_config(tp_size, params_dtype, cpu_init)
-        self.padded_vocab_size = cfg.padded_vocab_size(tp_size)
-        self.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, config=mp,
-                                                   init_method=normal_init(cfg.init_std))
-        self.layers = nn.ModuleList(DecoderBlock(cfg, mp, tp_rank, i) for i in range(cfg.num_layers))
+        self.padded_vocab_size = cfg.padded_vocab_size(tp.size)
+        init = normal_init(cfg.init_std)
+        self.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, config=tp.config,
+                                                   init_method=init, tp_group=tp.group)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, tp, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         # Tied: the head reuses embed_tokens.weight, passed at call time (same [V/tp, d] vocab split).
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, config=mp,
-                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
-                                            skip_weight_param_allocation=cfg.tie_embeddings)
-        local_vocab = self.padded_vocab_size // tp_size
-        vocab_ids = torch.arange(tp_rank * local_vocab, (tp_rank + 1) * local_vocab)
+        self.lm_head = tp.column(cfg.hidden_size, self.padded_vocab_size, init,
+                                 skip_weight_param_allocation=cfg.tie_embeddings)
+        # Parameters whose dim 0 is the padded vocabulary: full-state tools cut the padding off / add it back.
+        self.vocab_parameter_names = ("embed_tokens.weight",) if cfg.tie_embeddings else (
+            "embed_tokens.weight", "lm_head.weight")
+        local_vocab = self.padded_vocab_size // tp.size
+        vocab_ids = torch.arange(tp.rank * local_vocab, (tp.rank + 1) * local_vocab)
         self.register_buffer("vocab_padding", vocab_ids >= cfg.vocab_size, persistent=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -67,12 +67,13 @@ class LM2Model(nn.Module):
         """Per block: its M_0 for `batch` fresh rows, or None for a block without memory."""
         return [layer.memory.initial_state(batch) if layer.memory is not None else None for layer in self.layers]
 
-    def forward_segment(self, tokens: torch.Tensor, memory: list[torch.Tensor | None]):
-        """One segment [B, S] given every block's memory -> (local logits, updated memory). Incremental use."""
+    def forward_segment(self, tokens: torch.Tensor, memory: list[torch.Tensor | None], segment: int):
+        """Segment number `segment` of rows, tokens [B, S], given every block's memory
+        -> (local logits, updated memory). Incremental use: generation, evaluation of long inputs."""
         h = self.embed_tokens(tokens)
         new_memory = []
         for layer, mem in zip(self.layers, memory):
-            h, mem = layer.forward_segment(h, mem)
+            h, mem = layer.forward_segment(h, mem, segment)
             new_memory.append(mem)
         return self.logits(h), new_memory
 

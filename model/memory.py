@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from lm2.model.config import ModelConfig
-from lm2.model.layers import normal_init, output_init, sharded_parameter
+from lm2.model.layers import TensorParallel, normal_init, output_init, sharded_parameter
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -33,40 +31,35 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class LM2Memory(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_rank: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
         d, d_m, heads, slots = cfg.hidden_size, cfg.memory_dim, cfg.memory.heads, cfg.memory.slots
-        self.slots, self.local_heads, self.head_dim = slots, heads // tp, d_m // heads
+        self.slots, self.local_heads, self.head_dim = slots, heads // tp.size, d_m // heads
         self.bptt_segments = cfg.memory.bptt_segments
         init = normal_init(cfg.init_std)
 
         def head_local(shape: tuple[int, ...], fill=None) -> nn.Parameter:
             # Drawn whole from the global RNG and sliced, so TP=2 holds exactly the weights of TP=1.
-            full = torch.empty(heads, *shape, dtype=mp.params_dtype)
+            full = torch.empty(heads, *shape, dtype=tp.config.params_dtype)
             init(full) if fill is None else full.fill_(fill)
-            return sharded_parameter(full, 0, tp_rank, tp)
+            return sharded_parameter(full, 0, tp.rank, tp.size)
 
         # M_init[r, r mod d_m] = 1: slot r starts as the unit vector e_r. Columns are split by memory head.
-        bank = torch.zeros(slots, d_m, dtype=mp.params_dtype)
+        bank = torch.zeros(slots, d_m, dtype=tp.config.params_dtype)
         bank[torch.arange(slots), torch.arange(slots) % d_m] = 1.0
-        self.init_bank = sharded_parameter(bank, 1, tp_rank, tp)  # [N, Hl*dh]
-
-        def column() -> ColumnParallelLinear:
-            return ColumnParallelLinear(d, d_m, config=mp, init_method=init, bias=False, gather_output=False)
+        self.init_bank = sharded_parameter(bank, 1, tp.rank, tp.size)  # [N, Hl*dh]
 
         # Read: tokens query the memory slots.
-        self.read_q = column()
+        self.read_q = tp.column(d, d_m, init)
         self.read_k = head_local((self.head_dim, self.head_dim))
         self.read_v = head_local((self.head_dim, self.head_dim))
         self.out_gate = head_local((self.head_dim, self.head_dim))
         self.out_gate_bias = head_local((self.head_dim,), fill=0.0)
-        self.out_proj = RowParallelLinear(d_m, d, config=mp, init_method=output_init(cfg.init_std, cfg.num_layers),
-                                          bias=False, input_is_parallel=True, skip_bias_add=True)
+        self.out_proj = tp.row(d_m, d, output_init(cfg.init_std, cfg.num_layers))
         # Write: slots attend to the segment's tokens, then LSTM-like input and forget gates.
         self.write_q = head_local((self.head_dim, self.head_dim))
-        self.write_k = column()
-        self.write_v = column()
+        self.write_k = tp.column(d, d_m, init)
+        self.write_v = tp.column(d, d_m, init)
         self.in_gate = head_local((2 * self.head_dim, self.head_dim))
         self.in_gate_bias = head_local((self.head_dim,), fill=0.0)
         self.forget_gate = head_local((2 * self.head_dim, self.head_dim))
@@ -93,10 +86,17 @@ class LM2Memory(nn.Module):
         g_forget = torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias)
         return g_in * torch.tanh(u) + g_forget * mem
 
-    def step(self, xn: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One segment for incremental use (generation): xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
+    def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
+        """Truncated BPTT: the chain of writes is cut before every bptt_segments-th write. Only the write's input
+        is detached: segment s still trains the write that produced its M_s, so a gradient crosses between 1 and
+        bptt_segments segment boundaries, and every write gets gradient (RMT's scheme)."""
+        return mem.detach() if segment > 0 and segment % self.bptt_segments == 0 else mem
+
+    def step(self, xn: torch.Tensor, mem: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
         read = self.read(self._heads(self.read_q(xn)[0]), mem)
-        return read, self.write(self._heads(self.write_k(xn)[0]), self._heads(self.write_v(xn)[0]), mem)
+        write_k, write_v = self._heads(self.write_k(xn)[0]), self._heads(self.write_v(xn)[0])
+        return read, self.write(write_k, write_v, self.truncate(mem, segment))
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
@@ -111,9 +111,7 @@ class LM2Memory(nn.Module):
         mem = self.initial_state(b)
         states = [mem]
         for s in range(k - 1):  # the write after the last segment feeds nothing inside this row
-            mem = self.write(write_k[:, s], write_v[:, s], mem)
-            if (s + 1) % self.bptt_segments == 0:
-                mem = mem.detach()  # truncated BPTT through the memory chain
+            mem = self.write(write_k[:, s], write_v[:, s], self.truncate(mem, s))
             states.append(mem)
         stacked = torch.stack(states, dim=1).flatten(0, 1)  # [B*k, N, Hl, dh]
         q = self.read_q(xn)[0].view(b * k, segment_length, self.local_heads, self.head_dim)

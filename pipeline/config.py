@@ -56,6 +56,11 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
             raise LM2ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LM2ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)

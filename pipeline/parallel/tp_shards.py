@@ -1,0 +1,68 @@
+"""Full (unsharded) state of an LM2Model from its tensor-parallel shards, and back.
+
+A parameter is sharded when megatron-core marked it `tensor_model_parallel`; it is split along its
+`partition_dim` into equal contiguous chunks (stride 1), one per TP rank. The full state holds the true
+vocabulary only: padding rows depend on the TP degree, so they are cut off here and zero-filled on load.
+This is how checkpoints change TP degree and how export joins shards; nothing here lists layer names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from lm2.model.lm import LM2Model
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return getattr(param, "tensor_model_parallel", False)
+
+
+def _gather(model: LM2Model, tensor_of) -> dict[str, torch.Tensor]:
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    full = {}
+    for name, param in model.named_parameters():
+        tensor = tensor_of(param)
+        if _is_sharded(param) and tp > 1:
+            chunks = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(chunks, tensor.contiguous(), group=group)
+            tensor = torch.cat(chunks, dim=param.partition_dim)
+        if name in model.vocab_parameter_names:
+            tensor = tensor[: model.cfg.vocab_size]
+        full[name] = tensor.cpu().clone()
+    return full
+
+
+def gather_full_state(model: LM2Model) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: every TP rank returns the same full tensors (on CPU)."""
+    return _gather(model, lambda param: param.detach())
+
+
+def gather_full_grads(model: LM2Model) -> dict[str, torch.Tensor]:
+    """The full gradient of every parameter (zeros where none was computed), gathered like the weights."""
+    return _gather(model, lambda param: param.grad if param.grad is not None else torch.zeros_like(param))
+
+
+def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
+    """Copies this rank's slice of every full tensor into the model (no communication)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    expected, given = {n for n, _ in model.named_parameters()}, set(full)
+    if expected != given:
+        raise ValueError(f"full state does not match the model: missing {sorted(expected - given)}, "
+                         f"unexpected {sorted(given - expected)}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = full[name]
+            if name in model.vocab_parameter_names:
+                padded = torch.zeros(model.padded_vocab_size, *tensor.shape[1:], dtype=tensor.dtype)
+                padded[: tensor.shape[0]] = tensor
+                tensor = padded
+            if _is_sharded(param) and tp > 1:
+                tensor = tensor.chunk(tp, dim=param.partition_dim)[rank]
+            if tensor.shape != param.shape:
+                raise ValueError(f"{name}: full tensor gives a {tuple(tensor.shape)} shard, the model has "
+                                 f"{tuple(param.shape)}: the checkpoint was written for another model shape")
+            param.copy_(tensor)

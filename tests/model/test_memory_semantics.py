@@ -1,0 +1,137 @@
+"""The memory semantics of shared/LM2_MEMORY.md: causality, the parallel scan, resets and initial values."""
+
+import pytest
+import torch
+
+from lm2.model.lm import LM2Model, token_losses
+from tests.model.tiny import tiny_config
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return LM2Model(cfg)
+
+
+def tokens(cfg, batch=2, seed=1):
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.row_length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("memory", [True, False])
+@pytest.mark.parametrize("where", ["inside a segment", "first token of a segment", "last token of a segment"])
+def test_perturbing_token_j_leaves_earlier_logits_bit_identical(single_process, memory, where):
+    cfg = tiny_config(with_memory=memory)
+    model = build(cfg).eval()
+    j = {"inside a segment": 13, "first token of a segment": 16, "last token of a segment": 23}[where]
+    x = tokens(cfg)
+    y = x.clone()
+    y[:, j] = (y[:, j] + 7) % cfg.vocab_size
+    with torch.no_grad():
+        before, after = model(x), model(y)
+    assert torch.equal(before[:, :j], after[:, :j])
+    assert not torch.equal(before[:, j], after[:, j])  # the perturbation does reach position j
+
+
+@pytest.mark.parametrize("memory_layers,reaches", [(None, True), ([1], True), ([], False)])
+def test_information_crosses_segments_only_through_memory(single_process, memory_layers, reaches):
+    """Perturbing segment 0 changes segment 2 when some block carries memory; with no bank, segments are
+    independent (attention stays inside its segment)."""
+    cfg = tiny_config()
+    cfg.memory.layers = memory_layers
+    model = build(cfg).eval()
+    x = tokens(cfg)
+    y = x.clone()
+    y[:, 3] = (y[:, 3] + 5) % cfg.vocab_size
+    with torch.no_grad():
+        changed = not torch.equal(model(x)[:, 16:24], model(y)[:, 16:24])
+    assert changed == reaches
+
+
+def reference_loop(model, x):
+    """The straightforward semantics: one segment at a time through every block, memory carried between them.
+    Returns logits [B, L, V/tp]."""
+    cfg = model.cfg
+    memory = model.initial_memory(x.shape[0])
+    outputs = []
+    for s in range(cfg.num_segments):
+        logits, memory = model.forward_segment(x[:, s * cfg.segment_length:(s + 1) * cfg.segment_length], memory, s)
+        outputs.append(logits)
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("bptt", [1, 2, 4])
+def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
+    cfg = tiny_config()
+    cfg.memory.bptt_segments = bptt
+    model = build(cfg)
+    x = tokens(cfg)
+    labels = torch.roll(x, -1, dims=1)
+
+    def logits_and_grads(forward):
+        model.zero_grad()
+        logits = forward(x)
+        kept = logits.detach().clone()
+        token_losses(logits, labels).mean().backward()
+        return kept, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    parallel_logits, parallel_grads = logits_and_grads(model)
+    loop_logits, loop_grads = logits_and_grads(lambda t: reference_loop(model, t))
+    real = slice(0, cfg.vocab_size)
+    torch.testing.assert_close(parallel_logits[..., real], loop_logits[..., real], rtol=1e-6, atol=1e-6)
+    for name in parallel_grads:
+        torch.testing.assert_close(parallel_grads[name], loop_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert parallel_grads["layers.0.memory.init_bank"].abs().sum() > 0  # gradients do reach the bank
+
+
+@pytest.mark.parametrize("bptt,loss_segment,reached", [
+    (1, 2, [False, True, True, False]),
+    (2, 2, [True, True, True, False]),
+    (2, 3, [False, False, True, True]),
+    (4, 3, [True, True, True, True]),
+])
+def test_truncated_bptt_limits_how_far_back_gradients_go(single_process, bptt, loss_segment, reached):
+    """Which segments' inputs get gradient from the loss of one segment. It always reaches the segment before
+    (that segment's write fed it) and never a later one; further back only until the chain was cut."""
+    cfg = tiny_config()
+    cfg.memory.bptt_segments = bptt
+    block = build(cfg).layers[0]
+    h = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
+    seg = cfg.segment_length
+    block(h)[:, loss_segment * seg:(loss_segment + 1) * seg].sum().backward()
+    assert [bool(h.grad[:, s * seg:(s + 1) * seg].abs().sum() > 0) for s in range(4)] == reached
+
+
+def test_memory_is_reset_at_every_row(single_process):
+    """No state survives a forward, and rows of a batch do not see each other."""
+    model = build(tiny_config()).eval()
+    x = tokens(model.cfg, batch=3)
+    with torch.no_grad():
+        first, again = model(x), model(x)
+        alone = model(x[1:2])
+        shuffled = model(x[[2, 1, 0]])
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first[1:2], alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(first[[2, 1, 0]], shuffled, rtol=0, atol=1e-6)
+    assert [name for name, _ in model.named_buffers()] == ["vocab_padding"]  # memory is never a buffer
+
+
+@pytest.mark.parametrize("slots,dim", [(6, None), (80, None), (16, 32)])
+def test_bank_starts_at_identity_and_forget_bias_at_plus_one(single_process, slots, dim):
+    cfg = tiny_config()
+    cfg.memory.slots, cfg.memory.dim = slots, dim
+    model = build(cfg)
+    d_m = cfg.memory_dim
+    expected = torch.zeros(slots, d_m)
+    expected[torch.arange(slots), torch.arange(slots) % d_m] = 1.0
+    for layer in model.layers:
+        assert torch.equal(layer.memory.init_bank, expected)
+        assert torch.equal(layer.memory.forget_gate_bias, torch.ones_like(layer.memory.forget_gate_bias))
+        assert torch.equal(layer.memory.in_gate_bias, torch.zeros_like(layer.memory.in_gate_bias))
+
+
+def test_memory_layers_subset_and_vanilla_have_no_memory_parameters(single_process):
+    cfg = tiny_config()
+    cfg.memory.layers = [1]
+    model = build(cfg)
+    assert model.layers[0].memory is None and model.layers[1].memory is not None
+    vanilla = build(tiny_config(with_memory=False))
+    assert not [n for n, _ in vanilla.named_parameters() if "memory" in n]
