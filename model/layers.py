@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,13 +69,13 @@ class TensorParallel:
     size: int
 
     @classmethod
-    def from_parallel_state(cls, params_dtype: torch.dtype, cpu_init: bool) -> "TensorParallel":
-        """With cpu_init every TP layer draws its full weight on CPU from the global torch RNG and keeps its
-        slice, so a model built at TP=2 holds exactly the weights of TP=1 built from the same seed. No sequence
-        parallelism: its backward allocates on CUDA."""
+    def from_parallel_state(cls, params_dtype: torch.dtype) -> "TensorParallel":
+        """Weights are always initialised on CPU: every TP layer draws its full weight from the global torch RNG
+        and keeps its slice, so a model at TP=2 holds exactly the weights of TP=1 (then it moves to its device).
+        No sequence parallelism: its backward allocates on CUDA."""
         size = parallel_state.get_tensor_model_parallel_world_size()
         config = ModelParallelConfig(tensor_model_parallel_size=size, params_dtype=params_dtype,
-                                     use_cpu_initialization=cpu_init, perform_initialization=True,
+                                     use_cpu_initialization=True, perform_initialization=True,
                                      sequence_parallel=False, gradient_accumulation_fusion=False)
         return cls(config, parallel_state.get_tensor_model_parallel_group(),
                    parallel_state.get_tensor_model_parallel_rank(), size)
@@ -99,3 +100,26 @@ def sharded_parameter(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int) 
     param = nn.Parameter(shard)
     tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
     return param
+
+
+@contextmanager
+def seeded(seed: int):
+    """Draws inside come from torch.manual_seed(seed); the global RNG is restored afterwards.
+
+    Each part of the model is initialised under its own seed (see lm.py), so a block's weights depend only on
+    the run's seed and its index: the same at every TP degree and on whichever pipeline stage builds it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def init_vocab_parallel_(weight: torch.Tensor, vocab_size: int, std: float, tp: TensorParallel) -> None:
+    """Re-initialises a [V_pad/tp, d] vocab-parallel weight from a full [vocab_size, d] draw, padding rows zero.
+
+    The padded size depends on the TP degree; drawing only the true vocabulary keeps the weights TP-invariant.
+    """
+    full = torch.zeros(weight.shape[0] * tp.size, *weight.shape[1:], dtype=weight.dtype)
+    nn.init.normal_(full[:vocab_size], mean=0.0, std=std)
+    with torch.no_grad():
+        weight.copy_(full.chunk(tp.size, dim=0)[tp.rank])

@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
-from lm2.model.layers import RMSNorm, TensorParallel, normal_init
+from lm2.model.layers import RMSNorm, TensorParallel, init_vocab_parallel_, normal_init, seeded
+
+
+def build_embedding(cfg: ModelConfig, tp: TensorParallel, seed: int) -> VocabParallelEmbedding:
+    embedding = VocabParallelEmbedding(cfg.padded_vocab_size(tp.size), cfg.hidden_size, config=tp.config,
+                                       init_method=lambda w: w, tp_group=tp.group)
+    with seeded(seed):
+        init_vocab_parallel_(embedding.weight, cfg.vocab_size, cfg.init_std, tp)
+    return embedding
+
+
+def build_block(cfg: ModelConfig, tp: TensorParallel, index: int, seed: int) -> DecoderBlock:
+    with seeded(seed + 1 + index):
+        return DecoderBlock(cfg, tp, index)
+
+
+def build_lm_head(cfg: ModelConfig, tp: TensorParallel, seed: int) -> ColumnParallelLinear:
+    """The vocab-parallel output projection; with tied embeddings it owns no weight (the embedding's is passed)."""
+    lm_head = tp.column(cfg.hidden_size, cfg.padded_vocab_size(tp.size), lambda w: w,
+                        skip_weight_param_allocation=cfg.tie_embeddings)
+    if not cfg.tie_embeddings:
+        with seeded(seed + 1 + cfg.num_layers):
+            init_vocab_parallel_(lm_head.weight, cfg.vocab_size, cfg.init_std, tp)
+    return lm_head
+
+
+def vocab_padding_mask(cfg: ModelConfig, tp: TensorParallel) -> torch.Tensor:
+    """True for this rank's logit columns that are vocabulary padding, [V_pad/tp]."""
+    local_vocab = cfg.padded_vocab_size(tp.size) // tp.size
+    return torch.arange(tp.rank * local_vocab, (tp.rank + 1) * local_vocab) >= cfg.vocab_size
+
+
+def output_logits(lm_head: ColumnParallelLinear, hn: torch.Tensor, padding: torch.Tensor,
+                  tied_weight: torch.Tensor | None) -> torch.Tensor:
+    """Normalised hidden states [B, T, d] -> this rank's logits [B, T, V_pad/tp], padding columns at the dtype's
+    minimum: they take no probability, so the loss does not depend on how much padding a TP degree needs."""
+    logits = lm_head(hn, weight=tied_weight)[0]
+    return logits.masked_fill(padding, torch.finfo(logits.dtype).min)
 
 
 class LM2Model(nn.Module):
@@ -16,45 +53,38 @@ class LM2Model(nn.Module):
 
     Weight names follow Hugging Face Llama (embed_tokens, layers.{i}.self_attn.q_proj, ..., norm, lm_head), so
     export is a rename table plus the memory tensors. Logits stay vocab-parallel: each TP rank holds its slice
-    of the padded vocabulary; padding columns are masked so they take no probability, which makes the loss
-    independent of how much padding a TP degree needs.
+    of the padded vocabulary. The parts are built by the functions above so that pipeline stages build exactly
+    the same modules; each part is initialised under its own seed derived from `seed`, so the weights are the
+    same at any TP or PP degree.
 
     megatron-core's parallel_state must be initialised, also in a single process (a world of one): its layers and
     cross-entropy take their tensor-parallel group from it. `lm2.pipeline.parallel.init.init_distributed` does.
 
     Args:
         cfg: the architecture, validated.
-        params_dtype: fp32 on CPU, bf16 on GPU.
-        cpu_init: draw every full weight on CPU from the global RNG and keep this rank's slice (TP-invariant
-            initialisation); False initialises on the GPU with megatron's RNG tracker.
+        seed: initialisation seed.
+        params_dtype: fp32 on CPU, bf16 on GPU. Weights are built on CPU; move the model to its device.
     """
 
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, cpu_init: bool = True):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        tp = TensorParallel.from_parallel_state(params_dtype, cpu_init)
+        tp = TensorParallel.from_parallel_state(params_dtype)
         cfg.validate_for_tp(tp.size)
         self.cfg = cfg
         self.padded_vocab_size = cfg.padded_vocab_size(tp.size)
-        init = normal_init(cfg.init_std)
-        self.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, config=tp.config,
-                                                   init_method=init, tp_group=tp.group)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, tp, i) for i in range(cfg.num_layers))
+        self.embed_tokens = build_embedding(cfg, tp, seed)
+        self.layers = nn.ModuleList(build_block(cfg, tp, i, seed) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        # Tied: the head reuses embed_tokens.weight, passed at call time (same [V/tp, d] vocab split).
-        self.lm_head = tp.column(cfg.hidden_size, self.padded_vocab_size, init,
-                                 skip_weight_param_allocation=cfg.tie_embeddings)
+        self.lm_head = build_lm_head(cfg, tp, seed)
+        self.register_buffer("vocab_padding", vocab_padding_mask(cfg, tp), persistent=False)
         # Parameters whose dim 0 is the padded vocabulary: full-state tools cut the padding off / add it back.
         self.vocab_parameter_names = ("embed_tokens.weight",) if cfg.tie_embeddings else (
             "embed_tokens.weight", "lm_head.weight")
-        local_vocab = self.padded_vocab_size // tp.size
-        vocab_ids = torch.arange(tp.rank * local_vocab, (tp.rank + 1) * local_vocab)
-        self.register_buffer("vocab_padding", vocab_ids >= cfg.vocab_size, persistent=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer: h [B, T, d] -> this rank's logits [B, T, V_pad/tp]."""
-        weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
-        logits = self.lm_head(self.norm(h), weight=weight)[0]
-        return logits.masked_fill(self.vocab_padding, torch.finfo(logits.dtype).min)
+        tied_weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
+        return output_logits(self.lm_head, self.norm(h), self.vocab_padding, tied_weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] (L = row_length or any multiple of segment_length), fresh memory -> local logits."""

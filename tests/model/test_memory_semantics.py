@@ -8,8 +8,7 @@ from tests.model.tiny import tiny_config
 
 
 def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return LM2Model(cfg)
+    return LM2Model(cfg, seed=seed)
 
 
 def tokens(cfg, batch=2, seed=1):
