@@ -19,8 +19,13 @@ def build_embedding(cfg: ModelConfig, tp: TensorParallel, seed: int) -> VocabPar
     return embedding
 
 
+def block_seed(seed: int, index: int) -> int:
+    """The initialisation seed of block `index`: the embedding uses `seed`, the untied output layer the next."""
+    return seed + 1 + index
+
+
 def build_block(cfg: ModelConfig, tp: TensorParallel, index: int, seed: int) -> DecoderBlock:
-    with seeded(seed + 1 + index):
+    with seeded(block_seed(seed, index)):
         return DecoderBlock(cfg, tp, index)
 
 
@@ -29,7 +34,7 @@ def build_lm_head(cfg: ModelConfig, tp: TensorParallel, seed: int) -> ColumnPara
     lm_head = tp.column(cfg.hidden_size, cfg.padded_vocab_size(tp.size), lambda w: w,
                         skip_weight_param_allocation=cfg.tie_embeddings)
     if not cfg.tie_embeddings:
-        with seeded(seed + 1 + cfg.num_layers):
+        with seeded(block_seed(seed, cfg.num_layers)):
             init_vocab_parallel_(lm_head.weight, cfg.vocab_size, cfg.init_std, tp)
     return lm_head
 

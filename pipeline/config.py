@@ -17,6 +17,7 @@ import yaml
 
 from lm2.model.config import LM2ConfigError, ModelConfig
 from lm2.pipeline.data.config import DataConfig
+from lm2.pipeline.train.config import LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -25,6 +26,10 @@ class RunConfig:
     """The architecture (model/config.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Which prepared datasets to stream and in what order (pipeline/data/config.py)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
