@@ -31,6 +31,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_index: int):
         super().__init__()
         self.cfg = cfg
+        self.layer_index = layer_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg, tp)
         self.memory = LM2Memory(cfg, tp) if cfg.has_memory(layer_index) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
@@ -82,9 +83,7 @@ class LM2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = build_lm_head(cfg, tp, seed)
         self.register_buffer("vocab_padding", vocab_padding_mask(cfg, tp), persistent=False)
-        # Parameters whose dim 0 is the padded vocabulary: full-state tools cut the padding off / add it back.
-        self.vocab_parameter_names = ("embed_tokens.weight",) if cfg.tie_embeddings else (
-            "embed_tokens.weight", "lm_head.weight")
+        self.activation_checkpointing = False
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output layer: h [B, T, d] -> this rank's logits [B, T, V_pad/tp]."""
@@ -95,7 +94,10 @@ class LM2Model(nn.Module):
         """tokens [B, L] (L = row_length or any multiple of segment_length), fresh memory -> local logits."""
         h = self.embed_tokens(tokens)
         for layer in self.layers:
-            h = layer(h)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, use_reentrant=False)  # recompute the block in backward
+            else:
+                h = layer(h)
         return self.logits(h)
 
     def initial_memory(self, batch: int) -> list[torch.Tensor | None]:

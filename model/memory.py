@@ -36,6 +36,7 @@ class LM2Memory(nn.Module):
         d, d_m, heads, slots = cfg.hidden_size, cfg.memory_dim, cfg.memory.heads, cfg.memory.slots
         self.slots, self.local_heads, self.head_dim = slots, heads // tp.size, d_m // heads
         self.bptt_segments = cfg.memory.bptt_segments
+        self._gates: dict[str, list[torch.Tensor]] | None = None  # per-segment gate means of the last forward
         init = normal_init(cfg.init_std)
 
         def head_local(shape: tuple[int, ...], fill=None) -> nn.Parameter:
@@ -65,6 +66,17 @@ class LM2Memory(nn.Module):
         self.forget_gate = head_local((2 * self.head_dim, self.head_dim))
         self.forget_gate_bias = head_local((self.head_dim,), fill=cfg.memory.forget_bias_init)
 
+    def gate_means(self) -> torch.Tensor:
+        """Mean g_in, g_forget, g_out over this rank's heads in the latest row-level forward, for metrics.
+        [3]; NaN where the forward had none (no write happens in a single-segment row)."""
+        gates = self._gates or {"in": [], "forget": [], "out": []}
+        return torch.stack([torch.stack(v).mean() if v else torch.tensor(float("nan")) for v in gates.values()])
+
+    def _record_gates(self, **gates: torch.Tensor) -> None:
+        if self._gates is not None:  # only row-level forwards record; incremental steps would grow without end
+            for name, gate in gates.items():
+                self._gates[name].append(gate.detach().float().mean())
+
     def initial_state(self, batch: int) -> torch.Tensor:
         """M_0 for a batch of fresh rows: the learned bank expanded, never a buffer. [B, N, Hl, dh]."""
         return self.init_bank.view(1, self.slots, self.local_heads, self.head_dim).expand(batch, -1, -1, -1)
@@ -76,6 +88,7 @@ class LM2Memory(nn.Module):
         """Gated read. q: [B, T, Hl, dh] token queries; mem: [B, N, Hl, dh]. Returns [B, T, d] (all-reduced)."""
         r = _attend(q, _per_head(mem, self.read_k), _per_head(mem, self.read_v))  # [B, T, Hl, dh]
         gate = torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias)
+        self._record_gates(out=gate)
         return self.out_proj((gate * r).flatten(-2))[0]
 
     def write(self, k: torch.Tensor, v: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
@@ -84,6 +97,7 @@ class LM2Memory(nn.Module):
         both = torch.cat((u, mem), dim=-1)  # [B, N, Hl, 2dh]
         g_in = torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias)
         g_forget = torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias)
+        self._record_gates(**{"in": g_in, "forget": g_forget})
         return g_in * torch.tanh(u) + g_forget * mem
 
     def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
@@ -94,6 +108,7 @@ class LM2Memory(nn.Module):
 
     def step(self, xn: torch.Tensor, mem: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
+        self._gates = None
         read = self.read(self._heads(self.read_q(xn)[0]), mem)
         write_k, write_v = self._heads(self.write_k(xn)[0]), self._heads(self.write_v(xn)[0])
         return read, self.write(write_k, write_v, self.truncate(mem, segment))
@@ -106,6 +121,7 @@ class LM2Memory(nn.Module):
         """
         b, length, _ = xn.shape
         k = length // segment_length
+        self._gates = {"in": [], "forget": [], "out": []}
         seg = (b, k, segment_length, self.local_heads, self.head_dim)
         write_k, write_v = self.write_k(xn)[0].view(seg), self.write_v(xn)[0].view(seg)
         mem = self.initial_state(b)

@@ -6,6 +6,7 @@ import os
 import socket
 from datetime import timedelta
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -30,11 +31,18 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one node share its cores; oversubscribed OpenMP threads spin and slow every rank down
+        # several-fold (torchrun sets OMP_NUM_THREADS=1 for the same reason).
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if not dist.is_initialized():
         backend = backend or default_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    # DeepSpeed's comm layer adopts the existing group (PipelineModule talks through it before initialize).
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              order="tp-cp-ep-dp-pp")

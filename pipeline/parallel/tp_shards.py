@@ -19,30 +19,36 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return getattr(param, "tensor_model_parallel", False)
 
 
-def _gather(model: LM2Model, tensor_of) -> dict[str, torch.Tensor]:
+VOCAB_PARAMETERS = ("embed_tokens.weight", "lm_head.weight")
+"""LM2Model names of the parameters whose dim 0 is the padded vocabulary."""
+
+
+def gather_named(named_params, vocab_size: int, tensor_of=lambda p: p.detach()) -> dict[str, torch.Tensor]:
+    """Full tensors of (LM2Model name, parameter) pairs; a collective over the TP group."""
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     full = {}
-    for name, param in model.named_parameters():
+    for name, param in named_params:
         tensor = tensor_of(param)
         if _is_sharded(param) and tp > 1:
             chunks = [torch.empty_like(tensor) for _ in range(tp)]
             dist.all_gather(chunks, tensor.contiguous(), group=group)
             tensor = torch.cat(chunks, dim=param.partition_dim)
-        if name in model.vocab_parameter_names:
-            tensor = tensor[: model.cfg.vocab_size]
+        if name in VOCAB_PARAMETERS:
+            tensor = tensor[:vocab_size]
         full[name] = tensor.cpu().clone()
     return full
 
 
 def gather_full_state(model: LM2Model) -> dict[str, torch.Tensor]:
     """Collective over the TP group: every TP rank returns the same full tensors (on CPU)."""
-    return _gather(model, lambda param: param.detach())
+    return gather_named(model.named_parameters(), model.cfg.vocab_size)
 
 
 def gather_full_grads(model: LM2Model) -> dict[str, torch.Tensor]:
     """The full gradient of every parameter (zeros where none was computed), gathered like the weights."""
-    return _gather(model, lambda param: param.grad if param.grad is not None else torch.zeros_like(param))
+    return gather_named(model.named_parameters(), model.cfg.vocab_size,
+                        lambda param: param.grad if param.grad is not None else torch.zeros_like(param))
 
 
 def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
@@ -56,7 +62,7 @@ def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             tensor = full[name]
-            if name in model.vocab_parameter_names:
+            if name in VOCAB_PARAMETERS:
                 padded = torch.zeros(model.padded_vocab_size, *tensor.shape[1:], dtype=tensor.dtype)
                 padded[: tensor.shape[0]] = tensor
                 tensor = padded
