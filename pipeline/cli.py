@@ -35,6 +35,65 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"FLOPs per token   forward {_human(flops)}, training (x3) {_human(3 * flops)}")
 
 
+def _model_config(path: str | None):
+    from lm2.pipeline.config import load_config
+
+    return load_config(path).model if path else None
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> None:
+    """Trains a sentencepiece model on the inputs; the vocabulary defaults to the config's model.vocab_size."""
+    from lm2.pipeline.data import DataError
+    from lm2.pipeline.data.sources import find_input_files, read_all
+    from lm2.pipeline.data.tokenizer import train_tokenizer
+
+    model = _model_config(args.config)
+    vocab_size = args.vocab_size or (model.vocab_size if model else None)
+    if vocab_size is None:
+        raise DataError("give --vocab-size, or --config to take model.vocab_size")
+    if model is not None and vocab_size > model.vocab_size:
+        raise DataError(f"--vocab-size {vocab_size} exceeds model.vocab_size {model.vocab_size} of {args.config}")
+    tokenizer = train_tokenizer(read_all(find_input_files(args.inputs), args.text_field), args.output, vocab_size,
+                                args.type)
+    print(f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces, sha256 {tokenizer.checksum}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    """Tokenizes, packs and shards the inputs into an MDS dataset folder."""
+    from lm2.pipeline.data.prepare import prepare
+
+    metadata = prepare(args.inputs, args.output, args.tokenizer, row_length=args.row_length,
+                       model=_model_config(args.config), workers=args.workers, val_fraction=args.val_fraction,
+                       text_field=args.text_field)
+    for name, counts in metadata["splits"].items():
+        print(f"{name:6s} {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['rows']:,} rows "
+              f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding)")
+    print(f"wrote {args.output}")
+
+
+def _add_data_commands(commands) -> None:
+    data = commands.add_parser("data", help="train a tokenizer and write training shards")
+    jobs = data.add_subparsers(dest="data_command", required=True)
+    tokenizer = jobs.add_parser("tokenizer", help="train a sentencepiece tokenizer")
+    tokenizer.add_argument("inputs", nargs="+", help=".txt/.jsonl files (optionally .gz) or folders of them")
+    tokenizer.add_argument("--output", required=True, help="the .model file to write")
+    tokenizer.add_argument("--vocab-size", type=int, help="pieces in the vocabulary (default: model.vocab_size)")
+    tokenizer.add_argument("--config", help="run YAML whose model.vocab_size bounds the vocabulary")
+    tokenizer.add_argument("--type", default="bpe", choices=("bpe", "unigram"), help="sentencepiece model type")
+    tokenizer.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    tokenizer.set_defaults(run=cmd_data_tokenizer)
+    prepare = jobs.add_parser("prepare", help="tokenize, pack into rows and write MDS shards")
+    prepare.add_argument("inputs", nargs="+", help=".txt/.jsonl files (optionally .gz) or folders of them")
+    prepare.add_argument("--tokenizer", required=True, help="sentencepiece .model from `lm2 data tokenizer`")
+    prepare.add_argument("--output", required=True, help="dataset folder to create (must not exist)")
+    prepare.add_argument("--config", help="run YAML: rows get model.row_length; the vocabulary must fit")
+    prepare.add_argument("--row-length", type=int, help="tokens per training row (default: model.row_length)")
+    prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prepare.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split")
+    prepare.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    prepare.set_defaults(run=cmd_data_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2", description="Pretrain LM2 large memory models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64")
     info.set_defaults(run=cmd_info)
+    _add_data_commands(commands)
     return parser
 
 
@@ -50,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except LM2ConfigError as error:
-        print(f"lm2 {args.command}: configuration error: {error}", file=sys.stderr)
+        from lm2.pipeline.data import DataError
+
+        kind = "data error" if isinstance(error, DataError) else "configuration error"
+        print(f"lm2 {args.command}: {kind}: {error}", file=sys.stderr)
         return 2
     return 0
 

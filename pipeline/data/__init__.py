@@ -5,6 +5,9 @@ and writes shards with their `lm2_data.json`, `streaming.py` builds the resumabl
 `metadata.py` checks that shards fit a model.
 """
 
+from lm2.model.config import LM2ConfigError
 
-class DataError(ValueError):
-    """Input data is missing, unreadable or does not fit the model; the message names the fix."""
+
+class DataError(LM2ConfigError):
+    """Input data is missing, unreadable or does not fit the model; the message names the fix. A kind of
+    LM2ConfigError (a ValueError), so the CLI reports both without a traceback."""
