@@ -1,0 +1,179 @@
+"""The training loader: prepared datasets -> mosaicml-streaming -> micro-batches for one data-parallel replica.
+
+This is the ONLY module that maps lm2's ranks onto streaming's view of the world.
+
+Ranks. Every TP rank and every pipeline stage of a data-parallel replica must read the same rows, and
+replicas must read disjoint ones. streaming partitions samples by the World it detects from RANK /
+WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE, and its `replication=k` gives k *consecutive* ranks the same
+samples. Under lm2's rank order (TP fastest, then DP, then PP; parallel/dims.py) that covers TP but not PP:
+the stages of one replica are dp*tp ranks apart. Remapping RANK in the environment is not safe either:
+streaming also uses that World to coordinate the processes of one node (the local leader creates the shared
+memory, the node-local barrier counts its processes, the cache directory is per node), and a remapped rank
+can land on another node's block, so two processes would lead one node and none another.
+
+streaming keeps two Worlds for exactly this reason: `_unique_rank_world` (who a process really is, used for
+coordination) and `_parallel_rank_world` (who it is for partitioning; `replication` only replaces this one).
+`_ReplicaDataset` keeps the detected unique World and replaces the parallel one with a world of `dp` ranks on
+one node in which this process is rank `dp_rank`. Every process of a node still builds the whole epoch's
+partition on its local leader and then picks row [node, rank_of_node, worker], so any mapping of processes onto
+parallel ranks is consistent.
+
+Order and resume. With one parallel node, replica r reads positions r, r + dp, r + 2 dp, ... of the epoch's
+global order, which depends only on (num_canonical_nodes, shuffle_seed, epoch). After k micro-batches of B rows
+the replicas together consumed exactly positions [0, k*dp*B); a checkpoint records that count and streaming
+resumes by dropping it (drop_first), so the remaining positions are read exactly once, by however many replicas
+the resumed run has. Each epoch stops after the last full global micro-batch: streaming pads a rank's tail with
+repeated rows when the epoch is not a multiple of dp, and those are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from math import ceil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataset
+from streaming.base.world import World
+from torch.utils.data import DataLoader
+
+from lm2.model.config import ModelConfig
+from lm2.pipeline.data import DataError
+from lm2.pipeline.data.config import DataConfig, StreamConfig
+from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
+from lm2.pipeline.data.tokenizer import file_sha256
+from lm2.pipeline.parallel.dims import ParallelDims
+
+IGNORE_INDEX = -100
+"""Label of PAD positions, ignored by the loss (torch's cross_entropy default)."""
+_STATE_KEYS = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed", "initial_physical_nodes")
+
+
+class _ReplicaDataset(StreamingDataset):
+    """A StreamingDataset that partitions rows by data-parallel replica instead of by global rank."""
+
+    def __init__(self, *, dp_rank: int, dp_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._parallel_rank_world = World(num_nodes=1, ranks_per_node=dp_size, workers_per_rank=1, worker=dp_rank)
+        self.length = ceil(self.epoch_size / dp_size)
+
+
+def _cache_folder(cfg: DataConfig, stream: StreamConfig) -> str:
+    return str(Path(cfg.cache_dir) / hashlib.sha256(stream.path.encode()).hexdigest()[:16])
+
+
+def _streams(cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None) -> tuple[list[Stream], int]:
+    """streaming Streams for cfg.streams after checking each dataset fits the model; returns the PAD id too."""
+    if not cfg.streams:
+        raise DataError("data.streams is empty: list at least one folder written by `lm2 data prepare`")
+    streams, pad_ids = [], set()
+    for stream in cfg.streams:
+        local = _cache_folder(cfg, stream) if stream.is_remote else stream.path
+        metadata = read_metadata(stream.path, local)
+        check_data_compatible(metadata, model, tokenizer_checksum, where=stream.path)
+        if stream.split not in metadata["splits"]:
+            raise DataError(f"{stream.path} has no {stream.split} split (it has {', '.join(metadata['splits'])})")
+        if not stream.is_remote:
+            check_local_shards(Path(stream.path) / stream.split)
+        pad_ids.add(metadata["tokenizer"]["pad_id"])
+        streams.append(Stream(remote=stream.path if stream.is_remote else None, local=local, split=stream.split,
+                              proportion=stream.proportion))
+    if len(pad_ids) > 1:
+        raise DataError("data.streams were tokenized with different tokenizers; prepare them with one")
+    return streams, pad_ids.pop()
+
+
+class RowLoader:
+    """Micro-batches of packed rows for this process's data-parallel replica, resumable mid-epoch.
+
+    Iterating yields one epoch (the rest of it after a resume) of dicts with `input_ids` and `labels`
+    ([micro_batch, row_length] int64; PAD labels are IGNORE_INDEX) and `id` ([micro_batch] row ids). Every
+    rank of a replica yields the same rows. `state_dict()` is a small JSON-able dict for checkpoints.
+    """
+
+    def __init__(self, dataset: _ReplicaDataset, dims: ParallelDims, micro_batch: int, num_workers: int,
+                 pad_id: int) -> None:
+        self.dataset, self.dims, self.micro_batch, self.pad_id = dataset, dims, micro_batch, pad_id
+        self._loader = DataLoader(dataset, batch_size=micro_batch, num_workers=num_workers, drop_last=True,
+                                  collate_fn=self._collate)
+        self._epoch, self._offset, self._rows_read = 0, 0, 0
+        self._resumed: dict[str, Any] | None = None
+        self._started = False
+
+    @property
+    def rows_per_global_batch(self) -> int:
+        return self.dims.dp * self.micro_batch
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+        labels = tokens[:, 1:].clone()
+        labels[labels == self.pad_id] = IGNORE_INDEX
+        return {"input_ids": tokens[:, :-1], "labels": labels,
+                "id": torch.tensor([int(s["id"]) for s in samples], dtype=torch.int64)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches = iter(self._loader)
+        self._started = True
+        first = next(batches, None)
+        # streaming fixes the epoch when iteration starts: it is next_epoch - 1 from then on.
+        self._epoch = self.dataset.next_epoch - 1
+        resumed = self._resumed if self._resumed and self._resumed["epoch"] == self._epoch else None
+        self._offset, self._rows_read = (resumed["sample_in_epoch"] if resumed else 0), 0
+        total = (self.dataset.epoch_size - self._offset) // self.rows_per_global_batch
+        if total == 0 and not resumed:
+            raise DataError(f"an epoch has {self.dataset.epoch_size} rows, fewer than one global micro-batch "
+                            f"({self.rows_per_global_batch} = dp {self.dims.dp} x micro batch "
+                            f"{self.micro_batch}): prepare more data or lower the batch")
+        for step in range(total):
+            batch = first if step == 0 else next(batches, None)
+            if batch is None:
+                raise DataError(f"the data ended after {step} of {total} micro-batches of epoch {self._epoch}: a "
+                                "shard failed to download or its checksum did not match (see the log above); "
+                                "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams")
+            self._rows_read += len(batch["id"])
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this run is in the data: rows consumed by all replicas so far in the current epoch."""
+        if self._resumed is not None and not self._started:
+            return dict(self._resumed)
+        epoch_done = self._offset + self._rows_read * self.dims.dp
+        return {"epoch": self._epoch, "sample_in_epoch": epoch_done,
+                "num_canonical_nodes": self.dataset.num_canonical_nodes, "shuffle_seed": self.dataset.shuffle_seed,
+                "initial_physical_nodes": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes from `state_dict()` of an earlier run, with the same or another data-parallel size.
+        Call it on every rank before iterating."""
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise DataError(f"data loader state lacks {', '.join(missing)}: it is not from RowLoader.state_dict()")
+        self._resumed = dict(state)
+        self.dataset.load_state_dict(self._resumed)
+
+
+def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int,
+                       model: ModelConfig) -> RowLoader:
+    """The loader of rank `rank`; every rank must call it (streaming synchronises them while building).
+
+    Args:
+        cfg: the run's data section.
+        dims: the parallel layout; rows are split over dims.dp replicas.
+        rank: this process's global rank.
+        micro_batch: rows per micro-batch per replica (streaming's batch_size).
+        model: the model config the rows must fit (row length, vocabulary).
+    """
+    if micro_batch < 1:
+        raise DataError(f"micro batch must be >= 1, got {micro_batch}")
+    checksum = file_sha256(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None
+    if cfg.tokenizer and checksum is None:
+        raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
+    streams, pad_id = _streams(cfg, model, checksum)
+    _, dp_rank, _ = dims.coords(rank)
+    dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
+                              shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
+                              num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
+                              validate_hash="xxh64" if cfg.validate_hash else None)
+    return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
