@@ -1,0 +1,29 @@
+import pytest
+
+from tests.pipeline.data_fixtures import write_inputs
+
+
+@pytest.fixture(scope="session")
+def text_inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(text_inputs, tmp_path_factory):
+    from lm2.pipeline.data.sources import find_input_files, read_all
+    from lm2.pipeline.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tok.model"
+    train_tokenizer(read_all(find_input_files([text_inputs])), path, vocab_size=512)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(text_inputs, tokenizer_path, tmp_path_factory):
+    """A dataset of 16-token rows in several shards, with a val split."""
+    from lm2.pipeline.data.prepare import prepare
+
+    output = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare([text_inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, shard_size_limit=1 << 12,
+            progress=False)
+    return output
