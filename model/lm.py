@@ -122,3 +122,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     model a copy); do not read `logits` afterwards.
     """
     return vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (padding at the end of a dataset)."""
+
+
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labels that are not IGNORE_INDEX (consumes logits, see token_losses)."""
+    valid = labels != IGNORE_INDEX
+    losses = token_losses(logits, labels.clamp(min=0))
+    return (losses * valid).sum() / valid.sum().clamp(min=1)
+

@@ -94,6 +94,14 @@ def _add_data_commands(commands) -> None:
     prepare.set_defaults(run=cmd_data_prepare)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Trains under torchrun/srun/deepspeed (or alone: a world of one)."""
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.train.loop import Trainer
+
+    Trainer(load_config(args.config, args.overrides)).fit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2", description="Pretrain LM2 large memory models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64")
     info.set_defaults(run=cmd_info)
     _add_data_commands(commands)
+    train = commands.add_parser("train", help="train a model (launch one process per rank: torchrun, srun)")
+    train.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
+    train.set_defaults(run=cmd_train)
     return parser
 
 

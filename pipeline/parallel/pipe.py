@@ -19,8 +19,7 @@ from torch import nn
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
 from lm2.model.layers import RMSNorm, TensorParallel, seeded
-from lm2.model.lm import block_seed, build_embedding, build_lm_head, output_logits, token_losses, \
-    vocab_padding_mask
+from lm2.model.lm import block_seed, build_embedding, build_lm_head, mean_loss, output_logits, vocab_padding_mask
 from lm2.pipeline.parallel.dims import ParallelDims
 
 
@@ -66,10 +65,6 @@ class OutputStage(nn.Module):
         return output_logits(self.lm_head, hn, self.vocab_padding, None)
 
 
-def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return token_losses(logits, labels).mean()
-
-
 def topology(dims: ParallelDims) -> PipeModelDataParallelTopology:
     """DeepSpeed's grid, checked against megatron-core's groups: both put TP fastest and PP slowest."""
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
@@ -95,7 +90,7 @@ def build_pipeline_model(cfg: ModelConfig, dims: ParallelDims, seed: int, params
     return PipelineModule(
         layers=[first, *blocks, LayerSpec(NormStage, cfg), last],
         topology=topology(dims),
-        loss_fn=mean_token_loss,
+        loss_fn=mean_loss,
         partition_method="type:PipeBlock",  # balance blocks; embedding and output ride on the end stages
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),

@@ -1,22 +1,23 @@
 """One optimizer step and one validation pass: the math, no logging and no files.
 
-Batches are (input_ids, labels) pairs of [micro_batch, row_length] tensors on this rank's device.
+Micro-batches are (input_ids, labels) pairs of [micro_batch, row_length] tensors on this rank's device. Every
+rank, every pipeline stage included, receives the same list for its replica: the pipeline engine reads only
+on its first and last stages, but all stages keep their loaders in step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from lm2.model.block import DecoderBlock
-from lm2.model.lm import token_losses
+from lm2.model.lm import mean_loss
 from lm2.pipeline.train.engine import Engine
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,19 +30,19 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
     return value / parallel_state.get_data_parallel_world_size()
 
 
-def train_step(engine: Engine, batches: Batches) -> tuple[torch.Tensor, float | None]:
-    """Accumulates engine.grad_accum micro-batches and steps. Returns (mean loss over the global batch, grad norm).
+def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over this rank's engine.grad_accum micro-batches.
+    Returns (mean loss over the global batch, grad norm).
 
     Raises NonFiniteLossError (on every rank alike: the loss is reduced over data-parallel ranks first).
     """
     ds = engine.engine
     if engine.pipelined:
-        loss = ds.train_batch(data_iter=batches).detach().float()  # DP-mean, broadcast to every stage
+        loss = ds.train_batch(data_iter=iter(micro_batches)).detach().float()  # DP-mean, on every stage
     else:
         total = torch.zeros((), device=ds.device)
-        for _ in range(engine.grad_accum):
-            inputs, labels = next(batches)
-            micro_loss = token_losses(ds(inputs), labels).mean()
+        for inputs, labels in micro_batches:
+            micro_loss = mean_loss(ds(inputs), labels)
             ds.backward(micro_loss)
             ds.step()  # optimizer step only at the accumulation boundary
             total += micro_loss.detach()
@@ -55,20 +56,18 @@ def train_step(engine: Engine, batches: Batches) -> tuple[torch.Tensor, float | 
 
 
 @torch.no_grad()
-def eval_loss(engine: Engine, batches: Batches, num_batches: int) -> torch.Tensor:
-    """Mean loss over num_batches micro-batches per data-parallel rank, averaged over ranks."""
+def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
+    """Mean loss over this rank's micro-batches, averaged over data-parallel ranks."""
     ds = engine.engine
     if engine.pipelined:
-        # eval_batch runs the pipeline over `micro_batches` micro-batches and returns their DP-mean loss.
-        return ds.eval_batch(data_iter=batches, num_micro_batches=num_batches).detach().float()
+        return ds.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches)).detach().float()
     was_training = ds.module.training
     ds.module.eval()
     total = torch.zeros((), device=ds.device)
-    for _ in range(num_batches):
-        inputs, labels = next(batches)
-        total += token_losses(ds(inputs), labels).mean()
+    for inputs, labels in micro_batches:
+        total += mean_loss(ds(inputs), labels)
     ds.module.train(was_training)
-    return _dp_mean(total / num_batches)
+    return _dp_mean(total / len(micro_batches))
 
 
 def memory_gate_means(engine: Engine, num_layers: int) -> torch.Tensor:

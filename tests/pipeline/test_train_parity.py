@@ -30,9 +30,8 @@ def micro_batches(cfg, step: int):
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = cfg.train.global_batch // dp
     rows = global_batch_rows(cfg, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    for start in range(0, per_rank, cfg.train.micro_batch):
-        micro = rows[start:start + cfg.train.micro_batch]
-        yield micro[:, :-1], micro[:, 1:]
+    micro = rows.split(cfg.train.micro_batch)
+    return [(m[:, :-1], m[:, 1:]) for m in micro]
 
 
 def _train(overrides: list[str], out: str) -> None:

@@ -1,0 +1,96 @@
+"""Training metrics: one console line per log step for people, wandb (offline unless asked) for dashboards.
+
+Only rank 0 prints and talks to wandb; the numbers it reports are already reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lm2.pipeline.config import RunConfig
+
+
+@dataclass
+class Throughput:
+    """Tokens/s and model FLOP/s since the last log step, from an analytic FLOPs count (memory included)."""
+
+    flops_per_token: float
+    """Training FLOPs per token (3 x forward)."""
+    world_size: int
+    peak_tflops: float
+    _tokens: int = 0
+    _since: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def report(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size  # per device
+        self._tokens, self._since = 0, time.perf_counter()
+        metrics = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops}
+        if self.peak_tflops:
+            metrics["mfu"] = tflops / self.peak_tflops
+        return metrics
+
+
+def _console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+                     ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("tflops_per_device", "{:.3g} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"),
+                     ("samples", "samples {:,}")):
+        if metrics.get(key) is not None:
+            parts.append(fmt.format(metrics[key]))
+    gates = [(k, v) for k, v in metrics.items() if k.startswith("gates/") and not math.isnan(v)]
+    if gates:
+        means = {g: sum(v for k, v in gates if k.endswith(g)) / max(1, sum(k.endswith(g) for k, _ in gates))
+                 for g in ("g_in", "g_forget", "g_out")}
+        parts.append("gates in/forget/out {g_in:.2f}/{g_forget:.2f}/{g_out:.2f}".format(**means))
+    return " | ".join(parts)
+
+
+def gate_metrics(gates: torch.Tensor) -> dict[str, float]:
+    """[num_layers, 3] -> {"gates/layer_03/g_in": ...}; layers without memory are left out."""
+    out = {}
+    for layer, row in enumerate(gates.tolist()):
+        for name, value in zip(("g_in", "g_forget", "g_out"), row):
+            if not math.isnan(value):
+                out[f"gates/layer_{layer:02d}/{name}"] = value
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, run: RunConfig, rank: int, wandb_id: str | None = None):
+        self.enabled = rank == 0
+        self.total_steps = run.train.steps
+        self.wandb = None
+        if self.enabled and run.logging.wandb != "disabled":
+            import wandb  # only rank 0 pays for the import
+
+            run_dir = Path(run.logging.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=run.logging.project, name=run.logging.run_name, dir=str(run_dir),
+                                    mode=run.logging.wandb, config=run.to_dict(), id=wandb_id, resume="allow")
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        print(_console_line(step, self.total_steps, metrics), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
