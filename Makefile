@@ -1,0 +1,35 @@
+# Two entry points (README quickstart): `make quickstart` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NPROC ?= 2
+RUN := runs/tiny
+
+.PHONY: setup quickstart data train test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks.
+quickstart: setup
+	rm -rf $(RUN)
+	$(MAKE) data train
+
+data:
+	$(BIN)/lm2 data tokenizer corpus --output $(RUN)/tokenizer.model --config configs/tiny.yaml
+	$(BIN)/lm2 data prepare corpus --tokenizer $(RUN)/tokenizer.model --output $(RUN)/data \
+		--config configs/tiny.yaml --val-fraction 0.2 --workers 2
+
+train:
+	$(BIN)/torchrun --nproc_per_node $(NPROC) -m lm2.pipeline.cli train --config configs/tiny.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
+
+clean:
+	rm -rf runs
