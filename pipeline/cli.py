@@ -99,7 +99,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lm2.pipeline.config import load_config
     from lm2.pipeline.train.loop import Trainer
 
-    Trainer(load_config(args.config, args.overrides)).fit()
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    Trainer(load_config(args.config, overrides)).fit()
+
+
+def cmd_ckpt_inspect(args: argparse.Namespace) -> None:
+    """Lists checkpoints: step, completeness, topology, size."""
+    from pathlib import Path
+
+    from lm2.pipeline.checkpoint import inspect
+
+    rows = inspect(Path(args.dir))
+    if not rows:
+        print(f"no checkpoints under {args.dir}")
+    for row in rows:
+        topo = row.get("topology") or {}
+        layout = f"tp={topo['tp']} pp={topo['pp']} dp={topo['dp']} zero={topo['zero_stage']}" if topo else "-"
+        state = "complete" if row["complete"] else f"INCOMPLETE ({row['problem']})"
+        size = f"{row['bytes'] / 1e6:.1f} MB" if row.get("bytes") else "-"
+        print(f"{row['folder']}  step={row['step']}  {state}  {layout}  {size}{'  <- latest' if row['latest'] else ''}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model (launch one process per rank: torchrun, srun)")
     train.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
+    train.add_argument("--resume", help="auto (newest complete checkpoint of the run), or a checkpoint folder")
     train.set_defaults(run=cmd_train)
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools")
+    ckpt_jobs = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    inspect = ckpt_jobs.add_parser("inspect", help="list checkpoints with step, completeness and topology")
+    inspect.add_argument("dir", help="a run's checkpoints folder, or one checkpoint")
+    inspect.set_defaults(run=cmd_ckpt_inspect)
     return parser
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from lm2.model.config import LM2ConfigError, ModelConfig
 from lm2.pipeline.data.config import DataConfig
-from lm2.pipeline.train.config import LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
+from lm2.pipeline.train.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

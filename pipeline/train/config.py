@@ -109,3 +109,19 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _require(self.wandb in ("offline", "online", "disabled"),
                  f"logging.wandb must be offline, online or disabled, got {self.wandb!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (0: only at the end and on a signal)."""
+    keep: int = 3
+    """Complete checkpoints to keep; older ones are deleted once a newer one is complete."""
+    resume: str = "none"
+    """none, auto (the newest complete checkpoint under logging.run_dir/checkpoints, if any), or the path of
+    one checkpoint folder (.../checkpoints/step_00000100)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+        _require(bool(self.resume), "checkpoint.resume must be none, auto or a checkpoint folder")

@@ -1,14 +1,19 @@
-"""The training run: build, then for each step: step, log, validate (checkpoints come from checkpoint.py)."""
+"""The training run: build, resume, then for each step: step, log, validate, checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
+from pathlib import Path
 from typing import Iterator
+
+import yaml
 
 import torch
 import torch.distributed as dist
 
 from lm2.model.accounting import forward_flops_per_token
+from lm2.pipeline import checkpoint
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -36,49 +41,109 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
     return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
 
 
+class RequeueExit(SystemExit):
+    """Raised after a signal-triggered checkpoint; the process exits with checkpoint.EXIT_REQUEUE."""
+
+    def __init__(self) -> None:
+        super().__init__(checkpoint.EXIT_REQUEUE)
+
+
 class Trainer:
-    """Holds what a run is made of; `fit()` runs the steps. Checkpointing hooks in through `after_step`."""
+    """Holds what a run is made of and where it is; `fit()` runs the remaining steps."""
 
     def __init__(self, run: RunConfig):
         self.run = run
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
-        torch.manual_seed(run.train.seed)  # dropout-free model: this only fixes any stray randomness
         self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.engine.device
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
+        self.checkpoints = checkpoint.checkpoint_root(run)
         self.step = 0
-        self.logger: MetricsLogger | None = None
+        self.wandb_id: str | None = None
+        self._signal = 0
+        self.resumed_from = checkpoint.find_resume(self.checkpoints, run.checkpoint.resume)
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
+        if self.rank == 0:
+            Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
 
     @property
     def tokens_per_step(self) -> int:
         return self.run.train.global_batch * self.run.model.row_length
 
+    @property
+    def topology(self) -> dict[str, int]:
+        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp, "world_size": self.dims.world_size,
+                "zero_stage": self.run.parallel.zero_stage}
+
+    def _resume(self, folder: Path) -> None:
+        checkpoint.check_resumable(checkpoint.read_manifest(folder), self.run, self.topology, folder)
+        state = checkpoint.load(self.engine.engine, folder)
+        self.step, self.wandb_id = state["step"], state["wandb_id"]
+        self.train_loader.load_state_dict(state["data"])
+        if self.rank == 0:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+
+    def save_checkpoint(self) -> Path:
+        samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
+        state = {"step": self.step, "samples": samples, "tokens": tokens, "data": self.train_loader.state_dict(),
+                 "wandb_id": self.wandb_id, "world_size": self.dims.world_size, "config": self.run.to_dict(),
+                 "code_version": checkpoint.code_version()}
+        extra = {"topology": self.topology, "config": self.run.to_dict(), "samples": samples, "tokens": tokens,
+                 "code_version": state["code_version"], "wandb_id": self.wandb_id}
+        return checkpoint.save(self.engine.engine, self.checkpoints, self.step, {"lm2": state}, extra,
+                               self.run.checkpoint.keep)
+
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
         return eval_loss(self.engine, take(stream, self.run.train.eval_batches)).item()
 
-    def fit(self, after_step=None) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks)."""
+        flag = torch.tensor([float(self._signal)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> None:
+        """Trains to run.train.steps. Saves every checkpoint.every steps and at the end; on SIGTERM or SIGUSR1
+        saves at the next step boundary and raises RequeueExit."""
         run = self.run
-        self.logger = self.logger or MetricsLogger(run, self.rank)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+        logger = MetricsLogger(run, self.rank, self.wandb_id)
+        self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
-        while self.step < run.train.steps:
-            loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
-            self.step += 1
-            throughput.add(self.tokens_per_step)
-            metrics = {}
-            if self.step % run.train.log_every == 0 or self.step == run.train.steps:
-                metrics = {"loss": loss.item(), "lr": self.engine.engine.get_lr()[0],
-                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                           "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
-                           **throughput.report(),
-                           **gate_metrics(memory_gate_means(self.engine, run.model.num_layers))}
-            if run.train.eval_every and self.step % run.train.eval_every == 0:
-                metrics["val_loss"] = self.validate()
-            if metrics:
-                self.logger.log(self.step, metrics)
-            if after_step is not None:
-                after_step(self)
-        self.logger.finish()
+        try:
+            while self.step < run.train.steps:
+                loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
+                self.step += 1
+                throughput.add(self.tokens_per_step)
+                self._log(logger, throughput, loss, grad_norm)
+                stop = self._stop_requested()
+                every = run.checkpoint.every
+                if stop or self.step == run.train.steps or (every and self.step % every == 0):
+                    self.save_checkpoint()
+                if stop:
+                    raise RequeueExit()
+        finally:
+            logger.finish()
+
+    def _log(self, logger: MetricsLogger, throughput: Throughput, loss: torch.Tensor, grad_norm) -> None:
+        run = self.run
+        metrics = {}
+        if self.step % run.train.log_every == 0 or self.step == run.train.steps:
+            metrics = {"loss": loss.item(), "lr": self.engine.engine.get_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
+                       **throughput.report(), **gate_metrics(memory_gate_means(self.engine, run.model.num_layers))}
+        if run.train.eval_every and self.step % run.train.eval_every == 0:
+            metrics["val_loss"] = self.validate()
+        if metrics:
+            logger.log(self.step, metrics)

@@ -5,6 +5,7 @@ Only rank 0 prints and talks to wandb; the numbers it reports are already reduce
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,12 +73,13 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.total_steps = run.train.steps
         self.wandb = None
+        self.jsonl = Path(run.logging.run_dir) / "metrics.jsonl"
+        if self.enabled:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         if self.enabled and run.logging.wandb != "disabled":
             import wandb  # only rank 0 pays for the import
 
-            run_dir = Path(run.logging.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.wandb = wandb.init(project=run.logging.project, name=run.logging.run_name, dir=str(run_dir),
+            self.wandb = wandb.init(project=run.logging.project, name=run.logging.run_name, dir=str(self.jsonl.parent),
                                     mode=run.logging.wandb, config=run.to_dict(), id=wandb_id, resume="allow")
 
     @property
@@ -88,6 +90,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         print(_console_line(step, self.total_steps, metrics), flush=True)
+        with open(self.jsonl, "a") as handle:  # machine-readable history, appended across resumes
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
