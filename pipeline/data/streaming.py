@@ -96,8 +96,10 @@ class RowLoader:
     def __init__(self, dataset: _ReplicaDataset, dims: ParallelDims, micro_batch: int, num_workers: int,
                  pad_id: int) -> None:
         self.dataset, self.dims, self.micro_batch, self.pad_id = dataset, dims, micro_batch, pad_id
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, and
+        # the global RNG state is part of what an exact resume must reproduce.
         self._loader = DataLoader(dataset, batch_size=micro_batch, num_workers=num_workers, drop_last=True,
-                                  collate_fn=self._collate)
+                                  collate_fn=self._collate, generator=torch.Generator().manual_seed(0))
         self._epoch, self._offset, self._rows_read = 0, 0, 0
         self._resumed: dict[str, Any] | None = None
         self._started = False

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import signal
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import yaml
 
 import torch
@@ -28,6 +30,13 @@ def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tupl
     while True:
         for batch in loader:
             yield batch["input_ids"].to(device), batch["labels"].to(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (CPU and CUDA) from one seed: the run is a function of its config."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def take(stream: Iterator, count: int) -> MicroBatches:
@@ -55,6 +64,7 @@ class Trainer:
         self.run = run
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
+        seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
         self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.engine.device
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)

@@ -27,3 +27,17 @@ def prepared(text_inputs, tokenizer_path, tmp_path_factory):
     prepare([text_inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, shard_size_limit=1 << 12,
             progress=False)
     return output
+
+
+@pytest.fixture(scope="session")
+def train_data(text_inputs, tmp_path_factory):
+    """Tokenizer and dataset fitting tests/pipeline/tiny_train.yaml (vocabulary 400, rows of 32), as overrides."""
+    from lm2.pipeline.data.prepare import prepare
+    from lm2.pipeline.data.sources import find_input_files, read_all
+    from lm2.pipeline.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("train_data")
+    tokenizer = folder / "tok.model"
+    train_tokenizer(read_all(find_input_files([text_inputs])), tokenizer, vocab_size=400)
+    prepare([text_inputs], folder / "data", tokenizer, row_length=32, val_fraction=0.25, progress=False)
+    return [f"data.streams=[{{path: {folder / 'data'}}}]", f"data.tokenizer={tokenizer}"]

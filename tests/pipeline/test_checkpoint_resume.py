@@ -1,0 +1,125 @@
+"""Checkpoints: a run killed with SIGKILL at a random step and resumed is bit-identical to an uninterrupted one
+(single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit for requeue; broken checkpoints are skipped."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm2.pipeline.checkpoint import EXIT_REQUEUE, MANIFEST, inspect
+from tests.distributed import free_port
+
+CONFIG = Path(__file__).parent / "tiny_train.yaml"
+STEPS = 8
+
+
+def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
+               f"--master_port={free_port()}", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", f"train.steps={STEPS}",
+               "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> None:
+    code = process.wait(timeout=timeout)
+    assert code == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()[-3000:]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a step logged twice (before the kill and after the resume) keeps its last value."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .pt file of a checkpoint (weights, optimizer state, RNG), by file and key path."""
+    tensors = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+
+    for path in sorted(folder.glob("*.pt")):
+        walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
+    return tensors
+
+
+@pytest.mark.parametrize("world_size,layout", [
+    (1, []),
+    (2, ["parallel.tp=2"]),
+    (2, ["parallel.pp=2"]),
+    (2, ["parallel.zero_stage=2"]),
+], ids=["single", "tp2", "pp2", "dp2-zero2"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, world_size, layout):
+    overrides = train_data + layout
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    finish(launch(reference, world_size, overrides), reference)
+
+    kill_after = random.randint(2, STEPS - 2)
+    process = launch(interrupted, world_size, overrides)
+    while not (interrupted / "metrics.jsonl").exists() or \
+            len((interrupted / "metrics.jsonl").read_text().splitlines()) < kill_after:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len((interrupted / "metrics.jsonl").read_text().splitlines())
+    assert killed_at < STEPS, "the kill came too late to interrupt anything"
+    finish(launch(interrupted, world_size, overrides, "--resume", "auto"), interrupted)
+
+    log = (tmp_path / "interrupted.log").read_text()
+    assert "resumed from" in log
+    assert logged_losses(interrupted) == logged_losses(reference), f"killed after step {killed_at}"
+    final = f"checkpoints/step_{STEPS:08d}"
+    ours, theirs = checkpoint_tensors(interrupted / final), checkpoint_tensors(reference / final)
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), f"{key} differs (killed after step {killed_at})"
+    complete = [row for row in inspect(interrupted / "checkpoints") if row["complete"]]
+    assert [row["step"] for row in complete] == [STEPS - 2, STEPS - 1, STEPS]  # keep=3
+
+
+def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", "train.steps=1000",
+               "checkpoint.every=0", *train_data]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (run_dir / "metrics.jsonl").exists():
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == EXIT_REQUEUE, output
+    rows = inspect(run_dir / "checkpoints")
+    assert len(rows) == 1 and rows[0]["complete"] and rows[0]["latest"]
+    assert rows[0]["step"] == len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.steps=2", "checkpoint.every=1",
+               *train_data]
+    subprocess.run(command, check=True, capture_output=True)
+    (run_dir / "checkpoints" / "step_00000001" / MANIFEST).unlink()
+    out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "ckpt", "inspect", str(run_dir / "checkpoints")],
+                         check=True, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert "step=None" in lines[0] and "INCOMPLETE" in lines[0] and "no lm2_manifest.json" in lines[0]
+    assert "step=2  complete  tp=1 pp=1 dp=1 zero=1" in lines[1] and "<- latest" in lines[1]
