@@ -17,11 +17,17 @@ def _destroy_leftover_groups():
     destroy_distributed()
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture
 def single_process():
-    """A world of one: megatron-core's layers need parallel_state even without parallelism."""
+    """A world of one: megatron-core's layers need parallel_state even without parallelism. The launcher
+    variables init_distributed sets are removed afterwards, so subprocesses of later tests start clean."""
     from lm2.pipeline.parallel.init import init_distributed
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    saved = {key: os.environ.pop(key) for key in LAUNCHER_VARIABLES if key in os.environ}
+    yield init_distributed()
+    for key in LAUNCHER_VARIABLES:
         os.environ.pop(key, None)
-    return init_distributed()
+    os.environ.update(saved)

@@ -65,10 +65,11 @@ class Trainer:
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
-        self.engine: Engine = build_engine(run, self.dims)
-        self.device = self.engine.engine.device
+        # Data first: a dataset that does not fit the model fails before the engine is built.
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
+        self.engine: Engine = build_engine(run, self.dims)
+        self.device = self.engine.engine.device
         self.checkpoints = checkpoint.checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
