@@ -99,8 +99,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lm2.pipeline.config import load_config
     from lm2.pipeline.train.loop import Trainer
 
+    from lm2.pipeline.train.step import NonFiniteLossError
+
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    Trainer(load_config(args.config, overrides)).fit()
+    try:
+        Trainer(load_config(args.config, overrides)).fit()
+    except NonFiniteLossError as error:
+        print(f"lm2 train: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> None:

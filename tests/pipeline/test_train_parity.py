@@ -72,7 +72,9 @@ def reference(tmp_path_factory):
     (2, ["parallel.zero_stage=2"]),
     (2, ["parallel.zero_stage=3"]),
     (4, ["parallel.tp=2", "parallel.pp=2"]),
-], ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2xpp2"])
+    (1, ["parallel.zero_stage=0", "train.activation_checkpointing=true"]),
+    (2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
+], ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2xpp2", "recompute", "pp2-recompute"])
 def test_parallel_layout_matches_single_process(tmp_path, reference, world_size, overrides):
     assert_same_training(train(tmp_path, world_size, overrides), reference)
 

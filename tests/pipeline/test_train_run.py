@@ -1,0 +1,86 @@
+"""The trainer as users run it: the schedule, the optimizer groups, config refusals, metrics and wandb offline,
+and a stop with a clear message on a non-finite loss."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm2.model.config import LM2ConfigError
+from lm2.pipeline.config import load_config
+from lm2.pipeline.parallel.dims import ParallelDims
+from lm2.pipeline.train.engine import ds_config, lr_factor, param_groups
+
+CONFIG = Path(__file__).parent / "tiny_train.yaml"
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    run = load_config(CONFIG, ["optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=4", "train.steps=14"])
+    factors = [lr_factor(step, run.optim, run.train.steps) for step in range(16)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[9] == pytest.approx(0.55)  # cosine midpoint
+    assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    linear = load_config(CONFIG, ["optim.lr=1.0", "optim.min_lr=0.0", "optim.warmup_steps=0", "optim.decay=linear",
+                                  "train.steps=10"]).optim
+    assert [lr_factor(s, linear, 10) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_weight_decay_spares_norms_biases_and_memory_banks(single_process):
+    from lm2.model.lm import LM2Model
+
+    model = LM2Model(load_config(CONFIG).model)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = sorted({names[id(p)].split(".")[-1] for p in no_decay["params"]})
+    assert spared == ["forget_gate_bias", "in_gate_bias", "init_bank", "out_gate_bias", "weight"]
+    assert all(names[id(p)].endswith("norm.weight") or "layernorm" in names[id(p)] or "bias" in names[id(p)]
+               or "init_bank" in names[id(p)] for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_batch_arithmetic_and_its_errors():
+    run = load_config(CONFIG, ["train.global_batch=16", "train.micro_batch=2"])
+    config = ds_config(run, ParallelDims(world_size=8, tp=2, pp=1))
+    assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (16, 2)
+    with pytest.raises(LM2ConfigError, match="global_batch=16 must be a multiple of train.micro_batch .* = 2 . 3"):
+        ds_config(run, ParallelDims(world_size=3))
+
+
+def test_zero_2_with_pipeline_is_a_config_error_that_says_why():
+    with pytest.raises(LM2ConfigError, match="pipeline engine supports ZeRO 0-1 only"):
+        load_config(CONFIG, ["parallel.pp=2", "parallel.zero_stage=2"])
+
+
+def train_cli(run_dir, overrides):
+    return subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+                           f"logging.run_dir={run_dir}", *overrides], capture_output=True, text=True, timeout=600)
+
+
+def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, tmp_path):
+    result = train_cli(tmp_path, train_data + ["train.steps=4", "train.log_every=2", "train.eval_every=4",
+                                               "train.peak_tflops=1.0", "logging.wandb=offline"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 4/4 | loss" in result.stdout and "val" in result.stdout
+    entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == [2, 4]
+    last = entries[-1]
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "samples",
+                "gates/layer_00/g_in", "gates/layer_03/g_forget", "gates/layer_01/g_out"):
+        assert key in last, key
+    assert last["samples"] == 4 * 8 and 0 < last["gates/layer_00/g_forget"] < 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_non_finite_loss_stops_with_a_clear_message(train_data, tmp_path):
+    result = train_cli(tmp_path, train_data + ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                                               "train.steps=20", "logging.wandb=disabled", "checkpoint.every=1"])
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite loss" in result.stderr and "stopping without saving" in result.stderr
+    saved = [p.name for p in (tmp_path / "checkpoints").glob("step_*")] if (tmp_path / "checkpoints").exists() else []
+    failed_step = int(result.stderr.split("at step ")[1].split(":")[0])
+    assert all(int(name.split("_")[1]) < failed_step for name in saved)
