@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train test clean
+.PHONY: setup quickstart data train resume test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks.
+# The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks with
+# checkpoints, then a resume that continues the run from its newest checkpoint.
 quickstart: setup
 	rm -rf $(RUN)
-	$(MAKE) data train
+	$(MAKE) data train resume
 
 data:
 	$(BIN)/lm2 data tokenizer corpus --output $(RUN)/tokenizer.model --config configs/tiny.yaml
@@ -27,6 +28,11 @@ data:
 
 train:
 	$(BIN)/torchrun --nproc_per_node $(NPROC) -m lm2.pipeline.cli train --config configs/tiny.yaml
+
+resume:
+	$(BIN)/lm2 ckpt inspect $(RUN)/checkpoints
+	$(BIN)/torchrun --nproc_per_node $(NPROC) -m lm2.pipeline.cli train --config configs/tiny.yaml \
+		--resume auto train.steps=250
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
