@@ -118,7 +118,7 @@ class RowLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = iter(self._loader)
         self._started = True
-        first = next(batches, None)
+        first = self._next(batches, 0)
         # streaming fixes the epoch when iteration starts: it is next_epoch - 1 from then on.
         self._epoch = self.dataset.next_epoch - 1
         resumed = self._resumed if self._resumed and self._resumed["epoch"] == self._epoch else None
@@ -129,13 +129,27 @@ class RowLoader:
                             f"({self.rows_per_global_batch} = dp {self.dims.dp} x micro batch "
                             f"{self.micro_batch}): prepare more data or lower the batch")
         for step in range(total):
-            batch = first if step == 0 else next(batches, None)
+            batch = first if step == 0 else self._next(batches, step)
             if batch is None:
-                raise DataError(f"the data ended after {step} of {total} micro-batches of epoch {self._epoch}: a "
-                                "shard failed to download or its checksum did not match (see the log above); "
-                                "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams")
+                raise self._shard_error(f"the data ended after {step} of {total} micro-batches of epoch "
+                                        f"{self._epoch}")
             self._rows_read += len(batch["id"])
             yield batch
+
+    @staticmethod
+    def _shard_error(what: str) -> DataError:
+        return DataError(f"{what}: a shard failed to download or its checksum did not match (see the log above); "
+                         "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams")
+
+    def _next(self, batches: Iterator, step: int) -> dict[str, torch.Tensor] | None:
+        # streaming's download thread reports a failed shard either by ending the epoch early (caught by the
+        # caller) or, if it failed before this call, with this RuntimeError.
+        try:
+            return next(batches, None)
+        except RuntimeError as error:
+            if "Background thread failed" not in str(error):
+                raise
+            raise self._shard_error(f"reading micro-batch {step}") from None
 
     def state_dict(self) -> dict[str, Any]:
         """Where this run is in the data: rows consumed by all replicas so far in the current epoch."""
