@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume test clean
+.PHONY: setup quickstart data train resume test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ resume:
 		--resume auto train.steps=250
 
 test: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider
+
+# Also the slow tests (layout changes through universal checkpoints: TP and PP).
+test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
 
 clean:

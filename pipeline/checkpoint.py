@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import warnings
@@ -44,6 +45,12 @@ class CheckpointError(LM2ConfigError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """Checkpoint folders (step_<8 digits>) under root, newest first; converted copies and temp files are not."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name)),
+                  key=lambda p: p.name, reverse=True)
 
 
 def checkpoint_root(run: RunConfig) -> Path:
@@ -138,8 +145,7 @@ def verify(folder: Path) -> dict[str, Any]:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders with a manifest, newest first (their files are not verified here)."""
-    folders = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(folders, key=lambda p: p.name, reverse=True)
+    return [p for p in _step_folders(root) if (p / MANIFEST).is_file()]
 
 
 def find_resume(root: Path, resume: str) -> Path | None:
@@ -151,7 +157,7 @@ def find_resume(root: Path, resume: str) -> Path | None:
         folder = Path(resume)
         verify(folder)
         return folder
-    for folder in sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True):
+    for folder in _step_folders(root):
         try:
             verify(folder)
             return folder
@@ -171,8 +177,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resumable(manifest: dict[str, Any], run: RunConfig, topology: dict[str, int], folder: Path) -> None:
-    """Refuses a checkpoint of another model shape (naming the field) or of another TP/PP layout."""
+def check_resumable(manifest: dict[str, Any], run: RunConfig, topology: dict[str, int], folder: Path) -> str:
+    """How to resume: "native" (DeepSpeed loads its own shards) or "universal" (convert, then re-slice: the layout
+    changed). Refuses a checkpoint of another model shape, naming the field, or a layout change it cannot do."""
     saved = _flatten({"model": manifest["config"]["model"]})
     current = _flatten({"model": dataclasses.asdict(run.model)})
     for key in sorted(set(saved) | set(current)):
@@ -181,20 +188,18 @@ def check_resumable(manifest: dict[str, Any], run: RunConfig, topology: dict[str
                 f"{folder} was trained with {key}={saved.get(key)!r} but the config says {current.get(key)!r}: "
                 f"set {key}={saved.get(key)!r} to resume it, or start a new run_dir")
     old = manifest["topology"]
-    for axis in ("tp", "pp"):
-        if old[axis] != topology[axis]:
-            raise CheckpointError(
-                f"{folder} was written with parallel.{axis}={old[axis]}, this run has {topology[axis]}: changing the "
-                f"tensor- or pipeline-parallel degree on resume is not supported; resume with parallel.{axis}="
-                f"{old[axis]} (the data-parallel size may change)")
-    if old["zero_stage"] != topology["zero_stage"]:
-        raise CheckpointError(f"{folder} was written with parallel.zero_stage={old['zero_stage']}, this run has "
-                              f"{topology['zero_stage']}: resume with the same ZeRO stage")
-    if old["dp"] != topology["dp"] and topology["zero_stage"] >= 1:
-        raise CheckpointError(
-            f"{folder} was written with {old['dp']} data-parallel ranks, this run has {topology['dp']}, and ZeRO "
-            f"stage {topology['zero_stage']} partitions the optimizer state by data-parallel rank: resume with "
-            f"{old['dp'] * topology['tp'] * topology['pp']} processes")
+    same_layout = all(old[axis] == topology[axis] for axis in ("tp", "pp", "dp", "zero_stage"))
+    if same_layout:
+        return "native"
+    if old["zero_stage"] in (1, 2) and topology["zero_stage"] in (1, 2):
+        return "universal"  # every parameter's optimizer state is re-sliced for the new layout
+    if old["zero_stage"] == topology["zero_stage"] == 0 and old["tp"] == topology["tp"] and old["pp"] == topology["pp"]:
+        return "native"  # no ZeRO: every data-parallel rank holds the whole optimizer state
+    raise CheckpointError(
+        f"{folder} was written with tp={old['tp']} pp={old['pp']} dp={old['dp']} zero_stage={old['zero_stage']}, "
+        f"this run has tp={topology['tp']} pp={topology['pp']} dp={topology['dp']} zero_stage="
+        f"{topology['zero_stage']}: a layout can change on resume only between ZeRO stages 1 and 2 (through a "
+        "universal checkpoint) or, without ZeRO, in the data-parallel size; resume with the old layout")
 
 
 def prune(root: Path, keep: int) -> None:
@@ -202,9 +207,11 @@ def prune(root: Path, keep: int) -> None:
     complete = complete_checkpoints(root)
     for folder in complete[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
+    for folder in complete[keep:]:
+        shutil.rmtree(root / f"{folder.name}_universal", ignore_errors=True)  # its converted copy, if any
     if complete:
-        for folder in root.glob("step_*"):
-            if folder.is_dir() and folder.name < complete[0].name and not (folder / MANIFEST).is_file():
+        for folder in _step_folders(root):
+            if folder.name < complete[0].name and not (folder / MANIFEST).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -244,7 +251,7 @@ def load(engine, folder: Path) -> dict[str, Any]:
 
 def inspect(root: Path) -> list[dict[str, Any]]:
     """One row per checkpoint folder under root (or root itself if it is one): step, completeness, topology."""
-    folders = [root] if (root / MANIFEST).exists() or root.name.startswith("step_") else sorted(root.glob("step_*"))
+    folders = [root] if (root / MANIFEST).exists() or root.name.startswith("step_") else _step_folders(root)[::-1]
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     rows = []
     for folder in folders:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import yaml
-
 import torch
 import torch.distributed as dist
+import yaml
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.accounting import forward_flops_per_token
-from lm2.pipeline import checkpoint
+from lm2.pipeline import checkpoint, universal
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -91,8 +91,12 @@ class Trainer:
                 "zero_stage": self.run.parallel.zero_stage}
 
     def _resume(self, folder: Path) -> None:
-        checkpoint.check_resumable(checkpoint.read_manifest(folder), self.run, self.topology, folder)
-        state = checkpoint.load(self.engine.engine, folder)
+        route = checkpoint.check_resumable(checkpoint.read_manifest(folder), self.run, self.topology, folder)
+        if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
+            tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
+            state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
+        else:
+            state = checkpoint.load(self.engine.engine, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
@@ -105,7 +109,10 @@ class Trainer:
                  "code_version": checkpoint.code_version()}
         extra = {"topology": self.topology, "config": self.run.to_dict(), "samples": samples, "tokens": tokens,
                  "code_version": state["code_version"], "wandb_id": self.wandb_id}
-        return checkpoint.save(self.engine.engine, self.checkpoints, self.step, {"lm2": state}, extra,
+        client_state = {"lm2": state}
+        if self.run.parallel.zero_stage in (1, 2):  # what a resume at another layout needs (universal.py)
+            client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
+        return checkpoint.save(self.engine.engine, self.checkpoints, self.step, client_state, extra,
                                self.run.checkpoint.keep)
 
     def validate(self) -> float:

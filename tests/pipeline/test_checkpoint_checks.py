@@ -25,16 +25,24 @@ def test_resume_refuses_another_model_shape_naming_the_field():
         checkpoint.check_resumable(manifest_for(saved), current, TOPOLOGY, Path("ckpt"))
 
 
-@pytest.mark.parametrize("axis", ["tp", "pp"])
-def test_resume_refuses_another_tp_or_pp_degree(axis):
+@pytest.mark.parametrize("old,route", [
+    ({}, "native"),
+    ({"dp": 1, "world_size": 1}, "universal"),
+    ({"tp": 2, "zero_stage": 2}, "universal"),
+])
+def test_resume_route_follows_the_layout(old, route):
     run = load_config(CONFIG)
-    with pytest.raises(checkpoint.CheckpointError, match=f"parallel.{axis}=2, this run has 1"):
-        checkpoint.check_resumable(manifest_for(run, **{axis: 2}), run, TOPOLOGY, Path("ckpt"))
+    assert checkpoint.check_resumable(manifest_for(run, **old), run, TOPOLOGY, Path("ckpt")) == route
 
 
-def test_resume_accepts_the_same_layout():
+@pytest.mark.parametrize("old,new", [
+    ({"zero_stage": 0, "tp": 2}, {"zero_stage": 0}),
+    ({"zero_stage": 3, "dp": 4}, {"zero_stage": 3}),
+])
+def test_resume_refuses_layout_changes_it_cannot_do(old, new):
     run = load_config(CONFIG)
-    checkpoint.check_resumable(manifest_for(run), run, TOPOLOGY, Path("ckpt"))
+    with pytest.raises(checkpoint.CheckpointError, match="a layout can change on resume only between ZeRO stages"):
+        checkpoint.check_resumable(manifest_for(run, **old), run, {**TOPOLOGY, **new}, Path("ckpt"))
 
 
 def _save_two(root):

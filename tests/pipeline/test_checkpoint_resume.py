@@ -2,7 +2,6 @@
 (single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit for requeue; broken checkpoints are skipped."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -27,6 +27,19 @@ def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) ->
                "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL to the launcher and every rank at once, like a node dying. torchrun starts each rank in a session
+    of its own, so the ranks are found as descendants, not through the process group."""
+    ranks = psutil.Process(process.pid).children(recursive=True)
+    for victim in [psutil.Process(process.pid), *ranks]:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(ranks, timeout=30)
 
 
 def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> None:
@@ -76,8 +89,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, world_siz
             len((interrupted / "metrics.jsonl").read_text().splitlines()) < kill_after:
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_job(process)
     killed_at = len((interrupted / "metrics.jsonl").read_text().splitlines())
     assert killed_at < STEPS, "the kill came too late to interrupt anything"
     finish(launch(interrupted, world_size, overrides, "--resume", "auto"), interrupted)
@@ -123,3 +135,23 @@ def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
     lines = out.splitlines()
     assert "step=None" in lines[0] and "INCOMPLETE" in lines[0] and "no lm2_manifest.json" in lines[0]
     assert "step=2  complete  tp=1 pp=1 dp=1 zero=1" in lines[1] and "<- latest" in lines[1]
+
+
+def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_path, train_data):
+    """DP=2 (ZeRO-1, micro-batch 2) killed after its step-3 checkpoint, resumed by one process (micro-batch 4: the
+    same global batches) through a universal checkpoint: the losses of all steps match a one-process run."""
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    single = ["train.micro_batch=4", "checkpoint.every=3"]
+    finish(launch(reference, 1, train_data + single), reference)
+    process = launch(interrupted, 2, train_data + ["checkpoint.every=3"])
+    while not (interrupted / "checkpoints" / "step_00000003" / MANIFEST).exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_job(process)
+    finish(launch(interrupted, 1, train_data + single, "--resume", str(interrupted / "checkpoints" / "step_00000003")),
+           interrupted)
+    assert "resumed from" in (tmp_path / "interrupted.log").read_text()
+    ours, theirs = logged_losses(interrupted), logged_losses(reference)
+    assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
