@@ -36,6 +36,15 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+_SCALARS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+"""Field type -> (what the error calls it, whether a YAML value is acceptable)."""
+
+
 def _coerce(kind: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
@@ -53,27 +62,16 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise LM2ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise LM2ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LM2ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LM2ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise LM2ConfigError(f"{where} must be a string, got {value!r}")
-        return value
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind in _SCALARS:
+        label, accepts = _SCALARS[kind]
+        if not accepts(value):
+            raise LM2ConfigError(f"{where} must be {label}, got {value!r}")
+        return float(value) if kind is float else value
     return value
 
 
