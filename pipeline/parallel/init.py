@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import deepspeed
@@ -45,6 +46,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
     # DeepSpeed's comm layer adopts the existing group (PipelineModule talks through it before initialize).
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-step INFO lines drown lm2's own log
+    # DeepSpeed's ZeRO calls torch's renamed collective every step; the warning says nothing to our users.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              order="tp-cp-ep-dp-pp")
