@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
     train.add_argument("--resume", help="auto (newest complete checkpoint of the run), or a checkpoint folder")
+    # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment anyway.
+    train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=cmd_train)
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_jobs = ckpt.add_subparsers(dest="ckpt_command", required=True)
