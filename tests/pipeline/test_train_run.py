@@ -84,3 +84,17 @@ def test_non_finite_loss_stops_with_a_clear_message(train_data, tmp_path):
     saved = [p.name for p in (tmp_path / "checkpoints").glob("step_*")] if (tmp_path / "checkpoints").exists() else []
     failed_step = int(result.stderr.split("at step ")[1].split(":")[0])
     assert all(int(name.split("_")[1]) < failed_step for name in saved)
+
+
+def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
+    """The pipeline engine's eval_batch reports what the plain forward reports, on the same val rows."""
+    from tests.pipeline.test_checkpoint_resume import finish, launch
+
+    runs = {}
+    for world_size, layout in ((1, []), (2, ["parallel.pp=2"])):
+        run_dir = tmp_path / f"pp{world_size}"
+        finish(launch(run_dir, world_size, train_data + layout + ["train.eval_every=4", "train.eval_batches=2",
+                                                                  "checkpoint.every=0"]), run_dir)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        runs[world_size] = [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
+    assert len(runs[1]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
