@@ -142,14 +142,19 @@ class RowLoader:
                          "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams")
 
     def _next(self, batches: Iterator, step: int) -> dict[str, torch.Tensor] | None:
-        # streaming's download thread reports a failed shard either by ending the epoch early (caught by the
-        # caller) or, if it failed before this call, with this RuntimeError.
+        # streaming reports a failed shard in one of three ways, depending on which thread reached it first:
+        # its download thread ends the epoch early (caught by the caller) or sets a flag that surfaces here as
+        # a RuntimeError; the main thread, preparing the shard itself, raises ValueError("Checksum failure").
         try:
             return next(batches, None)
         except RuntimeError as error:
             if "Background thread failed" not in str(error):
                 raise
             raise self._shard_error(f"reading micro-batch {step}") from None
+        except ValueError as error:
+            if "Checksum failure" not in str(error):
+                raise
+            raise self._shard_error(f"reading micro-batch {step} ({error})") from None
 
     def state_dict(self) -> dict[str, Any]:
         """Where this run is in the data: rows consumed by all replicas so far in the current epoch."""
