@@ -35,8 +35,6 @@ from lm2.pipeline.config import RunConfig
 MANIFEST = "lm2_manifest.json"
 LATEST = "latest"
 FORMAT = "lm2-checkpoint-v1"
-EXIT_REQUEUE = 75
-"""Exit code after a signal-triggered save (EX_TEMPFAIL): launch scripts requeue the job on it."""
 
 
 class CheckpointError(LM2ConfigError):

@@ -95,15 +95,18 @@ def _add_data_commands(commands) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Trains under torchrun/srun/deepspeed (or alone: a world of one)."""
+    """Trains under launch/local.sh, srun, torchrun or deepspeed (or alone: a world of one)."""
+    from lm2.pipeline.parallel.launch import StopSignals
+
+    signals = StopSignals()  # first: a preemption notice during start-up must not kill the rank
+
     from lm2.pipeline.config import load_config
     from lm2.pipeline.train.loop import Trainer
-
     from lm2.pipeline.train.step import NonFiniteLossError
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
-        Trainer(load_config(args.config, overrides)).fit()
+        Trainer(load_config(args.config, overrides), signals).fit()
     except NonFiniteLossError as error:
         print(f"lm2 train: {error}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from datetime import timedelta
 
@@ -14,25 +13,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from lm2.pipeline.parallel.dims import ParallelDims
+from lm2.pipeline.parallel.launch import launcher_environment
 
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> ParallelDims:
-    """Joins the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and builds megatron-core's
-    groups. Without a launcher (no WORLD_SIZE) it is a world of one, which megatron-core's layers still need.
-    Idempotent for the default group; returns the validated degrees."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    """Joins the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (from torchrun, local.sh, or an
+    srun task's SLURM variables) and builds megatron-core's groups. Without a launcher it is a world of one, which
+    megatron-core's layers still need. Idempotent for the default group; returns the validated degrees."""
+    os.environ.update(launcher_environment(os.environ))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one node share its cores; oversubscribed OpenMP threads spin and slow every rank down
         # several-fold (torchrun sets OMP_NUM_THREADS=1 for the same reason).
@@ -41,7 +33,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
     if not dist.is_initialized():
         backend = backend or default_backend()
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # Modulo: a task bound to its own GPU by the scheduler sees one device, numbered 0.
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     # DeepSpeed's comm layer adopts the existing group (PipelineModule talks through it before initialize).
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)

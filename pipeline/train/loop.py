@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
-import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +20,8 @@ from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
+from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
 from lm2.pipeline.train.step import MicroBatches, eval_loss, memory_gate_means, train_step
@@ -51,17 +53,20 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
 
 
 class RequeueExit(SystemExit):
-    """Raised after a signal-triggered checkpoint; the process exits with checkpoint.EXIT_REQUEUE."""
+    """Raised after a signal-triggered checkpoint; the process exits with EXIT_REQUEUE."""
 
     def __init__(self) -> None:
-        super().__init__(checkpoint.EXIT_REQUEUE)
+        super().__init__(EXIT_REQUEUE)
 
 
 class Trainer:
-    """Holds what a run is made of and where it is; `fit()` runs the remaining steps."""
+    """Holds what a run is made of and where it is; `fit()` runs the remaining steps.
 
-    def __init__(self, run: RunConfig):
+    `signals` are the stop signals received so far: install them before building the trainer (it takes a while)."""
+
+    def __init__(self, run: RunConfig, signals: StopSignals | None = None):
         self.run = run
+        self.signals = signals or StopSignals()
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
@@ -73,7 +78,6 @@ class Trainer:
         self.checkpoints = checkpoint.checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
-        self._signal = 0
         self.resumed_from = checkpoint.find_resume(self.checkpoints, run.checkpoint.resume)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
@@ -100,7 +104,7 @@ class Trainer:
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
-            print(f"resumed from {folder} at step {self.step}", flush=True)
+            print(f"resumed from step {self.step}{requeue_note(os.environ)}: {folder}", flush=True)
 
     def save_checkpoint(self) -> Path:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
@@ -119,12 +123,10 @@ class Trainer:
         stream = micro_batch_stream(self.val_loader, self.device)
         return eval_loss(self.engine, take(stream, self.run.train.eval_batches)).item()
 
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
-
     def _stop_requested(self) -> bool:
-        """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks)."""
-        flag = torch.tensor([float(self._signal)], device=self.device)
+        """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks): all ranks agree at the
+        same step boundary, so they save the same step."""
+        flag = torch.tensor([float(self.signals.received)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -132,8 +134,6 @@ class Trainer:
         """Trains to run.train.steps. Saves every checkpoint.every steps and at the end; on SIGTERM or SIGUSR1
         saves at the next step boundary and raises RequeueExit."""
         run = self.run
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._on_signal)
         logger = MetricsLogger(run, self.rank, self.wandb_id)
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
@@ -149,6 +149,10 @@ class Trainer:
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
                     self.save_checkpoint()
                 if stop:
+                    # Every rank leaves only when all are done, wandb included: srun stops a job's other ranks as
+                    # soon as one exits with a non-zero code.
+                    logger.finish()
+                    dist.barrier()
                     raise RequeueExit()
         finally:
             logger.finish()

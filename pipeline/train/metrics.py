@@ -96,5 +96,7 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
 
     def finish(self) -> None:
+        """Closes the wandb run; a second call does nothing."""
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,134 @@
+"""How ranks come to exist and how they stop: the distributed environment from the launcher, the stop signals, the
+requeue exit code, and `launch/local.sh`'s launcher (one process per rank on this machine).
+
+A run stops early on SIGTERM or SIGUSR1: every rank finishes its step, they agree on the stop at the step boundary,
+save one checkpoint and exit with EXIT_REQUEUE, which the launch scripts turn into a requeue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Mapping
+
+from lm2.pipeline.parallel import slurm
+
+EXIT_REQUEUE = 75
+"""Exit code of every rank after a signal-triggered save (EX_TEMPFAIL); launch scripts requeue the job on it."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""SLURM's preemption and time limit send SIGTERM; `#SBATCH --signal=USR1@<grace>` sends SIGUSR1 before them."""
+
+
+class StopSignals:
+    """Records SIGTERM/SIGUSR1 instead of dying. Installed first thing in `lm2 train`, so a signal that arrives while
+    the model is being built is not lost: the run stops at its first step boundary."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for torch.distributed, to add to
+    `env`: nothing under a launcher that sets them (torchrun, deepspeed, local.sh), the mapping of an srun task's
+    SLURM variables, or a world of one."""
+    if "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun task (the batch script itself has no step)
+        return slurm.distributed_environment(env)
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port())}
+
+
+def _die_with_parent() -> None:
+    """In a rank, before exec: the kernel kills it if the launcher dies, even by SIGKILL (no orphaned ranks)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def run_local(nproc: int, train_args: list[str]) -> int:
+    """Runs `lm2 train *train_args` as `nproc` ranks on this machine and returns the job's exit code.
+
+    Unlike torchrun's agent (which forwards SIGTERM, kills the ranks 30 s later and exits 1, and dies on SIGUSR1), this
+    launcher forwards SIGTERM/SIGUSR1/SIGINT/SIGHUP to every rank and waits for them however long the save takes. The
+    ranks stay in the launcher's process group, so a signal to the group reaches them too. The first rank to fail
+    stops the others (like srun --kill-on-bad-exit); the exit code is that rank's, EXIT_REQUEUE after a signal."""
+    port = _free_port()
+    command = [sys.executable, "-m", "lm2.pipeline.cli", "train", *train_args]
+    ranks: list[subprocess.Popen] = []
+
+    def forward(signum, frame) -> None:
+        for process in ranks:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        ranks.extend(subprocess.Popen(command, env=_rank_environment(rank, nproc, port), preexec_fn=_die_with_parent)
+                     for rank in range(nproc))
+        return _wait_for_ranks(ranks)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
+    while True:
+        codes = [process.poll() for process in ranks]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            if code < 0:  # killed by a signal: report it as a shell does, 128 + the signal's number
+                print(f"lm2 launch: rank {rank} was killed by {signal.Signals(-code).name}; stopping the other ranks",
+                      file=sys.stderr)
+                return 128 - code
+            if code != EXIT_REQUEUE:
+                print(f"lm2 launch: rank {rank} exited with code {code}; stopping the other ranks", file=sys.stderr)
+            return code
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lm2.pipeline.parallel.launch --nproc N -- TRAIN_ARGS...` (what launch/local.sh runs)."""
+    parser = argparse.ArgumentParser(prog="python -m lm2.pipeline.parallel.launch",
+                                     description="Train on this machine, one process per rank.")
+    parser.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of `lm2 train`")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    return run_local(args.nproc, train_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""SLURM: an srun task's variables as a torch.distributed environment, and what `launch/slurm/*.sbatch` ask of Python.
+
+One srun task per GPU: SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS become RANK/LOCAL_RANK/WORLD_SIZE, the rendezvous is
+the allocation's first host at a port derived from the job id, so every task of every requeue of a job agrees on it
+without talking to each other.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping
+
+PORT_BASE, PORT_SPAN = 15000, 15000
+"""MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: unprivileged and below Linux's ephemeral ports (32768+), so no
+outgoing connection holds it; two jobs sharing a first node collide only if their ids differ by a multiple of 15000."""
+
+
+def master_port(job_id: str) -> int:
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`node[01-03],gpu7` -> [node01, node02, node03, gpu7], expanded by SLURM itself (no controller call)."""
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return result.stdout.split()
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE ("8(x2),4": 8 on nodes 0-1, 4 on node 2) -> the count on node `node_id`."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise ValueError(f"cannot read tasks per node {tasks_per_node!r}")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts[node_id]
+
+
+def distributed_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables of the srun task whose environment is `env`."""
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_WORLD_SIZE": str(tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"], int(env["SLURM_NODEID"]))),
+        "MASTER_ADDR": hostnames(env["SLURM_JOB_NODELIST"])[0],
+        "MASTER_PORT": str(master_port(env["SLURM_JOB_ID"])),
+    }
+
+
+def requeue_note(env: Mapping[str, str]) -> str:
+    """" (requeue k of job J)" for a job SLURM restarted, else ""."""
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    return f" (requeue {restarts} of job {env['SLURM_JOB_ID']})" if restarts and "SLURM_JOB_ID" in env else ""
+
+
+def job_log_dir(run_dir: str, job_id: str) -> Path:
+    """`<run_dir>/slurm/<job id>/`: one folder per job, appended to across its requeues."""
+    return Path(run_dir) / "slurm" / job_id
+
+
+def _job_info(train_args: list[str], env: Mapping[str, str]) -> list[str]:
+    """What train.sbatch needs before it starts the ranks, one value per line: the job's log folder and the requeue
+    exit code. Loading the config here rejects a bad one once per job, before any rank starts."""
+    from lm2.pipeline.cli import build_parser
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.launch import EXIT_REQUEUE
+
+    args = build_parser().parse_args(["train", *train_args])
+    run = load_config(args.config, args.overrides)
+    return [str(job_log_dir(run.logging.run_dir, env["SLURM_JOB_ID"]).resolve()), str(EXIT_REQUEUE)]
+
+
+def _config_value(config: str, field: str) -> str:
+    """One field of a config by its dotted path, e.g. data.tokenizer."""
+    from lm2.pipeline.config import load_config
+
+    from lm2.model.config import LM2ConfigError
+
+    value = load_config(config).to_dict()
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise LM2ConfigError(f"{config} has no field {field}")
+        value = value[key]
+    return str(value)
+
+
+USAGE = """usage: python -m lm2.pipeline.parallel.slurm job-info --config CONFIG [overrides ...]
+       python -m lm2.pipeline.parallel.slurm config-value CONFIG FIELD"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """What the sbatch scripts ask: `job-info TRAIN_ARGS...` (train.sbatch), `config-value CONFIG FIELD`."""
+    import os
+
+    from lm2.model.config import LM2ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["job-info"]:
+            print("\n".join(_job_info(argv[1:], os.environ)))
+        elif argv[:1] == ["config-value"] and len(argv) == 3:
+            print(_config_value(argv[1], argv[2]))
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
+    except LM2ConfigError as error:
+        print(f"lm2: configuration error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
