@@ -26,13 +26,15 @@ data:
 	$(BIN)/lm2 data prepare corpus --tokenizer $(RUN)/tokenizer.model --output $(RUN)/data \
 		--config configs/tiny.yaml --val-fraction 0.2 --workers 2
 
+# launch/local.sh: one process per rank; SIGTERM/SIGUSR1 make the ranks save and exit 75 (see README).
+LOCAL := NPROC=$(NPROC) PATH="$(abspath $(BIN)):$$PATH" launch/local.sh
+
 train:
-	$(BIN)/torchrun --nproc_per_node $(NPROC) -m lm2.pipeline.cli train --config configs/tiny.yaml
+	$(LOCAL) --config configs/tiny.yaml
 
 resume:
 	$(BIN)/lm2 ckpt inspect $(RUN)/checkpoints
-	$(BIN)/torchrun --nproc_per_node $(NPROC) -m lm2.pipeline.cli train --config configs/tiny.yaml \
-		--resume auto train.steps=250
+	$(LOCAL) --config configs/tiny.yaml --resume auto train.steps=250
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider

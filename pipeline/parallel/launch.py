@@ -70,21 +70,26 @@ def _rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
     return env
 
 
+FAILURE_GRACE_S = 60
+"""After a rank ends with a non-zero code, how long the others may take to end by themselves (they may be a moment
+from exiting with the requeue code, or hang in a collective) before they are killed; srun's --wait in train.sbatch."""
+
+
 def run_local(nproc: int, train_args: list[str]) -> int:
     """Runs `lm2 train *train_args` as `nproc` ranks on this machine and returns the job's exit code.
 
     Unlike torchrun's agent (which forwards SIGTERM, kills the ranks 30 s later and exits 1, and dies on SIGUSR1), this
     launcher forwards SIGTERM/SIGUSR1/SIGINT/SIGHUP to every rank and waits for them however long the save takes. The
-    ranks stay in the launcher's process group, so a signal to the group reaches them too. The first rank to fail
-    stops the others (like srun --kill-on-bad-exit); the exit code is that rank's, EXIT_REQUEUE after a signal."""
+    ranks stay in the launcher's process group, so a signal to the group reaches them too. The exit code is the first
+    failing rank's (EXIT_REQUEUE after a stop signal), 0 when all succeed."""
     port = _free_port()
     command = [sys.executable, "-m", "lm2.pipeline.cli", "train", *train_args]
     ranks: list[subprocess.Popen] = []
 
     def forward(signum, frame) -> None:
         for process in ranks:
-            if process.poll() is None:
-                process.send_signal(signum)
+            if process.returncode is None:  # not reaped yet, so the pid is still this rank's
+                os.kill(process.pid, signum)
 
     for signum in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -94,27 +99,32 @@ def run_local(nproc: int, train_args: list[str]) -> int:
         return _wait_for_ranks(ranks)
     finally:
         for process in ranks:
-            if process.poll() is None:
+            if process.returncode is None:  # still running (or not yet reaped): no rank outlives the launcher
                 process.kill()
-            process.wait()
+                process.wait()
 
 
 def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
-    while True:
-        codes = [process.poll() for process in ranks]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            rank, code = failed[0]
-            if code < 0:  # killed by a signal: report it as a shell does, 128 + the signal's number
-                print(f"lm2 launch: rank {rank} was killed by {signal.Signals(-code).name}; stopping the other ranks",
-                      file=sys.stderr)
-                return 128 - code
+    """0 when every rank succeeds, else the exit code of the first rank to fail (in the order they ended), as a shell
+    reports it (128 + the signal's number when killed); the others get FAILURE_GRACE_S to end, then are killed."""
+    rank_of = {process.pid: rank for rank, process in enumerate(ranks)}
+    first_failure: int | None = None
+    deadline = float("inf")
+    while any(process.returncode is None for process in ranks) and time.monotonic() < deadline:
+        pid, status = os.waitpid(-1, os.WNOHANG)  # reaps in the order the ranks end
+        if pid not in rank_of:
+            time.sleep(0.1)
+            continue
+        rank, code = rank_of[pid], os.waitstatus_to_exitcode(status)
+        ranks[rank].returncode = code
+        if code and first_failure is None:
+            first_failure, deadline = code, time.monotonic() + FAILURE_GRACE_S
             if code != EXIT_REQUEUE:
-                print(f"lm2 launch: rank {rank} exited with code {code}; stopping the other ranks", file=sys.stderr)
-            return code
-        if all(code == 0 for code in codes):
-            return 0
-        time.sleep(0.2)
+                cause = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                print(f"lm2 launch: rank {rank} {cause}; stopping the other ranks", file=sys.stderr)
+    if first_failure is None:
+        return 0
+    return 128 - first_failure if first_failure < 0 else first_failure
 
 
 def main(argv: list[str] | None = None) -> int:
