@@ -7,7 +7,6 @@ save_pretrained copies into the folder with configuration_lm2.py and names in co
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -68,9 +67,8 @@ def write_tokenizer(sentencepiece_model: Path, out: Path) -> LlamaTokenizerFast:
                  ("eos_token", processor.eos_id()), ("pad_token", processor.pad_id())) if index >= 0}
     slow = LlamaTokenizer(str(sentencepiece_model), legacy=True, add_bos_token=False, add_eos_token=False,
                           split_special_tokens=True, **specials)
-    with tempfile.TemporaryDirectory() as tmp:
-        slow.save_pretrained(tmp)  # the fast tokenizer is converted from the slow one's files
-        fast = LlamaTokenizerFast.from_pretrained(tmp, from_slow=True, legacy=True)
+    slow.save_pretrained(out)  # tokenizer.model; the fast tokenizer is converted from the slow one's files
+    fast = LlamaTokenizerFast.from_pretrained(out, from_slow=True, legacy=True)
     fast.save_pretrained(out)
     return fast
 

@@ -58,9 +58,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_of(folder: Path) -> dict:
+    """The checkpoint's manifest (files not checked); ExportError if it has none or it is not lm2's."""
+    try:
+        return read_manifest(folder)
+    except LM2ConfigError as error:
+        raise ExportError(f"{error}; export another step") from None
+
+
 def verified_manifest(folder: Path, progress: Progress = lambda _: None) -> dict:
     """The manifest of a complete checkpoint whose files all match their sizes and sha256; ExportError otherwise."""
-    manifest = read_manifest(folder)
+    manifest = manifest_of(folder)
     for name, entry in sorted(manifest["files"].items()):
         path = folder / name
         if not path.is_file():
