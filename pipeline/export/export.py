@@ -54,7 +54,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
     folder, out = resolve(checkpoint), Path(out)
     _check_output(out, force)
     listed = manifest_of(folder)
-    steps = len(listed["files"]) + listed.get("topology", {}).get("tp", 1) + 2 + verify  # files, TP ranks, writes
+    steps = len(listed["files"]) + listed.get("topology", {}).get("tp", 1) + 2 + int(verify)  # files, TP ranks, writes
     with tqdm(total=steps, desc=f"export {folder.name}", unit="step", disable=not progress) as bar:
         def tick(what: str) -> None:
             bar.set_postfix_str(what, refresh=False)

@@ -14,8 +14,8 @@ import torch
 
 from lm2.pipeline.export.export import export_hf
 from lm2.pipeline.export.names import parameter_splits
-from lm2.pipeline.export.reader import ExportError, read_full_state, resolve, verified_manifest
-from lm2.pipeline.export.verify import lm2_logits, verification_tokens
+from lm2.pipeline.export.reader import ExportError, model_config, read_full_state, resolve, verified_manifest
+from lm2.pipeline.export.verify import lm2_logits, verification_tokens, verify_export
 from tests.distributed import free_port
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
@@ -108,7 +108,8 @@ tokens = torch.load(tokens_file)
 with torch.no_grad():
     logits = model(tokens, use_cache=False).logits
     prompt = tokens[:, :5]
-    generated = model.generate(prompt, max_new_tokens=22, min_new_tokens=22, do_sample=False)
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=22, min_new_tokens=22,
+                               do_sample=False)
     greedy = prompt
     for _ in range(22):
         step = model(greedy, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
@@ -122,10 +123,7 @@ def test_lm2_folder_loads_and_generates_without_lm2(checkpoints, tmp_path):
     22 new tokens: 27 tokens, memory written 3 times) gives the greedy tokens of full forwards without cache."""
     out = tmp_path / "hf"
     export_hf(checkpoints("single"), out, progress=False)
-    manifest = verified_manifest(resolve(checkpoints("single")))
-    from lm2.pipeline.export.reader import model_config
-
-    cfg = model_config(manifest)
+    cfg = model_config(verified_manifest(resolve(checkpoints("single"))))
     tokens = verification_tokens(cfg, seed=5)
     torch.save(tokens, tmp_path / "tokens.pt")
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LM2, str(out), str(tmp_path / "tokens.pt"),
@@ -138,6 +136,10 @@ def test_lm2_folder_loads_and_generates_without_lm2(checkpoints, tmp_path):
     assert (loaded["logits"] - expected).abs().max() <= 1e-4
     assert loaded["generated"].shape[1] == 27 > 3 * cfg.segment_length
     assert torch.equal(loaded["generated"], loaded["greedy"])
+    wrong = merged(checkpoints("single"))
+    wrong["layers.2.memory.forget_gate_bias"] += 0.05  # the check notices a small error in one memory tensor
+    with pytest.raises(ExportError, match="verification failed"):
+        verify_export(out, cfg, wrong)
 
 
 def test_vanilla_exports_as_transformers_llama(checkpoints, tmp_path):
@@ -151,10 +153,7 @@ def test_vanilla_exports_as_transformers_llama(checkpoints, tmp_path):
     assert config["tie_word_embeddings"] is False
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # no remote code: transformers' own Llama
     assert type(model) is LlamaForCausalLM
-    folder = resolve(checkpoints("vanilla-tp2-untied"))
-    from lm2.pipeline.export.reader import model_config
-
-    cfg = model_config(verified_manifest(folder))
+    cfg = model_config(verified_manifest(resolve(checkpoints("vanilla-tp2-untied"))))
     tokens = verification_tokens(cfg, seed=3)
     with torch.no_grad():
         theirs = model(tokens).logits
