@@ -162,7 +162,7 @@ def _add_conversion_commands(commands) -> None:
     hf_in.add_argument("hf_dir", help="a folder holding a LlamaForCausalLM (config.json, safetensors)")
     hf_in.add_argument("--config", required=True, help="the run YAML to train with; the model shape must match")
     hf_in.add_argument("--output", required=True, help="the checkpoints folder to write step_00000000 into")
-    hf_in.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    hf_in.add_argument("overrides", nargs="*", help="dotted overrides, right after HF_DIR, e.g. parallel.tp=2")
     hf_in.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     hf_in.set_defaults(run=cmd_import_hf)
 

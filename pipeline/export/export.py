@@ -48,9 +48,23 @@ def _check_output(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a folder: choose another output folder")
 
 
+def _write(tmp: Path, model, cfg, state, sentencepiece: Path, verify: bool, max_shard_size: str, tick):
+    """Weights, configs and tokenizer into tmp, then the check; returns (weight files, max logit difference)."""
+    weight_files = write_folder(model, tmp, max_shard_size)
+    tick("wrote weights")
+    write_tokenizer(sentencepiece, tmp)
+    tick("wrote tokenizer")
+    if not verify:
+        return weight_files, None
+    difference = verify_export(tmp, cfg, state)
+    tick("verified")
+    return weight_files, difference
+
+
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, verify: bool = False,
               tokenizer: str | None = None, max_shard_size: str = "5GB", progress: bool = True) -> ExportResult:
-    """Reads, merges and writes; the folder appears only complete (and verified, when asked)."""
+    """Reads, merges and writes into a temp folder renamed into place: the folder appears only complete (and
+    verified, when asked)."""
     folder, out = resolve(checkpoint), Path(out)
     _check_output(out, force)
     listed = manifest_of(folder)
@@ -68,13 +82,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            weight_files = write_folder(model, tmp, max_shard_size)
-            tick("wrote weights")
-            write_tokenizer(sentencepiece, tmp)
-            tick("wrote tokenizer")
-            difference = verify_export(tmp, cfg, state) if verify else None
-            if verify:
-                tick("verified")
+            weight_files, difference = _write(tmp, model, cfg, state, sentencepiece, verify, max_shard_size, tick)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

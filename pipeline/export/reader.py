@@ -118,8 +118,12 @@ def _zero3_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
         staged.mkdir()
         for path in folder.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_*_states.pt"):
             os.symlink(path.resolve(), staged / path.name)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its own bars
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
+                return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            raise ExportError(f"{folder}: the ZeRO-3 partitions of TP rank {tp_rank} cannot be joined ({error}): "
+                              "the checkpoint is incomplete or of an unknown layout; export another step") from None
 
 
 def _expected_files(topology: dict, num_layers: int) -> list[str]:

@@ -42,16 +42,18 @@ def lm2_command(*args: str, processes: int = 2) -> str:
     return result.stdout
 
 
-def test_import_exports_back_equal_and_resumes(train_data, tmp_path):
+def import_and_export(tmp_path: Path, run: list[str]) -> tuple[dict, dict, Path]:
+    """A tiny Llama imported with `run` overrides and exported back: (Llama weights, exported weights, checkpoints)."""
     llama = tiny_llama(tmp_path / "llama")
-    run = [*train_data, *TINY_LR, "parallel.tp=2", "logging.wandb=disabled"]
     imported = tmp_path / "imported"
     out = lm2_command("import", "hf", str(tmp_path / "llama"), *run, "--config", str(CONFIG), "--output",
                       str(imported))
-    assert f"wrote {imported / 'step_00000000'} (tp=2 pp=1" in out
-
+    assert f"wrote {imported / 'step_00000000'}" in out
     export_hf(imported, tmp_path / "back", progress=False)
-    back = load_file(tmp_path / "back" / "model.safetensors")
+    return llama, load_file(tmp_path / "back" / "model.safetensors"), imported
+
+
+def assert_backbone_equal_and_memory_fresh(llama: dict, back: dict, run: list[str]) -> None:
     assert set(llama) <= set(back)
     for name, tensor in llama.items():
         assert torch.equal(back[name], tensor), name
@@ -61,6 +63,12 @@ def test_import_exports_back_equal_and_resumes(train_data, tmp_path):
     for name, tensor in fresh.items():
         assert torch.equal(memory[name], tensor), name
 
+
+def test_import_at_tp2_exports_back_equal_and_resumes(train_data, tmp_path):
+    run = [*train_data, *TINY_LR, "parallel.tp=2", "logging.wandb=disabled"]
+    llama, back, imported = import_and_export(tmp_path, run)
+    assert_backbone_equal_and_memory_fresh(llama, back, run)
+
     resumed = tmp_path / "resumed"
     out = lm2_command("train", "--config", str(CONFIG), *run, f"logging.run_dir={resumed}", "train.steps=1",
                       "--resume", str(imported / "step_00000000"))
@@ -69,6 +77,13 @@ def test_import_exports_back_equal_and_resumes(train_data, tmp_path):
     trained = load_file(tmp_path / "trained" / "model.safetensors")
     moved = max((trained[name] - tensor).abs().max().item() for name, tensor in llama.items())
     assert 0 < moved < 1e-4  # trained one step from the Llama weights (DeepSpeed's fp32 master copy included)
+
+
+def test_import_at_zero3_refreshes_the_partitioned_master_weights(train_data, tmp_path):
+    """A ZeRO-3 checkpoint keeps weights only as the optimizer's fp32 partitions, which export reads."""
+    run = [*train_data, "parallel.zero_stage=3", "logging.wandb=disabled"]
+    llama, back, _ = import_and_export(tmp_path, run)
+    assert_backbone_equal_and_memory_fresh(llama, back, run)
 
 
 def fresh_memory(overrides: list[str]) -> dict[str, torch.Tensor]:
