@@ -158,7 +158,7 @@ def _add_conversion_commands(commands) -> None:
     hf.set_defaults(run=cmd_export_hf)
     imports = commands.add_parser("import", help="start training from other tools' weights")
     import_jobs = imports.add_subparsers(dest="import_command", required=True)
-    hf_in = import_jobs.add_parser("hf", help="a Hugging Face Llama -> a step-0 checkpoint (memory freshly initialised)")
+    hf_in = import_jobs.add_parser("hf", help="a Hugging Face Llama -> a step-0 checkpoint (fresh memory)")
     hf_in.add_argument("hf_dir", help="a folder holding a LlamaForCausalLM (config.json, safetensors)")
     hf_in.add_argument("--config", required=True, help="the run YAML to train with; the model shape must match")
     hf_in.add_argument("--output", required=True, help="the checkpoints folder to write step_00000000 into")

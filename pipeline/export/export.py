@@ -79,7 +79,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
         sentencepiece = _tokenizer_path(manifest, tokenizer)
         state = read_full_state(folder, manifest, tick)
         model = hf_model(cfg, state, special_token_ids(sentencepiece))
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        # A stable name: transformers keeps a copy of remote code per folder name (verify loads it from here).
+        tmp = out.parent / f".{out.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             weight_files, difference = _write(tmp, model, cfg, state, sentencepiece, verify, max_shard_size, tick)
