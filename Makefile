@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume test test-all clean
+.PHONY: setup quickstart data train resume export test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,11 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks with
-# checkpoints, then a resume that continues the run from its newest checkpoint.
+# checkpoints, then a resume that continues the run from its newest checkpoint, then the export of the trained
+# model as a verified Hugging Face folder.
 quickstart: setup
 	rm -rf $(RUN)
-	$(MAKE) data train resume
+	$(MAKE) data train resume export
 
 data:
 	$(BIN)/lm2 data tokenizer corpus --output $(RUN)/tokenizer.model --config configs/tiny.yaml
@@ -35,6 +36,10 @@ train:
 resume:
 	$(BIN)/lm2 ckpt inspect $(RUN)/checkpoints
 	$(LOCAL) --config configs/tiny.yaml --resume auto train.steps=250
+
+export:
+	$(BIN)/lm2 export hf $(RUN)/checkpoints $(RUN)/hf --force --verify
+	@echo "Hugging Face model in $(RUN)/hf: AutoModelForCausalLM.from_pretrained(\"$(RUN)/hf\", trust_remote_code=True)"
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider
