@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
-class LM2ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and how to fix it."""
+from lm2.model.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise LM2ConfigError(message)
+        raise ConfigError(message)
 
 
 def _positive(name: str, value: int) -> None:

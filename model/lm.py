@@ -125,7 +125,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 IGNORE_INDEX = -100
-"""Label of positions that carry no loss (padding at the end of a dataset)."""
+"""Label of positions that carry no loss (PAD at the end of a dataset; torch's cross_entropy default). The loader
+writes it, the loss skips it."""
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import CheckpointError
 from lm2.pipeline.config import RunConfig
 
 MANIFEST = "lm2_manifest.json"
@@ -37,10 +37,6 @@ LATEST = "latest"
 FORMAT = "lm2-checkpoint-v1"
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered save (EX_TEMPFAIL): launch scripts requeue the job on it."""
-
-
-class CheckpointError(LM2ConfigError):
-    """A checkpoint cannot be used: incomplete, corrupt, or written for another model or layout."""
 
 
 def tag_for(step: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import CheckpointError, DataError, LM2Error
 
 
 def _human(n: float) -> str:
@@ -43,7 +43,6 @@ def _model_config(path: str | None):
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> None:
     """Trains a sentencepiece model on the inputs; the vocabulary defaults to the config's model.vocab_size."""
-    from lm2.pipeline.data import DataError
     from lm2.pipeline.data.sources import find_input_files, read_all
     from lm2.pipeline.data.tokenizer import train_tokenizer
 
@@ -153,10 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except LM2ConfigError as error:
-        from lm2.pipeline.data import DataError
-
-        kind = "data error" if isinstance(error, DataError) else "configuration error"
+    except LM2Error as error:
+        kind = ("data error" if isinstance(error, DataError) else
+                "checkpoint error" if isinstance(error, CheckpointError) else "configuration error")
         print(f"lm2 {args.command}: {kind}: {error}", file=sys.stderr)
         return 2
     return 0

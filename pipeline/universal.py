@@ -48,7 +48,8 @@ from deepspeed.checkpoint.constants import (
 )
 from megatron.core import parallel_state
 
-from lm2.model.config import LM2ConfigError, ModelConfig
+from lm2.model.config import ModelConfig
+from lm2.model.errors import CheckpointError
 from lm2.pipeline.parallel.pipe import model_name
 from lm2.pipeline.parallel.tp_shards import VOCAB_PARAMETERS
 
@@ -58,7 +59,7 @@ LAYOUT_KEY = "lm2_layout"
 UNIVERSAL_SUFFIX = "_universal"
 
 
-class UniversalCheckpointError(LM2ConfigError):
+class UniversalCheckpointError(CheckpointError):
     """A checkpoint cannot be converted to, or loaded from, the universal format."""
 
 

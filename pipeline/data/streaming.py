@@ -40,14 +40,13 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from lm2.model.config import ModelConfig
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
+from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
 from lm2.pipeline.data.tokenizer import file_sha256
 from lm2.pipeline.parallel.dims import ParallelDims
 
-IGNORE_INDEX = -100
-"""Label of PAD positions, ignored by the loss (torch's cross_entropy default)."""
 _STATE_KEYS = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed", "initial_physical_nodes")
 
 

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")

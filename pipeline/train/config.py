@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise LM2ConfigError(message)
+        raise ConfigError(message)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 from lm2.pipeline.data.sources import find_input_files, read_all
 from lm2.pipeline.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
 from tests.pipeline.data_fixtures import CORPUS
