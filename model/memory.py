@@ -89,7 +89,7 @@ class LM2Memory(nn.Module):
         r = _attend(q, _per_head(mem, self.read_k), _per_head(mem, self.read_v))  # [B, T, Hl, dh]
         gate = torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias)
         self._record_gates(out=gate)
-        return self.out_proj((gate * r).flatten(-2))[0]
+        return self.out_proj((gate * r).flatten(-2))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """One segment's update. k/v: [B, S, Hl, dh] projections of the segment; mem: [B, N, Hl, dh] -> M_{s+1}."""
@@ -109,8 +109,8 @@ class LM2Memory(nn.Module):
     def step(self, xn: torch.Tensor, mem: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
         self._gates = None
-        read = self.read(self._heads(self.read_q(xn)[0]), mem)
-        write_k, write_v = self._heads(self.write_k(xn)[0]), self._heads(self.write_v(xn)[0])
+        read = self.read(self._heads(self.read_q(xn)), mem)
+        write_k, write_v = self._heads(self.write_k(xn)), self._heads(self.write_v(xn))
         return read, self.write(write_k, write_v, self.truncate(mem, segment))
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
@@ -123,12 +123,12 @@ class LM2Memory(nn.Module):
         k = length // segment_length
         self._gates = {"in": [], "forget": [], "out": []}
         seg = (b, k, segment_length, self.local_heads, self.head_dim)
-        write_k, write_v = self.write_k(xn)[0].view(seg), self.write_v(xn)[0].view(seg)
+        write_k, write_v = self.write_k(xn).view(seg), self.write_v(xn).view(seg)
         mem = self.initial_state(b)
         states = [mem]
         for s in range(k - 1):  # the write after the last segment feeds nothing inside this row
             mem = self.write(write_k[:, s], write_v[:, s], self.truncate(mem, s))
             states.append(mem)
         stacked = torch.stack(states, dim=1).flatten(0, 1)  # [B*k, N, Hl, dh]
-        q = self.read_q(xn)[0].view(b * k, segment_length, self.local_heads, self.head_dim)
+        q = self.read_q(xn).view(b * k, segment_length, self.local_heads, self.head_dim)
         return self.read(q, stacked).view(b, length, -1)

@@ -14,7 +14,7 @@ from torch import nn
 from lm2.model.lm import LM2Model
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.mpu import DeepSpeedMPU
+from lm2.pipeline.parallel.mpu import DeepSpeedMPU, tensor_parallel
 from lm2.pipeline.parallel.pipe import build_pipeline_model, model_name
 from lm2.pipeline.parallel.tp_shards import gather_named
 from lm2.pipeline.train.config import OptimConfig, TrainConfig
@@ -72,11 +72,11 @@ class Engine:
 
 
 def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
-    dtype = params_dtype(run.train)
+    tp = tensor_parallel(params_dtype(run.train))
     if dims.pp_enabled:
-        model = build_pipeline_model(run.model, dims, run.train.seed, dtype, run.train.activation_checkpointing)
+        model = build_pipeline_model(run.model, dims, tp, run.train.seed, run.train.activation_checkpointing)
     else:
-        model = LM2Model(run.model, seed=run.train.seed, params_dtype=dtype)
+        model = LM2Model(run.model, tp, seed=run.train.seed)
         model.activation_checkpointing = run.train.activation_checkpointing
     optim = run.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,

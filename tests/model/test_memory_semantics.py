@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from lm2.model.lm import LM2Model, token_losses
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
 
 
 def build(cfg, seed=0):
-    return LM2Model(cfg, seed=seed)
+    return LM2Model(cfg, tensor_parallel(), seed=seed)
 
 
 def tokens(cfg, batch=2, seed=1):

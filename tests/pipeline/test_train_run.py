@@ -30,8 +30,9 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 def test_weight_decay_spares_norms_biases_and_memory_banks(single_process):
     from lm2.model.lm import LM2Model
+    from lm2.pipeline.parallel.mpu import tensor_parallel
 
-    model = LM2Model(load_config(CONFIG).model)
+    model = LM2Model(load_config(CONFIG).model, tensor_parallel())
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     spared = sorted({names[id(p)].split(".")[-1] for p in no_decay["params"]})
