@@ -5,7 +5,7 @@ stores every parameter whole (fp32 master weight, Adam's exp_avg and exp_avg_sq,
 slice its own partition out of it. The protocol:
 
 1. Save (every rank, in the training job): put ``universal_checkpoint_info(engine, model_cfg)`` into the client
-   state, ``engine.engine.save_checkpoint(dir, tag, client_state={"universal_checkpoint_info": info, ...})``.
+   state, ``engine.deepspeed.save_checkpoint(dir, tag, client_state={"universal_checkpoint_info": info, ...})``.
    A collective over the pipeline group (every rank calls it); it describes how the parameters are sharded,
    derived from megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes, not from layer names.
 2. Convert (one process, CPU, no process group needed): ``convert_to_universal(dir, tag)`` ->
@@ -74,12 +74,12 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
     engine: lm2's ``Engine`` (from build_engine). A collective over the pipeline-parallel group: the patterns
     cover the whole model, every stage's parameters, because the converter reads them from one file.
 
-    Per parameter (names as ``engine.engine.module.named_parameters()`` gives them, pipeline names when
+    Per parameter (names as ``engine.deepspeed.module.named_parameters()`` gives them, pipeline names when
     pipelined): not TP-sharded -> TP-replicated; sharded along dim 1 -> row-parallel (the converter concatenates
     TP slices on dim 1, default is dim 0); the embedding / output layer -> vocabulary (padding stripped on
     conversion, re-padded for the target TP degree on load); tied weights of a pipeline -> pipeline-replicated.
     """
-    ds = engine.engine
+    ds = engine.deepspeed
     if ds.zero_optimization_stage() not in (1, 2):
         raise UniversalCheckpointError(
             f"universal checkpoints are supported for ZeRO stage 1 and 2 only, this engine runs stage "
@@ -262,7 +262,7 @@ def convert_to_universal_on_rank0(checkpoint_dir: str, tag: str) -> str:
 
 def universal_names(engine, num_layers: int) -> dict[torch.nn.Parameter, str]:
     """This rank's parameters -> their folder in a universal checkpoint (LM2Model names at any layout)."""
-    named = engine.engine.module.named_parameters()
+    named = engine.deepspeed.module.named_parameters()
     if engine.pipelined:
         return {param: model_name(name, num_layers) for name, param in named}
     return {param: name for name, param in named}
@@ -271,7 +271,7 @@ def universal_names(engine, num_layers: int) -> dict[torch.nn.Parameter, str]:
 def check_loadable(engine, folder: Path, info: dict[str, Any]) -> dict[torch.nn.Parameter, str]:
     """Refuses what the universal format cannot load into this engine (raises UniversalCheckpointError);
     returns this rank's parameter -> universal name map."""
-    ds = engine.engine
+    ds = engine.deepspeed
     if ds.zero_optimization_stage() not in (1, 2):
         raise UniversalCheckpointError(
             f"loading a universal checkpoint needs ZeRO stage 1 or 2, this engine runs stage "
@@ -316,7 +316,7 @@ def load_universal(engine, checkpoint_dir: str, tag: str, load_lr_scheduler_stat
         raise UniversalCheckpointError(f"{folder} is not a universal checkpoint (no zero/optimizer_state.pt): "
                                        "convert it with convert_to_universal first")
     names = check_loadable(engine, folder, read_info(folder))
-    ds = engine.engine
+    ds = engine.deepspeed
     with _universal_loading(ds, names):
         load_path, client_state = ds.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=load_lr_scheduler_states)

@@ -65,8 +65,8 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 @dataclass
 class Engine:
-    engine: deepspeed.DeepSpeedEngine
-    """A PipelineEngine when pipelined."""
+    deepspeed: deepspeed.DeepSpeedEngine
+    """DeepSpeed's engine (a PipelineEngine when pipelined): it owns the model, optimizer and LR schedule."""
     pipelined: bool
     grad_accum: int
 
@@ -92,11 +92,11 @@ def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[s
 
     Gathers ZeRO-3 partitions, TP shards (by partition_dim) and pipeline stages; a collective over the world.
     """
-    module = engine.engine.module
+    module = engine.deepspeed.module
     params = list(module.named_parameters())
     if engine.pipelined:
         params = [(model_name(name, num_layers), param) for name, param in params]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.engine.zero_optimization_stage() == 3):
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.deepspeed.zero_optimization_stage() == 3):
         state = gather_named(params, vocab_size)
     if engine.pipelined:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()

@@ -69,7 +69,7 @@ class Trainer:
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
         self.engine: Engine = build_engine(run, self.dims)
-        self.device = self.engine.engine.device
+        self.device = self.engine.deepspeed.device
         self.checkpoints = checkpoint.checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
@@ -96,7 +96,7 @@ class Trainer:
             tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
             state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
         else:
-            state = checkpoint.load(self.engine.engine, folder)
+            state = checkpoint.load(self.engine.deepspeed, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
@@ -112,7 +112,7 @@ class Trainer:
         client_state = {"lm2": state}
         if self.run.parallel.zero_stage in (1, 2):  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
-        return checkpoint.save(self.engine.engine, self.checkpoints, self.step, client_state, extra,
+        return checkpoint.save(self.engine.deepspeed, self.checkpoints, self.step, client_state, extra,
                                self.run.checkpoint.keep)
 
     def validate(self) -> float:
@@ -157,7 +157,7 @@ class Trainer:
         run = self.run
         metrics = {}
         if self.step % run.train.log_every == 0 or self.step == run.train.steps:
-            metrics = {"loss": loss.item(), "lr": self.engine.engine.get_lr()[0],
+            metrics = {"loss": loss.item(), "lr": self.engine.deepspeed.get_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
                        **throughput.report(), **gate_metrics(memory_gate_means(self.engine, run.model.num_layers))}

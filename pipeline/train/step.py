@@ -36,7 +36,7 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
 
     Raises NonFiniteLossError (on every rank alike: the loss is reduced over data-parallel ranks first).
     """
-    ds = engine.engine
+    ds = engine.deepspeed
     if engine.pipelined:
         loss = ds.train_batch(data_iter=iter(micro_batches)).detach().float()  # DP-mean, on every stage
     else:
@@ -58,7 +58,7 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
 @torch.no_grad()
 def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
     """Mean loss over this rank's micro-batches, averaged over data-parallel ranks."""
-    ds = engine.engine
+    ds = engine.deepspeed
     if engine.pipelined:
         return ds.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches)).detach().float()
     was_training = ds.module.training
@@ -76,10 +76,10 @@ def memory_gate_means(engine: Engine, num_layers: int) -> torch.Tensor:
     A collective over the whole world: each pipeline stage contributes its own layers."""
     sums = torch.zeros(num_layers, 3, dtype=torch.float64)
     counts = torch.zeros(num_layers, 1, dtype=torch.float64)
-    for module in engine.engine.module.modules():
+    for module in engine.deepspeed.module.modules():
         if isinstance(module, DecoderBlock) and module.memory is not None:
             sums[module.layer_index] = module.memory.gate_means().double().cpu()
             counts[module.layer_index] = 1
-    both = torch.cat([sums, counts], dim=1).to(engine.engine.device)
+    both = torch.cat([sums, counts], dim=1).to(engine.deepspeed.device)
     dist.all_reduce(both)
     return (both[:, :3] / both[:, 3:]).float().cpu()  # 0/0 = NaN where no rank holds a memory layer

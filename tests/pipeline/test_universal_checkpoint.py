@@ -28,12 +28,12 @@ SAVE_AT = 3
 def _snapshot(engine, cfg) -> dict:
     """Collective: the full weights, DeepSpeed's step counter and the learning rates."""
     return {"state": full_model_state(engine, cfg.model.vocab_size, cfg.model.num_layers),
-            "global_steps": engine.engine.global_steps, "lr": engine.engine.get_lr()}
+            "global_steps": engine.deepspeed.global_steps, "lr": engine.deepspeed.get_lr()}
 
 
 def _save(engine, cfg, checkpoint_dir: str, tag: str) -> None:
     info = universal_checkpoint_info(engine, cfg.model)
-    engine.engine.save_checkpoint(checkpoint_dir, tag, client_state={"universal_checkpoint_info": info})
+    engine.deepspeed.save_checkpoint(checkpoint_dir, tag, client_state={"universal_checkpoint_info": info})
 
 
 def _train(engine, cfg, first: int, last: int) -> list[float]:
@@ -50,7 +50,7 @@ def _run(overrides: list[str], checkpoint_dir: str, load_tag: str | None, save_t
         load_universal(engine, checkpoint_dir, load_tag)
         result["loaded"] = _snapshot(engine, cfg)
     if save_tag is not None:
-        result["losses"] = _train(engine, cfg, engine.engine.global_steps, SAVE_AT)
+        result["losses"] = _train(engine, cfg, engine.deepspeed.global_steps, SAVE_AT)
         _save(engine, cfg, checkpoint_dir, save_tag)
         result["converted"] = convert_to_universal_on_rank0(checkpoint_dir, save_tag)
         result["saved"] = _snapshot(engine, cfg)
