@@ -7,6 +7,7 @@ batch. Prints one JSON line; `loader_headroom` > 1 means the loader outpaces tra
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     cfg = load_config(args.config)
-    cfg.data.streams = [StreamConfig(args.data)]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=[StreamConfig(args.data)]))
     dims = init_distributed()
     from streaming.base.util import clean_stale_shared_memory
 

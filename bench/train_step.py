@@ -11,6 +11,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -52,7 +53,7 @@ def plain_step(model: LM2Model, optimizer, clip: float):
 
 
 def measure(run, dims, steps: int) -> dict[str, float]:
-    run.parallel.zero_stage = 0
+    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, zero_stage=0))
     engine = build_engine(run, dims)
     micro_batches = batches(run, engine.grad_accum)
     lm2_s = timed(lambda mb: train_step(engine, mb), micro_batches, steps)

@@ -21,7 +21,7 @@ from lm2.pipeline.data.config import DataConfig
 from lm2.pipeline.train.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     """The architecture (model/config.py)."""

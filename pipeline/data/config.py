@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from lm2.model.config import require_choice
 from lm2.model.errors import ConfigError
 
+Split = Literal["train", "val"]
 
-@dataclass
+
+@dataclass(frozen=True)
 class StreamConfig:
     path: str
     """A folder written by `lm2 data prepare`: a local path or a remote URL (s3://, gs://, oci://, ...)."""
     proportion: float | None = None
     """Share of each epoch drawn from this stream. None everywhere: every row once per epoch. Either all
     streams give a proportion or none does."""
-    split: str = "train"
+    split: Split = "train"
     """Sub-folder of `path` to read: train or val."""
 
     def __post_init__(self) -> None:
@@ -23,15 +27,14 @@ class StreamConfig:
         if self.proportion is not None and not self.proportion > 0:
             raise ConfigError(f"data.streams[].proportion must be > 0, got {self.proportion} "
                                  f"(stream {self.path}); drop the stream instead of giving it 0")
-        if self.split not in ("train", "val"):
-            raise ConfigError(f"data.streams[].split must be train or val, got {self.split!r}")
+        require_choice("data.streams[].split", self.split, Split)
 
     @property
     def is_remote(self) -> bool:
         return "://" in self.path
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     streams: list[StreamConfig] = field(default_factory=list)
     """Prepared datasets to mix. All must share one tokenizer and row length."""

@@ -64,6 +64,8 @@ def test_padded_vocab_is_a_multiple_of_tp_times_128():
     (None, ["model.memory.slotz=3"], "unknown key.s. slotz in model.memory"),
     (None, ["model.memory.enabled=1"], "model.memory.enabled must be true or false"),
     (None, ["model.hidden_size"], "must look like section.key=value"),
+    (None, ["optim.decay=cosin"], "optim.decay must be cosine or linear, got 'cosin'"),
+    (None, ["parallel.zero_stage=true"], "parallel.zero_stage must be 0, 1, 2 or 3, got True"),
 ])
 def test_load_config_errors(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
