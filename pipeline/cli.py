@@ -112,7 +112,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> None:
     """Lists checkpoints: step, completeness, topology, size."""
     from pathlib import Path
 
-    from lm2.pipeline.checkpoint import inspect
+    from lm2.pipeline.checkpoint.resume import inspect
 
     rows = inspect(Path(args.dir))
     if not rows:

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from lm2.model.lm import LM2Model
+from lm2.pipeline.checkpoint.format import Layout
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.mpu import DeepSpeedMPU, tensor_parallel
@@ -69,6 +70,9 @@ class Engine:
     """DeepSpeed's engine (a PipelineEngine when pipelined): it owns the model, optimizer and LR schedule."""
     pipelined: bool
     grad_accum: int
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    layout: Layout
+    """The parallel layout and ZeRO stage, as checkpoints record it."""
 
 
 def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
@@ -84,7 +88,8 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, run.train.steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config(run, dims), mpu=None if dims.pp_enabled else DeepSpeedMPU())
-    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp))
+    layout = Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, zero_stage=run.parallel.zero_stage)
+    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout)
 
 
 def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,10 @@ import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.accounting import forward_flops_per_token
-from lm2.pipeline import checkpoint, universal
+from lm2.pipeline.checkpoint import EXIT_REQUEUE, universal
+from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
+from lm2.pipeline.checkpoint.resume import find_resume, load, resume_route
+from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -51,10 +54,10 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
 
 
 class RequeueExit(SystemExit):
-    """Raised after a signal-triggered checkpoint; the process exits with checkpoint.EXIT_REQUEUE."""
+    """Raised after a signal-triggered checkpoint; the process exits with EXIT_REQUEUE."""
 
     def __init__(self) -> None:
-        super().__init__(checkpoint.EXIT_REQUEUE)
+        super().__init__(EXIT_REQUEUE)
 
 
 class Trainer:
@@ -70,11 +73,11 @@ class Trainer:
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
         self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.deepspeed.device
-        self.checkpoints = checkpoint.checkpoint_root(run)
+        self.checkpoints = checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
         self._signal = 0
-        self.resumed_from = checkpoint.find_resume(self.checkpoints, run.checkpoint.resume)
+        self.resumed_from = find_resume(self.checkpoints, run.checkpoint.resume)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
         if self.rank == 0:
@@ -85,18 +88,13 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.run.train.global_batch * self.run.model.row_length
 
-    @property
-    def topology(self) -> dict[str, int]:
-        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp, "world_size": self.dims.world_size,
-                "zero_stage": self.run.parallel.zero_stage}
-
     def _resume(self, folder: Path) -> None:
-        route = checkpoint.check_resumable(checkpoint.read_manifest(folder), self.run, self.topology, folder)
+        route = resume_route(read_manifest(folder), self.run.model, self.engine.layout, folder)
         if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
             tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
             state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
         else:
-            state = checkpoint.load(self.engine.deepspeed, folder)
+            state = load(self.engine.deepspeed, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
@@ -106,14 +104,13 @@ class Trainer:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
         state = {"step": self.step, "samples": samples, "tokens": tokens, "data": self.train_loader.state_dict(),
                  "wandb_id": self.wandb_id, "world_size": self.dims.world_size, "config": self.run.to_dict(),
-                 "code_version": checkpoint.code_version()}
-        extra = {"topology": self.topology, "config": self.run.to_dict(), "samples": samples, "tokens": tokens,
-                 "code_version": state["code_version"], "wandb_id": self.wandb_id}
+                 "code_version": code_version()}
+        manifest = Manifest(step=self.step, layout=self.engine.layout, config=self.run.to_dict(), samples=samples,
+                            tokens=tokens, code_version=state["code_version"], wandb_id=self.wandb_id)
         client_state = {"lm2": state}
-        if self.run.parallel.zero_stage in (1, 2):  # what a resume at another layout needs (universal.py)
+        if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
-        return checkpoint.save(self.engine.deepspeed, self.checkpoints, self.step, client_state, extra,
-                               self.run.checkpoint.keep)
+        return save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)

@@ -13,7 +13,9 @@ import psutil
 import pytest
 import torch
 
-from lm2.pipeline.checkpoint import EXIT_REQUEUE, MANIFEST, inspect
+from lm2.pipeline.checkpoint import EXIT_REQUEUE
+from lm2.pipeline.checkpoint.format import MANIFEST
+from lm2.pipeline.checkpoint.resume import inspect
 from tests.distributed import free_port
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
