@@ -1,7 +1,8 @@
 """Small building blocks shared by the decoder: RMSNorm, rotary embeddings, megatron-core TP glue, init.
 
 The TP glue: `TensorParallel` (the caller's group and megatron-core's config) builds `ColumnLinear` and
-`RowLinear`, megatron-core's linears wrapped once so that model code calls them like nn.Linear.
+`RowLinear`, megatron-core's linears wrapped once so that model code calls them like nn.Linear. `Probe` marks an
+activation that metrics may observe through forward hooks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+
+class Probe(nn.Identity):
+    """A named point where the model shows an activation without keeping it: returns its input unchanged. The
+    trainer registers forward hooks on probes to compute metrics (pipeline/train/gates.py); no state, no cost."""
 
 
 class RMSNorm(nn.Module):

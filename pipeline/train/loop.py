@@ -24,8 +24,9 @@ from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import Engine, build_engine
+from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
-from lm2.pipeline.train.step import MicroBatches, eval_loss, memory_gate_means, train_step
+from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
 
 
 def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +74,7 @@ class Trainer:
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
         self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.deepspeed.device
+        self.gates = GateMonitor(self.engine.deepspeed.module, run.model.num_layers, self.device)
         self.checkpoints = checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
@@ -137,10 +139,16 @@ class Trainer:
         stream = micro_batch_stream(self.train_loader, self.device)
         try:
             while self.step < run.train.steps:
-                loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
+                log_due = self._log_due(self.step + 1)
+                with self.gates.recording(enabled=log_due):
+                    loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
                 throughput.add(self.tokens_per_step)
-                self._log(logger, throughput, loss, grad_norm)
+                metrics = self._train_metrics(throughput, loss, grad_norm) if log_due else {}
+                if run.train.eval_every and self.step % run.train.eval_every == 0:
+                    metrics["val_loss"] = self.validate()
+                if metrics:
+                    logger.log(self.step, metrics)
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
@@ -150,15 +158,19 @@ class Trainer:
         finally:
             logger.finish()
 
-    def _log(self, logger: MetricsLogger, throughput: Throughput, loss: torch.Tensor, grad_norm) -> None:
+    def _log_due(self, step: int) -> bool:
+        return step % self.run.train.log_every == 0 or step == self.run.train.steps
+
+    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm) -> dict:
+        """The log step's training metrics. Loss, grad norm and gate means reach the host in one transfer (the
+        one host sync of a log step), before the throughput clock is read."""
+        gates = self.gates.means()  # a collective: every rank logs the same steps
+        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
+        values = torch.cat([loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device),
+                            gates.flatten()]).tolist()
         run = self.run
-        metrics = {}
-        if self.step % run.train.log_every == 0 or self.step == run.train.steps:
-            metrics = {"loss": loss.item(), "lr": self.engine.deepspeed.get_lr()[0],
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
-                       **throughput.report(), **gate_metrics(memory_gate_means(self.engine, run.model.num_layers))}
-        if run.train.eval_every and self.step % run.train.eval_every == 0:
-            metrics["val_loss"] = self.validate()
-        if metrics:
-            logger.log(self.step, metrics)
+        return {"loss": values[0], "lr": self.engine.deepspeed.get_lr()[0],
+                "grad_norm": values[1] if grad_norm is not None else None,
+                "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
+                **throughput.report(),
+                **gate_metrics([values[2 + 3 * i:5 + 3 * i] for i in range(run.model.num_layers)])}

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lm2.model.block import DecoderBlock
 from lm2.model.lm import mean_loss
 from lm2.pipeline.train.engine import Engine
 
@@ -69,17 +68,3 @@ def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
     ds.module.train(was_training)
     return _dp_mean(total / len(micro_batches))
 
-
-def memory_gate_means(engine: Engine, num_layers: int) -> torch.Tensor:
-    """Per layer (g_in, g_forget, g_out) means of the last forward, averaged over every rank holding the layer
-    (TP ranks hold different heads, DP ranks different rows). [num_layers, 3]; NaN for layers without memory.
-    A collective over the whole world: each pipeline stage contributes its own layers."""
-    sums = torch.zeros(num_layers, 3, dtype=torch.float64)
-    counts = torch.zeros(num_layers, 1, dtype=torch.float64)
-    for module in engine.deepspeed.module.modules():
-        if isinstance(module, DecoderBlock) and module.memory is not None:
-            sums[module.layer_index] = module.memory.gate_means().double().cpu()
-            counts[module.layer_index] = 1
-    both = torch.cat([sums, counts], dim=1).to(engine.deepspeed.device)
-    dist.all_reduce(both)
-    return (both[:, :3] / both[:, 3:]).float().cpu()  # 0/0 = NaN where no rank holds a memory layer
