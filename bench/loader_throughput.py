@@ -7,6 +7,7 @@ batch. Prints one JSON line; `loader_headroom` > 1 means the loader outpaces tra
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -17,6 +18,7 @@ from lm2.pipeline.config import load_config
 from lm2.pipeline.data.config import StreamConfig
 from lm2.pipeline.data.streaming import build_train_loader
 from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.mpu import tensor_parallel
 
 
 def loader_rate(cfg, dims, micro_batch: int) -> tuple[float, int]:
@@ -29,7 +31,7 @@ def loader_rate(cfg, dims, micro_batch: int) -> tuple[float, int]:
 
 def training_rate(cfg, micro_batch: int, steps: int) -> float:
     torch.manual_seed(0)
-    model = LM2Model(cfg.model)
+    model = LM2Model(cfg.model, tensor_parallel())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.model.row_length + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     cfg = load_config(args.config)
-    cfg.data.streams = [StreamConfig(args.data)]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=[StreamConfig(args.data)]))
     dims = init_distributed()
     from streaming.base.util import clean_stale_shared_memory
 

@@ -11,6 +11,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -19,6 +20,7 @@ import torch
 from lm2.model.lm import LM2Model, mean_loss
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.train.engine import build_engine
 from lm2.pipeline.train.step import train_step
 
@@ -51,11 +53,11 @@ def plain_step(model: LM2Model, optimizer, clip: float):
 
 
 def measure(run, dims, steps: int) -> dict[str, float]:
-    run.parallel.zero_stage = 0
+    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, zero_stage=0))
     engine = build_engine(run, dims)
     micro_batches = batches(run, engine.grad_accum)
     lm2_s = timed(lambda mb: train_step(engine, mb), micro_batches, steps)
-    model = LM2Model(run.model, seed=run.train.seed)
+    model = LM2Model(run.model, tensor_parallel(), seed=run.train.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2))
     plain_s = timed(plain_step(model, optimizer, run.optim.grad_clip), micro_batches, steps)
     tokens = run.train.global_batch * run.model.row_length

@@ -31,11 +31,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, d] normalised input; cos/sin: [T, head_dim]. Returns [B, T, d], causal over T."""
         b, t, _ = x.shape
-        q = self.q_proj(x)[0].view(b, t, self.local_heads, self.head_dim).transpose(1, 2)  # [B, h, T, hd]
-        k = self.k_proj(x)[0].view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, hd]
-        v = self.v_proj(x)[0].view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2)  # [B, h, T, hd]
+        k = self.k_proj(x).view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, hd]
+        v = self.v_proj(x).view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              enable_gqa=self.local_heads != self.local_kv_heads)
         out = out.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
-        return self.o_proj(out)[0]
+        return self.o_proj(out)

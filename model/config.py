@@ -8,23 +8,33 @@ tensor-parallel degree, so a bad config fails before any weight is allocated, na
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Any
+
+from lm2.model.errors import ConfigError
 
 
-class LM2ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and how to fix it."""
-
-
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raises ConfigError(message) unless ok: the checks of every config dataclass read as a list of rules."""
     if not ok:
-        raise LM2ConfigError(message)
+        raise ConfigError(message)
+
+
+def require_choice(name: str, value: Any, choices: Any) -> None:
+    """value must be one of the Literal type `choices` (the field's annotation, so the options are written once)."""
+    options = typing.get_args(choices)
+    # `type(...) is`: True == 1 would otherwise pass for an integer choice.
+    ok = any(value == option and type(value) is type(option) for option in options)
+    listed = ", ".join(map(str, options[:-1])) + f" or {options[-1]}"
+    require(ok, f"{name} must be {listed}, got {value!r}")
 
 
 def _positive(name: str, value: int) -> None:
-    _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+    require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     enabled: bool = True
     """False gives the vanilla baseline: the same backbone with full causal attention over the row."""
@@ -48,14 +58,14 @@ class MemoryConfig:
         _positive("memory.bptt_segments", self.bptt_segments)
         if self.dim is not None:
             _positive("memory.dim", self.dim)
-            _require(
+            require(
                 self.dim % self.heads == 0,
                 f"memory.dim={self.dim} must be divisible by memory.heads={self.heads}: "
                 "change one of them so every memory head gets the same width",
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     """Tokenizer vocabulary size; the embedding is padded to a multiple of tp * 128 (see padded_vocab_size)."""
@@ -81,32 +91,32 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "row_length", "segment_length"):
             _positive(name, getattr(self, name))
-        _require(
+        require(
             self.hidden_size % self.num_heads == 0,
             f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
         )
-        _require(self.head_dim % 2 == 0, f"head dim hidden_size/num_heads={self.head_dim} must be even for RoPE")
-        _require(
+        require(self.head_dim % 2 == 0, f"head dim hidden_size/num_heads={self.head_dim} must be even for RoPE")
+        require(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
             "(grouped-query attention shares each kv head between num_heads/num_kv_heads query heads)",
         )
-        _require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
-        _require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
+        require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
         if not self.memory.enabled:
             return
-        _require(
+        require(
             self.row_length % self.segment_length == 0,
             f"row_length={self.row_length} must be a multiple of segment_length={self.segment_length}: "
             "a row is processed as whole segments",
         )
-        _require(
+        require(
             self.memory_dim % self.memory.heads == 0,
             f"memory.dim (defaults to hidden_size={self.hidden_size}) = {self.memory_dim} must be divisible by "
             f"memory.heads={self.memory.heads}",
         )
         for layer in self.memory.layers or []:
-            _require(
+            require(
                 isinstance(layer, int) and 0 <= layer < self.num_layers,
                 f"memory.layers contains {layer!r}; block indices run from 0 to num_layers-1={self.num_layers - 1}",
             )
@@ -134,17 +144,17 @@ class ModelConfig:
     def validate_for_tp(self, tp_size: int) -> None:
         """Checks that every sharded dimension splits evenly over tp_size ranks."""
         _positive("tensor parallel size", tp_size)
-        _require(
+        require(
             self.num_kv_heads % tp_size == 0,
             f"num_kv_heads={self.num_kv_heads} must be divisible by the tensor-parallel size {tp_size}: "
             "lower parallel.tp or raise num_kv_heads",
         )
-        _require(
+        require(
             self.ffn_hidden_size % tp_size == 0,
             f"ffn_hidden_size={self.ffn_hidden_size} must be divisible by the tensor-parallel size {tp_size}",
         )
         if self.memory.enabled:
-            _require(
+            require(
                 self.memory.heads % tp_size == 0,
                 f"memory.heads={self.memory.heads} must be divisible by the tensor-parallel size {tp_size}: "
                 "memory heads are split over tensor-parallel ranks like attention heads",

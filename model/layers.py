@@ -1,4 +1,9 @@
-"""Small building blocks shared by the decoder: RMSNorm, rotary embeddings, megatron-core TP glue, init."""
+"""Small building blocks shared by the decoder: RMSNorm, rotary embeddings, megatron-core TP glue, init.
+
+The TP glue: `TensorParallel` (the caller's group and megatron-core's config) builds `ColumnLinear` and
+`RowLinear`, megatron-core's linears wrapped once so that model code calls them like nn.Linear. `Probe` marks an
+activation that metrics may observe through forward hooks.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+import torch.distributed as dist
+from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+
+class Probe(nn.Identity):
+    """A named point where the model shows an activation without keeping it: returns its input unchanged. The
+    trainer registers forward hooks on probes to compute metrics (pipeline/train/gates.py); no state, no cost."""
 
 
 class RMSNorm(nn.Module):
@@ -58,37 +69,55 @@ def output_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.T
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
+class ColumnLinear(ColumnParallelLinear):
+    """megatron-core's column-parallel linear as a plain layer: x -> y (megatron returns (y, bias); we never
+    split the bias off, and build these without one)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, weight=weight)[0]
+
+
+class RowLinear(RowParallelLinear):
+    """megatron-core's row-parallel linear as a plain layer: x -> y, all-reduced over the TP group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's tensor-parallel context, handed to every layer: megatron-core's config and group, passed
-    explicitly rather than looked up from globals inside the layers."""
+    """This rank's tensor-parallel context, handed to every layer by the caller (the trainer, the pipeline
+    builder, tests): megatron-core's config and the TP group, never looked up from globals in the model.
+
+    Build it with `TensorParallel.of_group(group, params_dtype)`. Weights are always initialised on CPU: every
+    TP layer draws its full weight from the global torch RNG and keeps its slice, so a model at TP=2 holds
+    exactly the weights of TP=1 (then it moves to its device). No sequence parallelism: its backward allocates
+    on CUDA.
+    """
 
     config: ModelParallelConfig
-    group: torch.distributed.ProcessGroup
+    group: dist.ProcessGroup
     rank: int
     size: int
 
     @classmethod
-    def from_parallel_state(cls, params_dtype: torch.dtype) -> "TensorParallel":
-        """Weights are always initialised on CPU: every TP layer draws its full weight from the global torch RNG
-        and keeps its slice, so a model at TP=2 holds exactly the weights of TP=1 (then it moves to its device).
-        No sequence parallelism: its backward allocates on CUDA."""
-        size = parallel_state.get_tensor_model_parallel_world_size()
+    def of_group(cls, group: dist.ProcessGroup, params_dtype: torch.dtype) -> "TensorParallel":
+        """The context of this rank in `group`, the tensor-parallel group; params_dtype: fp32 on CPU, bf16 on GPU."""
+        size = dist.get_world_size(group)
         config = ModelParallelConfig(tensor_model_parallel_size=size, params_dtype=params_dtype,
                                      use_cpu_initialization=True, perform_initialization=True,
                                      sequence_parallel=False, gradient_accumulation_fusion=False)
-        return cls(config, parallel_state.get_tensor_model_parallel_group(),
-                   parallel_state.get_tensor_model_parallel_rank(), size)
+        return cls(config, group, dist.get_rank(group), size)
 
-    def column(self, in_features: int, out_features: int, init: Callable, **kwargs) -> ColumnParallelLinear:
+    def column(self, in_features: int, out_features: int, init: Callable, **kwargs) -> ColumnLinear:
         """in -> out/tp on this rank, no bias, output left split (the next layer consumes the split)."""
-        return ColumnParallelLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
-                                    gather_output=False, tp_group=self.group, **kwargs)
+        return ColumnLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
+                            gather_output=False, tp_group=self.group, **kwargs)
 
-    def row(self, in_features: int, out_features: int, init: Callable) -> RowParallelLinear:
+    def row(self, in_features: int, out_features: int, init: Callable) -> RowLinear:
         """in/tp -> out, all-reduced over the group, no bias."""
-        return RowParallelLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
-                                 input_is_parallel=True, skip_bias_add=True, tp_group=self.group)
+        return RowLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
+                         input_is_parallel=True, skip_bias_add=True, tp_group=self.group)
 
 
 def sharded_parameter(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int) -> nn.Parameter:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
-from lm2.model.layers import RMSNorm, TensorParallel, init_vocab_parallel_, normal_init, seeded
+from lm2.model.layers import ColumnLinear, RMSNorm, TensorParallel, init_vocab_parallel_, seeded
 
 
 def build_embedding(cfg: ModelConfig, tp: TensorParallel, seed: int) -> VocabParallelEmbedding:
@@ -30,7 +30,7 @@ def build_block(cfg: ModelConfig, tp: TensorParallel, index: int, seed: int) -> 
         return DecoderBlock(cfg, tp, index)
 
 
-def build_lm_head(cfg: ModelConfig, tp: TensorParallel, seed: int) -> ColumnParallelLinear:
+def build_lm_head(cfg: ModelConfig, tp: TensorParallel, seed: int) -> ColumnLinear:
     """The vocab-parallel output projection; with tied embeddings it owns no weight (the embedding's is passed)."""
     lm_head = tp.column(cfg.hidden_size, cfg.padded_vocab_size(tp.size), lambda w: w,
                         skip_weight_param_allocation=cfg.tie_embeddings)
@@ -46,11 +46,11 @@ def vocab_padding_mask(cfg: ModelConfig, tp: TensorParallel) -> torch.Tensor:
     return torch.arange(tp.rank * local_vocab, (tp.rank + 1) * local_vocab) >= cfg.vocab_size
 
 
-def output_logits(lm_head: ColumnParallelLinear, hn: torch.Tensor, padding: torch.Tensor,
+def output_logits(lm_head: ColumnLinear, hn: torch.Tensor, padding: torch.Tensor,
                   tied_weight: torch.Tensor | None) -> torch.Tensor:
     """Normalised hidden states [B, T, d] -> this rank's logits [B, T, V_pad/tp], padding columns at the dtype's
     minimum: they take no probability, so the loss does not depend on how much padding a TP degree needs."""
-    logits = lm_head(hn, weight=tied_weight)[0]
+    logits = lm_head(hn, weight=tied_weight)
     return logits.masked_fill(padding, torch.finfo(logits.dtype).min)
 
 
@@ -63,18 +63,19 @@ class LM2Model(nn.Module):
     the same modules; each part is initialised under its own seed derived from `seed`, so the weights are the
     same at any TP or PP degree.
 
-    megatron-core's parallel_state must be initialised, also in a single process (a world of one): its layers and
-    cross-entropy take their tensor-parallel group from it. `lm2.pipeline.parallel.init.init_distributed` does.
+    The caller passes the tensor-parallel context in; the model reads no global parallel state. (The loss,
+    `token_losses`, is megatron-core's vocab-parallel cross-entropy, which still takes its group from megatron's
+    parallel_state: `lm2.pipeline.parallel.init.init_distributed` sets it up, also for a world of one.)
 
     Args:
         cfg: the architecture, validated.
+        tp: this rank's tensor-parallel context (group and params dtype, fp32 on CPU, bf16 on GPU), e.g.
+            `lm2.pipeline.parallel.mpu.tensor_parallel(dtype)`. Weights are built on CPU; move the model to its device.
         seed: initialisation seed.
-        params_dtype: fp32 on CPU, bf16 on GPU. Weights are built on CPU; move the model to its device.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0):
         super().__init__()
-        tp = TensorParallel.from_parallel_state(params_dtype)
         cfg.validate_for_tp(tp.size)
         self.cfg = cfg
         self.padded_vocab_size = cfg.padded_vocab_size(tp.size)
@@ -125,7 +126,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 IGNORE_INDEX = -100
-"""Label of positions that carry no loss (padding at the end of a dataset)."""
+"""Label of positions that carry no loss (PAD at the end of a dataset; torch's cross_entropy default). The loader
+writes it, the loss skips it."""
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm2.model.config import ModelConfig
-from lm2.model.layers import TensorParallel, normal_init, output_init, sharded_parameter
+from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sharded_parameter
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,6 @@ class LM2Memory(nn.Module):
         d, d_m, heads, slots = cfg.hidden_size, cfg.memory_dim, cfg.memory.heads, cfg.memory.slots
         self.slots, self.local_heads, self.head_dim = slots, heads // tp.size, d_m // heads
         self.bptt_segments = cfg.memory.bptt_segments
-        self._gates: dict[str, list[torch.Tensor]] | None = None  # per-segment gate means of the last forward
         init = normal_init(cfg.init_std)
 
         def head_local(shape: tuple[int, ...], fill=None) -> nn.Parameter:
@@ -65,17 +64,8 @@ class LM2Memory(nn.Module):
         self.in_gate_bias = head_local((self.head_dim,), fill=0.0)
         self.forget_gate = head_local((2 * self.head_dim, self.head_dim))
         self.forget_gate_bias = head_local((self.head_dim,), fill=cfg.memory.forget_bias_init)
-
-    def gate_means(self) -> torch.Tensor:
-        """Mean g_in, g_forget, g_out over this rank's heads in the latest row-level forward, for metrics.
-        [3]; NaN where the forward had none (no write happens in a single-segment row)."""
-        gates = self._gates or {"in": [], "forget": [], "out": []}
-        return torch.stack([torch.stack(v).mean() if v else torch.tensor(float("nan")) for v in gates.values()])
-
-    def _record_gates(self, **gates: torch.Tensor) -> None:
-        if self._gates is not None:  # only row-level forwards record; incremental steps would grow without end
-            for name, gate in gates.items():
-                self._gates[name].append(gate.detach().float().mean())
+        # The gates pass through probes, where the trainer's forward hooks read them for metrics.
+        self.in_gate_probe, self.forget_gate_probe, self.out_gate_probe = Probe(), Probe(), Probe()
 
     def initial_state(self, batch: int) -> torch.Tensor:
         """M_0 for a batch of fresh rows: the learned bank expanded, never a buffer. [B, N, Hl, dh]."""
@@ -87,17 +77,15 @@ class LM2Memory(nn.Module):
     def read(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Gated read. q: [B, T, Hl, dh] token queries; mem: [B, N, Hl, dh]. Returns [B, T, d] (all-reduced)."""
         r = _attend(q, _per_head(mem, self.read_k), _per_head(mem, self.read_v))  # [B, T, Hl, dh]
-        gate = torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias)
-        self._record_gates(out=gate)
-        return self.out_proj((gate * r).flatten(-2))[0]
+        gate = self.out_gate_probe(torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias))
+        return self.out_proj((gate * r).flatten(-2))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """One segment's update. k/v: [B, S, Hl, dh] projections of the segment; mem: [B, N, Hl, dh] -> M_{s+1}."""
         u = _attend(_per_head(mem, self.write_q), k, v)  # [B, N, Hl, dh]
         both = torch.cat((u, mem), dim=-1)  # [B, N, Hl, 2dh]
-        g_in = torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias)
-        g_forget = torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias)
-        self._record_gates(**{"in": g_in, "forget": g_forget})
+        g_in = self.in_gate_probe(torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias))
+        g_forget = self.forget_gate_probe(torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias))
         return g_in * torch.tanh(u) + g_forget * mem
 
     def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
@@ -108,9 +96,8 @@ class LM2Memory(nn.Module):
 
     def step(self, xn: torch.Tensor, mem: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
-        self._gates = None
-        read = self.read(self._heads(self.read_q(xn)[0]), mem)
-        write_k, write_v = self._heads(self.write_k(xn)[0]), self._heads(self.write_v(xn)[0])
+        read = self.read(self._heads(self.read_q(xn)), mem)
+        write_k, write_v = self._heads(self.write_k(xn)), self._heads(self.write_v(xn))
         return read, self.write(write_k, write_v, self.truncate(mem, segment))
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
@@ -121,14 +108,13 @@ class LM2Memory(nn.Module):
         """
         b, length, _ = xn.shape
         k = length // segment_length
-        self._gates = {"in": [], "forget": [], "out": []}
         seg = (b, k, segment_length, self.local_heads, self.head_dim)
-        write_k, write_v = self.write_k(xn)[0].view(seg), self.write_v(xn)[0].view(seg)
+        write_k, write_v = self.write_k(xn).view(seg), self.write_v(xn).view(seg)
         mem = self.initial_state(b)
         states = [mem]
         for s in range(k - 1):  # the write after the last segment feeds nothing inside this row
             mem = self.write(write_k[:, s], write_v[:, s], self.truncate(mem, s))
             states.append(mem)
         stacked = torch.stack(states, dim=1).flatten(0, 1)  # [B*k, N, Hl, dh]
-        q = self.read_q(xn)[0].view(b * k, segment_length, self.local_heads, self.head_dim)
+        q = self.read_q(xn).view(b * k, segment_length, self.local_heads, self.head_dim)
         return self.read(q, stacked).view(b, length, -1)

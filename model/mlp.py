@@ -21,4 +21,4 @@ class MLP(nn.Module):
         self.down_proj = tp.row(cfg.ffn_hidden_size, cfg.hidden_size, output_init(cfg.init_std, cfg.num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

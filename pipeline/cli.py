@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import CheckpointError, ConfigError, DataError, LM2Error
 
 
 def _human(n: float) -> str:
@@ -43,7 +43,6 @@ def _model_config(path: str | None):
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> None:
     """Trains a sentencepiece model on the inputs; the vocabulary defaults to the config's model.vocab_size."""
-    from lm2.pipeline.data import DataError
     from lm2.pipeline.data.sources import find_input_files, read_all
     from lm2.pipeline.data.tokenizer import train_tokenizer
 
@@ -116,7 +115,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> None:
     """Lists checkpoints: step, completeness, topology, size."""
     from pathlib import Path
 
-    from lm2.pipeline.checkpoint import inspect
+    from lm2.pipeline.checkpoint.resume import inspect
 
     rows = inspect(Path(args.dir))
     if not rows:
@@ -198,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except LM2ConfigError as error:
-        from lm2.pipeline.data import DataError
-
-        kind = "data error" if isinstance(error, DataError) else "configuration error"
+    except LM2Error as error:
+        kind = ("data error" if isinstance(error, DataError) else
+                "checkpoint error" if isinstance(error, CheckpointError) else
+                "configuration error" if isinstance(error, ConfigError) else "error")
         print(f"lm2 {args.command}: {kind}: {error}", file=sys.stderr)
         return 2
     return 0

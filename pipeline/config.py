@@ -15,12 +15,13 @@ from typing import Any
 
 import yaml
 
-from lm2.model.config import LM2ConfigError, ModelConfig
+from lm2.model.config import ModelConfig
+from lm2.model.errors import ConfigError
 from lm2.pipeline.data.config import DataConfig
 from lm2.pipeline.train.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     """The architecture (model/config.py)."""
@@ -56,11 +57,11 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         return from_dict(kind, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise LM2ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise LM2ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
         try:
@@ -70,7 +71,7 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     if kind in _SCALARS:
         label, accepts = _SCALARS[kind]
         if not accepts(value):
-            raise LM2ConfigError(f"{where} must be {label}, got {value!r}")
+            raise ConfigError(f"{where} must be {label}, got {value!r}")
         return float(value) if kind is float else value
     return value
 
@@ -79,16 +80,16 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Builds dataclass `cls` from a mapping; `where` is the dotted path used in error messages."""
     label = where or cls.__name__
     if not isinstance(data, dict):
-        raise LM2ConfigError(f"{label} must be a mapping of fields, got {data!r}")
+        raise ConfigError(f"{label} must be a mapping of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise LM2ConfigError(f"unknown key(s) {', '.join(unknown)} in {label}; known keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {label}; known keys: {', '.join(fields)}")
     missing = [name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise LM2ConfigError(f"{label} is missing required key(s): {', '.join(missing)}")
+        raise ConfigError(f"{label} is missing required key(s): {', '.join(missing)}")
     prefix = f"{where}." if where else ""
     return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
 
@@ -96,21 +97,21 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """`a.b.c=value` sets tree[a][b][c]; the value is parsed as YAML (numbers, booleans, lists, null)."""
     if "=" not in override:
-        raise LM2ConfigError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"override {override!r} must look like section.key=value")
     path, raw = override.split("=", 1)
     keys = path.strip().split(".")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise LM2ConfigError(f"override {override!r}: {key} is not a section")
+            raise ConfigError(f"override {override!r}: {key} is not a section")
     node[keys[-1]] = yaml.safe_load(raw)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     path = Path(path)
     if not path.is_file():
-        raise LM2ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
+        raise ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
     tree = yaml.safe_load(path.read_text()) or {}
     for override in overrides:
         apply_override(tree, override)

@@ -4,10 +4,3 @@
 and writes shards with their `lm2_data.json`, `streaming.py` builds the resumable training loader and
 `metadata.py` checks that shards fit a model.
 """
-
-from lm2.model.config import LM2ConfigError
-
-
-class DataError(LM2ConfigError):
-    """Input data is missing, unreadable or does not fit the model; the message names the fix. A kind of
-    LM2ConfigError (a ValueError), so the CLI reports both without a traceback."""

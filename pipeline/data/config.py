@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.config import require_choice
+from lm2.model.errors import ConfigError
+
+Split = Literal["train", "val"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamConfig:
     path: str
     """A folder written by `lm2 data prepare`: a local path or a remote URL (s3://, gs://, oci://, ...)."""
     proportion: float | None = None
     """Share of each epoch drawn from this stream. None everywhere: every row once per epoch. Either all
     streams give a proportion or none does."""
-    split: str = "train"
+    split: Split = "train"
     """Sub-folder of `path` to read: train or val."""
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise LM2ConfigError("data.streams[].path is empty: give the folder written by `lm2 data prepare`")
+            raise ConfigError("data.streams[].path is empty: give the folder written by `lm2 data prepare`")
         if self.proportion is not None and not self.proportion > 0:
-            raise LM2ConfigError(f"data.streams[].proportion must be > 0, got {self.proportion} "
+            raise ConfigError(f"data.streams[].proportion must be > 0, got {self.proportion} "
                                  f"(stream {self.path}); drop the stream instead of giving it 0")
-        if self.split not in ("train", "val"):
-            raise LM2ConfigError(f"data.streams[].split must be train or val, got {self.split!r}")
+        require_choice("data.streams[].split", self.split, Split)
 
     @property
     def is_remote(self) -> bool:
         return "://" in self.path
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     streams: list[StreamConfig] = field(default_factory=list)
     """Prepared datasets to mix. All must share one tokenizer and row length."""
@@ -55,15 +58,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.shuffle_seed < 0:
-            raise LM2ConfigError(f"data.shuffle_seed must be >= 0, got {self.shuffle_seed}")
+            raise ConfigError(f"data.shuffle_seed must be >= 0, got {self.shuffle_seed}")
         if self.num_canonical_nodes < 1:
-            raise LM2ConfigError(f"data.num_canonical_nodes must be >= 1, got {self.num_canonical_nodes}")
+            raise ConfigError(f"data.num_canonical_nodes must be >= 1, got {self.num_canonical_nodes}")
         if self.num_workers < 0:
-            raise LM2ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         with_proportion = [s.proportion is not None for s in self.streams]
         if any(with_proportion) and not all(with_proportion):
-            raise LM2ConfigError("data.streams: give a proportion to every stream or to none of them")
+            raise ConfigError("data.streams: give a proportion to every stream or to none of them")
         paths = [(s.path, s.split) for s in self.streams]
         if len(set(paths)) != len(paths):
-            raise LM2ConfigError("data.streams lists the same path and split twice; list it once with a "
+            raise ConfigError("data.streams lists the same path and split twice; list it once with a "
                                  "larger proportion instead")

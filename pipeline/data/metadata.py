@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lm2.model.config import ModelConfig
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 
 METADATA_FILE = "lm2_data.json"
 FORMAT = "lm2-packed-rows-v1"

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm2.model.config import ModelConfig
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 from lm2.pipeline.data.metadata import FORMAT, METADATA_FILE, VAL_ID_OFFSET, check_vocab_fits
 from lm2.pipeline.data.sources import find_input_files, read_all
 from lm2.pipeline.data.tokenizer import Tokenizer

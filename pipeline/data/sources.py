@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

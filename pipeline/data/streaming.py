@@ -40,14 +40,13 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from lm2.model.config import ModelConfig
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
+from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
-from lm2.pipeline.data.tokenizer import file_sha256
+from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.dims import ParallelDims
 
-IGNORE_INDEX = -100
-"""Label of PAD positions, ignored by the loss (torch's cross_entropy default)."""
 _STATE_KEYS = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed", "initial_physical_nodes")
 
 
@@ -188,7 +187,7 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
     """
     if micro_batch < 1:
         raise DataError(f"micro batch must be >= 1, got {micro_batch}")
-    checksum = file_sha256(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None
+    checksum = sha256_file(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None
     if cfg.tokenizer and checksum is None:
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
     streams, pad_id = _streams(cfg, model, checksum)

@@ -6,7 +6,6 @@ round-trips exactly, and byte fallback, so no character is ever <unk> (newlines 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
+from lm2.pipeline.files import sha256_file, write_atomic
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -23,14 +23,6 @@ MODEL_TYPES = ("bpe", "unigram")
 _MAX_SENTENCE_CHARS = 4096
 # Above this many lines sentencepiece trains on a random sample, keeping training memory bounded.
 _MAX_TRAINING_SENTENCES = 5_000_000
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -56,7 +48,7 @@ class Tokenizer:
         if processor.eos_id() < 0 or processor.pad_id() < 0:
             raise DataError(f"tokenizer {path} has no EOS or PAD id; lm2 needs both: retrain it with "
                             "`lm2 data tokenizer`")
-        return cls(path=path, processor=processor, checksum=file_sha256(path))
+        return cls(path=path, processor=processor, checksum=sha256_file(path))
 
     @property
     def vocab_size(self) -> int:
@@ -132,9 +124,7 @@ def train_tokenizer(documents: Iterable[str], output: str | Path, vocab_size: in
             raise DataError("no documents to train the tokenizer on: the inputs are empty") from None
         raise DataError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model: {error}. "
                         "Lower --vocab-size or give more text.") from None
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    temporary.write_bytes(model.data)
-    os.replace(temporary, output)
+    write_atomic(output, model.data)
     return Tokenizer.load(output)
 
 

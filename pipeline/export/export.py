@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lm2.pipeline.checkpoint.format import Manifest
 from lm2.pipeline.export.hf_folder import hf_model, special_token_ids, write_folder, write_tokenizer
 from lm2.pipeline.export.reader import (ExportError, manifest_of, model_config, read_full_state, resolve,
                                        verified_manifest)
@@ -33,8 +34,8 @@ class ExportResult:
                 f"{verified}")
 
 
-def _tokenizer_path(manifest: dict, given: str | None) -> Path:
-    path = Path(given or manifest["config"]["data"]["tokenizer"])
+def _tokenizer_path(manifest: Manifest, given: str | None) -> Path:
+    path = Path(given or manifest.config["data"]["tokenizer"])
     if not path.is_file():
         raise ExportError(f"the tokenizer {path} does not exist (the run's data.tokenizer, relative to where it "
                           "trained): pass --tokenizer PATH to the run's sentencepiece .model")
@@ -68,7 +69,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
     folder, out = resolve(checkpoint), Path(out)
     _check_output(out, force)
     listed = manifest_of(folder)
-    steps = len(listed["files"]) + listed.get("topology", {}).get("tp", 1) + 2 + int(verify)  # files, TP ranks, writes
+    steps = len(listed.files) + listed.layout.tp + 2 + int(verify)  # files, TP ranks, writes
     with tqdm(total=steps, desc=f"export {folder.name}", unit="step", disable=not progress) as bar:
         def tick(what: str) -> None:
             bar.set_postfix_str(what, refresh=False)
@@ -90,5 +91,5 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return ExportResult(out, folder, manifest["step"], type(model).__name__, sum(t.numel() for t in state.values()),
+    return ExportResult(out, folder, manifest.step, type(model).__name__, sum(t.numel() for t in state.values()),
                         weight_files, difference)

@@ -116,7 +116,7 @@ def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -
     then refreshes the optimizer's fp32 master copy, which DeepSpeed made from the old weights."""
     from megatron.core import parallel_state
 
-    ds = engine.engine
+    ds = engine.deepspeed
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded_vocab = cfg.padded_vocab_size(tp)
     named = list(ds.module.named_parameters())
@@ -150,6 +150,5 @@ def import_hf(hf_dir: str | os.PathLike, config: str, output: str | os.PathLike,
     folder = trainer.save_checkpoint()
     if dist.get_rank() != 0:
         return None
-    layout = " ".join(f"{k}={v}" for k, v in trainer.topology.items())
-    return (f"wrote {folder} ({layout}): {len(backbone)} tensors from {hf_dir}, memory freshly initialised; "
+    return (f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory freshly initialised; "
             f"continue with `lm2 train --config {config} --resume {folder}` at this layout")

@@ -11,7 +11,6 @@ along the dimension the name table gives, and the vocabulary padding is cut off.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import tempfile
@@ -20,9 +19,12 @@ from typing import Callable
 
 import torch
 
-from lm2.model.config import LM2ConfigError, ModelConfig
-from lm2.pipeline.checkpoint import LATEST, MANIFEST, complete_checkpoints, read_manifest
+from lm2.model.config import ModelConfig
+from lm2.model.errors import LM2Error
+from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest
+from lm2.pipeline.checkpoint.save import complete_checkpoints
 from lm2.pipeline.config import from_dict
+from lm2.pipeline.files import sha256_file
 from lm2.pipeline.export.names import VOCAB_PARAMETERS, parameter_splits
 from lm2.pipeline.parallel.pipe import model_name
 
@@ -30,7 +32,7 @@ Progress = Callable[[str], None]
 """Called once per unit of work with a short description (drives the command's progress bar)."""
 
 
-class ExportError(LM2ConfigError):
+class ExportError(LM2Error):
     """A checkpoint or Hugging Face folder cannot be converted; the message names the problem and the fix."""
 
 
@@ -50,38 +52,30 @@ def resolve(path: str | os.PathLike) -> Path:
                       "give a run's checkpoints folder, its `latest` file or a step_* folder")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def manifest_of(folder: Path) -> dict:
+def manifest_of(folder: Path) -> Manifest:
     """The checkpoint's manifest (files not checked); ExportError if it has none or it is not lm2's."""
     try:
         return read_manifest(folder)
-    except LM2ConfigError as error:
+    except LM2Error as error:
         raise ExportError(f"{error}; export another step") from None
 
 
-def verified_manifest(folder: Path, progress: Progress = lambda _: None) -> dict:
+def verified_manifest(folder: Path, progress: Progress = lambda _: None) -> Manifest:
     """The manifest of a complete checkpoint whose files all match their sizes and sha256; ExportError otherwise."""
     manifest = manifest_of(folder)
-    for name, entry in sorted(manifest["files"].items()):
+    for name, entry in sorted(manifest.files.items()):
         path = folder / name
         if not path.is_file():
             raise ExportError(f"{folder} is incomplete: {name} of its manifest is missing; export another step")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise ExportError(f"{path} does not match its size or checksum in the manifest: the checkpoint is "
                               "corrupt; export another step")
         progress(f"checked {name}")
     return manifest
 
 
-def model_config(manifest: dict) -> ModelConfig:
-    return from_dict(ModelConfig, manifest["config"]["model"], "model")
+def model_config(manifest: Manifest) -> ModelConfig:
+    return from_dict(ModelConfig, manifest.config["model"], "model")
 
 
 def _tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -126,8 +120,8 @@ def _zero3_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
                               "the checkpoint is incomplete or of an unknown layout; export another step") from None
 
 
-def _expected_files(topology: dict, num_layers: int) -> list[str]:
-    tp, pp, dp, stage = (topology[axis] for axis in ("tp", "pp", "dp", "zero_stage"))
+def _expected_files(layout: Layout, num_layers: int) -> list[str]:
+    tp, pp, dp, stage = layout.tp, layout.pp, layout.dp, layout.zero_stage
     if stage == 3:
         return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt" for t in range(tp) for d in range(dp)
                 for kind in ("model", "optim")]
@@ -136,16 +130,13 @@ def _expected_files(topology: dict, num_layers: int) -> list[str]:
     return [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
 
 
-def _check_layout(folder: Path, manifest: dict, cfg: ModelConfig) -> dict:
-    topology = manifest.get("topology") or {}
-    if not all(isinstance(topology.get(axis), int) for axis in ("tp", "pp", "dp", "zero_stage")):
-        raise ExportError(f"{folder}: unknown layout {topology!r} in its manifest (tp, pp, dp and zero_stage "
-                          "are needed): it was not written by lm2's trainer")
-    missing = [name for name in _expected_files(topology, cfg.num_layers) if name not in manifest["files"]]
-    if missing or (topology["zero_stage"] == 3 and topology["pp"] > 1):
-        raise ExportError(f"{folder}: unknown layout: tp={topology['tp']} pp={topology['pp']} dp={topology['dp']} "
-                          f"zero_stage={topology['zero_stage']} should have written {missing[:1] or 'no pipeline'}")
-    return topology
+def _check_layout(folder: Path, manifest: Manifest, cfg: ModelConfig) -> Layout:
+    layout = manifest.layout
+    missing = [name for name in _expected_files(layout, cfg.num_layers) if name not in manifest.files]
+    if missing or (layout.zero_stage == 3 and layout.pp > 1):
+        raise ExportError(f"{folder}: unknown layout: {layout.describe()} should have written "
+                          f"{missing[:1] or 'no pipeline'}")
+    return layout
 
 
 def _join_tp(name: str, shards: list[torch.Tensor], split: int | None) -> torch.Tensor:
@@ -156,15 +147,15 @@ def _join_tp(name: str, shards: list[torch.Tensor], split: int | None) -> torch.
     return torch.cat(shards, dim=split)
 
 
-def read_full_state(folder: Path, manifest: dict, progress: Progress = lambda _: None) -> dict[str, torch.Tensor]:
+def read_full_state(folder: Path, manifest: Manifest, progress: Progress = lambda _: None) -> dict[str, torch.Tensor]:
     """Every parameter, whole, under its LM2Model name, the vocabulary cut to model.vocab_size."""
     cfg = model_config(manifest)
-    topology = _check_layout(folder, manifest, cfg)
+    layout = _check_layout(folder, manifest, cfg)
     shards = []
-    for tp_rank in range(topology["tp"]):
-        if topology["zero_stage"] == 3:
+    for tp_rank in range(layout.tp):
+        if layout.zero_stage == 3:
             shards.append(_zero3_shard(folder, tp_rank))
-        elif topology["pp"] > 1:
+        elif layout.pp > 1:
             shards.append(_pipeline_shard(folder, tp_rank, cfg))
         else:
             shards.append(_plain_shard(folder, tp_rank))

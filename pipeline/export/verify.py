@@ -19,6 +19,7 @@ from lm2.model.config import ModelConfig
 from lm2.model.lm import LM2Model
 from lm2.pipeline.export.reader import ExportError
 from lm2.pipeline.parallel.init import destroy_distributed, init_distributed
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import load_full_state
 
 TOLERANCE = 1e-4
@@ -54,7 +55,7 @@ def verification_tokens(cfg: ModelConfig, batch: int = 2, seed: int = 0) -> torc
 def lm2_logits(cfg: ModelConfig, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
     """The training model's logits (one process, fp32) over the true vocabulary."""
     with world_of_one(), torch.no_grad():
-        model = LM2Model(cfg).eval()
+        model = LM2Model(cfg, tensor_parallel()).eval()
         load_full_state(model, {name: tensor.float() for name, tensor in state.items()})
         return model(tokens)[..., : cfg.vocab_size]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,9 @@ class ParallelDims:
         for name in ("world_size", "tp", "pp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise LM2ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
         if self.world_size % (self.tp * self.pp):
-            raise LM2ConfigError(
+            raise ConfigError(
                 f"world size {self.world_size} is not divisible by parallel.tp * parallel.pp = {self.tp * self.pp}: "
                 "launch a multiple of tp*pp processes or change the degrees"
             )

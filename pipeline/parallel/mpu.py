@@ -1,12 +1,21 @@
-"""DeepSpeedMPU: answers DeepSpeed's process-group questions from megatron-core's parallel_state.
+"""megatron-core's parallel_state, read at the edges only: `tensor_parallel` hands the model its TP context,
+`DeepSpeedMPU` answers DeepSpeed's process-group questions.
 
-Only for PP=1 (with a PipelineModule DeepSpeed takes its groups from the topology and asserts mpu is None).
-Without it DeepSpeed would treat every rank as data-parallel and shard ZeRO state across TP ranks.
+DeepSpeedMPU is only for PP=1 (with a PipelineModule DeepSpeed takes its groups from the topology and asserts mpu
+is None). Without it DeepSpeed would treat every rank as data-parallel and shard ZeRO state across TP ranks.
 """
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state as ps
+
+from lm2.model.layers import TensorParallel
+
+
+def tensor_parallel(params_dtype: torch.dtype = torch.float32) -> TensorParallel:
+    """This rank's tensor-parallel context for building an LM2Model (after init_distributed)."""
+    return TensorParallel.of_group(ps.get_tensor_model_parallel_group(), params_dtype)
 
 
 class DeepSpeedMPU:

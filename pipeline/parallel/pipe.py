@@ -26,9 +26,8 @@ from lm2.pipeline.parallel.dims import ParallelDims
 class EmbeddingStage(nn.Module):
     """Token embedding; with tied embeddings it also serves as the output layer on the last stage."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, params_dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
-        tp = TensorParallel.from_parallel_state(params_dtype)
         self.embed_tokens = build_embedding(cfg, tp, seed)
         if cfg.tie_embeddings:
             self.lm_head = build_lm_head(cfg, tp, seed)  # owns no weight
@@ -42,9 +41,9 @@ class EmbeddingStage(nn.Module):
 
 
 class PipeBlock(DecoderBlock):
-    def __init__(self, cfg: ModelConfig, index: int, seed: int, params_dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, index: int, seed: int):
         with seeded(block_seed(seed, index)):
-            super().__init__(cfg, TensorParallel.from_parallel_state(params_dtype), index)
+            super().__init__(cfg, tp, index)
 
 
 class NormStage(RMSNorm):
@@ -55,9 +54,8 @@ class NormStage(RMSNorm):
 class OutputStage(nn.Module):
     """The untied output layer."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, params_dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
-        tp = TensorParallel.from_parallel_state(params_dtype)
         self.lm_head = build_lm_head(cfg, tp, seed)
         self.register_buffer("vocab_padding", vocab_padding_mask(cfg, tp), persistent=False)
 
@@ -77,16 +75,15 @@ def topology(dims: ParallelDims) -> PipeModelDataParallelTopology:
     return topo
 
 
-def build_pipeline_model(cfg: ModelConfig, dims: ParallelDims, seed: int, params_dtype: torch.dtype,
+def build_pipeline_model(cfg: ModelConfig, dims: ParallelDims, tp: TensorParallel, seed: int,
                          activation_checkpointing: bool) -> PipelineModule:
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, cfg, seed, params_dtype, tied_weight_attr="embed_tokens.weight")
-        last = TiedLayerSpec("embed", EmbeddingStage, cfg, seed, params_dtype, tied_weight_attr="embed_tokens.weight",
+        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="embed_tokens.weight")
+        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="embed_tokens.weight",
                              forward_fn=EmbeddingStage.tied_output)
     else:
-        first, last = LayerSpec(EmbeddingStage, cfg, seed, params_dtype), LayerSpec(OutputStage, cfg, seed,
-                                                                                   params_dtype)
-    blocks = [LayerSpec(PipeBlock, cfg, i, seed, params_dtype) for i in range(cfg.num_layers)]
+        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(OutputStage, cfg, tp, seed)
+    blocks = [LayerSpec(PipeBlock, cfg, tp, i, seed) for i in range(cfg.num_layers)]
     return PipelineModule(
         layers=[first, *blocks, LayerSpec(NormStage, cfg), last],
         topology=topology(dims),

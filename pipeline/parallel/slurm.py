@@ -78,12 +78,12 @@ def _config_value(config: str, field: str) -> str:
     """One field of a config by its dotted path, e.g. data.tokenizer."""
     from lm2.pipeline.config import load_config
 
-    from lm2.model.config import LM2ConfigError
+    from lm2.model.errors import ConfigError
 
     value = load_config(config).to_dict()
     for key in field.split("."):
         if not isinstance(value, dict) or key not in value:
-            raise LM2ConfigError(f"{config} has no field {field}")
+            raise ConfigError(f"{config} has no field {field}")
         value = value[key]
     return str(value)
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """What the sbatch scripts ask: `job-info TRAIN_ARGS...` (train.sbatch), `config-value CONFIG FIELD`."""
     import os
 
-    from lm2.model.config import LM2ConfigError
+    from lm2.model.errors import LM2Error
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(USAGE, file=sys.stderr)
             return 2
-    except LM2ConfigError as error:
-        print(f"lm2: configuration error: {error}", file=sys.stderr)
+    except LM2Error as error:
+        print(f"lm2: {error}", file=sys.stderr)
         return 2
     return 0
 

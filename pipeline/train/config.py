@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.config import require, require_choice
+
+ZeroStage = Literal[0, 1, 2, 3]
+Decay = Literal["cosine", "linear"]
+Precision = Literal["auto", "fp32", "bf16"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise LM2ConfigError(message)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: heads, memory heads, MLP and vocabulary are split over tp ranks."""
     pp: int = 1
     """Pipeline stages (DeepSpeed 1F1B). The world size must be a multiple of tp * pp; the rest is data-parallel."""
-    zero_stage: int = 1
+    zero_stage: ZeroStage = 1
     """DeepSpeed ZeRO stage for optimizer state (0-3 with pp=1; 0-1 with pp>1)."""
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _require(
+        require_choice("parallel.zero_stage", self.zero_stage, ZeroStage)
+        require(
             self.pp == 1 or self.zero_stage <= 1,
             f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
             "supports ZeRO 0-1 only (ZeRO-2/3 partition gradients, which the 1F1B schedule accumulates across "
@@ -31,14 +32,14 @@ class ParallelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate, reached after warmup_steps."""
     min_lr: float = 3e-5
     """The learning rate at the end of the decay."""
     warmup_steps: int = 100
-    decay: str = "cosine"
+    decay: Decay = "cosine"
     """cosine or linear decay from lr to min_lr between warmup_steps and train.steps."""
     weight_decay: float = 0.1
     """Decoupled (AdamW) decay of matrices; norms, biases and the memory banks are not decayed."""
@@ -49,16 +50,16 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(self.decay in ("cosine", "linear"), f"optim.decay must be cosine or linear, got {self.decay!r}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
-        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must lie between 0 and optim.lr={self.lr}")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require_choice("optim.decay", self.decay, Decay)
+        require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
+        require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     """Optimizer steps of the run."""
@@ -68,7 +69,7 @@ class TrainConfig:
     """Rows per forward/backward on one rank; global_batch / (micro_batch * dp) micro-batches accumulate."""
     seed: int = 0
     """Initialisation seed (weights are the same at any TP/PP degree)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """fp32, bf16, or auto: bf16 on GPU, fp32 on CPU."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
@@ -82,36 +83,34 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):
-            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
-        _require(self.precision in ("auto", "fp32", "bf16"),
-                 f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        _require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
+            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        require_choice("train.precision", self.precision, Precision)
+        require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
 
     def grad_accum(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         steps, rest = divmod(self.global_batch, self.micro_batch * dp)
-        _require(rest == 0 and steps > 0,
+        require(rest == 0 and steps > 0,
                  f"train.global_batch={self.global_batch} must be a multiple of train.micro_batch * data-parallel "
                  f"size = {self.micro_batch} * {dp}: change global_batch or micro_batch, or the world size")
         return steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     run_dir: str = "runs/tiny"
     """Where the run writes: checkpoints/, wandb/, the resolved config."""
-    wandb: str = "offline"
+    wandb: WandbMode = "offline"
     """offline (default, no network), online, or disabled."""
     project: str = "lm2"
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.wandb in ("offline", "online", "disabled"),
-                 f"logging.wandb must be offline, online or disabled, got {self.wandb!r}")
+        require_choice("logging.wandb", self.wandb, WandbMode)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     """Save every this many steps (0: only at the end and on a signal)."""
@@ -122,6 +121,6 @@ class CheckpointConfig:
     one checkpoint folder (.../checkpoints/step_00000100)."""
 
     def __post_init__(self) -> None:
-        _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
-        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
-        _require(bool(self.resume), "checkpoint.resume must be none, auto or a checkpoint folder")
+        require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+        require(bool(self.resume), "checkpoint.resume must be none, auto or a checkpoint folder")

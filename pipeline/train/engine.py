@@ -12,9 +12,10 @@ from megatron.core import parallel_state
 from torch import nn
 
 from lm2.model.lm import LM2Model
+from lm2.pipeline.checkpoint.format import Layout
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.mpu import DeepSpeedMPU
+from lm2.pipeline.parallel.mpu import DeepSpeedMPU, tensor_parallel
 from lm2.pipeline.parallel.pipe import build_pipeline_model, model_name
 from lm2.pipeline.parallel.tp_shards import gather_named
 from lm2.pipeline.train.config import OptimConfig, TrainConfig
@@ -65,18 +66,21 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 @dataclass
 class Engine:
-    engine: deepspeed.DeepSpeedEngine
-    """A PipelineEngine when pipelined."""
+    deepspeed: deepspeed.DeepSpeedEngine
+    """DeepSpeed's engine (a PipelineEngine when pipelined): it owns the model, optimizer and LR schedule."""
     pipelined: bool
     grad_accum: int
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    layout: Layout
+    """The parallel layout and ZeRO stage, as checkpoints record it."""
 
 
 def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
-    dtype = params_dtype(run.train)
+    tp = tensor_parallel(params_dtype(run.train))
     if dims.pp_enabled:
-        model = build_pipeline_model(run.model, dims, run.train.seed, dtype, run.train.activation_checkpointing)
+        model = build_pipeline_model(run.model, dims, tp, run.train.seed, run.train.activation_checkpointing)
     else:
-        model = LM2Model(run.model, seed=run.train.seed, params_dtype=dtype)
+        model = LM2Model(run.model, tp, seed=run.train.seed)
         model.activation_checkpointing = run.train.activation_checkpointing
     optim = run.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
@@ -84,7 +88,8 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, run.train.steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config(run, dims), mpu=None if dims.pp_enabled else DeepSpeedMPU())
-    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp))
+    layout = Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, zero_stage=run.parallel.zero_stage)
+    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout)
 
 
 def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[str, torch.Tensor]:
@@ -92,11 +97,11 @@ def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[s
 
     Gathers ZeRO-3 partitions, TP shards (by partition_dim) and pipeline stages; a collective over the world.
     """
-    module = engine.engine.module
+    module = engine.deepspeed.module
     params = list(module.named_parameters())
     if engine.pipelined:
         params = [(model_name(name, num_layers), param) for name, param in params]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.engine.zero_optimization_stage() == 3):
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.deepspeed.zero_optimization_stage() == 3):
         state = gather_named(params, vocab_size)
     if engine.pipelined:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()

@@ -15,7 +15,10 @@ import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.accounting import forward_flops_per_token
-from lm2.pipeline import checkpoint, universal
+from lm2.pipeline.checkpoint import universal
+from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
+from lm2.pipeline.checkpoint.resume import find_resume, load, resume_route
+from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -23,8 +26,9 @@ from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
 from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine
+from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
-from lm2.pipeline.train.step import MicroBatches, eval_loss, memory_gate_means, train_step
+from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
 
 
 def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,11 +78,12 @@ class Trainer:
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
         self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
         self.engine: Engine = build_engine(run, self.dims)
-        self.device = self.engine.engine.device
-        self.checkpoints = checkpoint.checkpoint_root(run)
+        self.device = self.engine.deepspeed.device
+        self.gates = GateMonitor(self.engine.deepspeed.module, run.model.num_layers, self.device)
+        self.checkpoints = checkpoint_root(run)
         self.step = 0
         self.wandb_id: str | None = None
-        self.resumed_from = checkpoint.find_resume(self.checkpoints, run.checkpoint.resume)
+        self.resumed_from = find_resume(self.checkpoints, run.checkpoint.resume)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
         if self.rank == 0:
@@ -89,18 +94,13 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.run.train.global_batch * self.run.model.row_length
 
-    @property
-    def topology(self) -> dict[str, int]:
-        return {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp, "world_size": self.dims.world_size,
-                "zero_stage": self.run.parallel.zero_stage}
-
     def _resume(self, folder: Path) -> None:
-        route = checkpoint.check_resumable(checkpoint.read_manifest(folder), self.run, self.topology, folder)
+        route = resume_route(read_manifest(folder), self.run.model, self.engine.layout, folder)
         if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
             tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
             state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
         else:
-            state = checkpoint.load(self.engine.engine, folder)
+            state = load(self.engine.deepspeed, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
@@ -110,14 +110,13 @@ class Trainer:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
         state = {"step": self.step, "samples": samples, "tokens": tokens, "data": self.train_loader.state_dict(),
                  "wandb_id": self.wandb_id, "world_size": self.dims.world_size, "config": self.run.to_dict(),
-                 "code_version": checkpoint.code_version()}
-        extra = {"topology": self.topology, "config": self.run.to_dict(), "samples": samples, "tokens": tokens,
-                 "code_version": state["code_version"], "wandb_id": self.wandb_id}
+                 "code_version": code_version()}
+        manifest = Manifest(step=self.step, layout=self.engine.layout, config=self.run.to_dict(), samples=samples,
+                            tokens=tokens, code_version=state["code_version"], wandb_id=self.wandb_id)
         client_state = {"lm2": state}
-        if self.run.parallel.zero_stage in (1, 2):  # what a resume at another layout needs (universal.py)
+        if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
-        return checkpoint.save(self.engine.engine, self.checkpoints, self.step, client_state, extra,
-                               self.run.checkpoint.keep)
+        return save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
@@ -140,32 +139,42 @@ class Trainer:
         stream = micro_batch_stream(self.train_loader, self.device)
         try:
             while self.step < run.train.steps:
-                loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
+                log_due = self._log_due(self.step + 1)
+                with self.gates.recording(enabled=log_due):
+                    loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
                 throughput.add(self.tokens_per_step)
-                self._log(logger, throughput, loss, grad_norm)
+                metrics = self._train_metrics(throughput, loss, grad_norm) if log_due else {}
+                if run.train.eval_every and self.step % run.train.eval_every == 0:
+                    metrics["val_loss"] = self.validate()
+                if metrics:
+                    logger.log(self.step, metrics)
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
                     self.save_checkpoint()
                 if stop:
-                    # Every rank leaves only when all are done, wandb included: srun stops a job's other ranks as
-                    # soon as one exits with a non-zero code.
+                    # Every rank leaves only when all are done, wandb included: launchers stop the other ranks of
+                    # a job once one exits with a non-zero code.
                     logger.finish()
                     dist.barrier()
                     raise RequeueExit()
         finally:
             logger.finish()
 
-    def _log(self, logger: MetricsLogger, throughput: Throughput, loss: torch.Tensor, grad_norm) -> None:
+    def _log_due(self, step: int) -> bool:
+        return step % self.run.train.log_every == 0 or step == self.run.train.steps
+
+    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm) -> dict:
+        """The log step's training metrics. Loss, grad norm and gate means reach the host in one transfer (the
+        one host sync of a log step), before the throughput clock is read."""
+        gates = self.gates.means()  # a collective: every rank logs the same steps
+        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
+        values = torch.cat([loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device),
+                            gates.flatten()]).tolist()
         run = self.run
-        metrics = {}
-        if self.step % run.train.log_every == 0 or self.step == run.train.steps:
-            metrics = {"loss": loss.item(), "lr": self.engine.engine.get_lr()[0],
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
-                       **throughput.report(), **gate_metrics(memory_gate_means(self.engine, run.model.num_layers))}
-        if run.train.eval_every and self.step % run.train.eval_every == 0:
-            metrics["val_loss"] = self.validate()
-        if metrics:
-            logger.log(self.step, metrics)
+        return {"loss": values[0], "lr": self.engine.deepspeed.get_lr()[0],
+                "grad_norm": values[1] if grad_norm is not None else None,
+                "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
+                **throughput.report(),
+                **gate_metrics([values[2 + 3 * i:5 + 3 * i] for i in range(run.model.num_layers)])}

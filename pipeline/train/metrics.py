@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lm2.pipeline.config import RunConfig
+from lm2.pipeline.train.gates import GATES
 
 
 @dataclass
@@ -58,11 +57,11 @@ def _console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def gate_metrics(gates: torch.Tensor) -> dict[str, float]:
-    """[num_layers, 3] -> {"gates/layer_03/g_in": ...}; layers without memory are left out."""
+def gate_metrics(gates: list[list[float]]) -> dict[str, float]:
+    """num_layers rows of (g_in, g_forget, g_out) -> {"gates/layer_03/g_in": ...}; NaN (no memory) is left out."""
     out = {}
-    for layer, row in enumerate(gates.tolist()):
-        for name, value in zip(("g_in", "g_forget", "g_out"), row):
+    for layer, row in enumerate(gates):
+        for name, value in zip(GATES, row):
             if not math.isnan(value):
                 out[f"gates/layer_{layer:02d}/{name}"] = value
     return out

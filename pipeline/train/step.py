@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lm2.model.block import DecoderBlock
 from lm2.model.lm import mean_loss
 from lm2.pipeline.train.engine import Engine
 
@@ -36,7 +35,7 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
 
     Raises NonFiniteLossError (on every rank alike: the loss is reduced over data-parallel ranks first).
     """
-    ds = engine.engine
+    ds = engine.deepspeed
     if engine.pipelined:
         loss = ds.train_batch(data_iter=iter(micro_batches)).detach().float()  # DP-mean, on every stage
     else:
@@ -58,7 +57,7 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
 @torch.no_grad()
 def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
     """Mean loss over this rank's micro-batches, averaged over data-parallel ranks."""
-    ds = engine.engine
+    ds = engine.deepspeed
     if engine.pipelined:
         return ds.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches)).detach().float()
     was_training = ds.module.training
@@ -69,17 +68,3 @@ def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
     ds.module.train(was_training)
     return _dp_mean(total / len(micro_batches))
 
-
-def memory_gate_means(engine: Engine, num_layers: int) -> torch.Tensor:
-    """Per layer (g_in, g_forget, g_out) means of the last forward, averaged over every rank holding the layer
-    (TP ranks hold different heads, DP ranks different rows). [num_layers, 3]; NaN for layers without memory.
-    A collective over the whole world: each pipeline stage contributes its own layers."""
-    sums = torch.zeros(num_layers, 3, dtype=torch.float64)
-    counts = torch.zeros(num_layers, 1, dtype=torch.float64)
-    for module in engine.engine.module.modules():
-        if isinstance(module, DecoderBlock) and module.memory is not None:
-            sums[module.layer_index] = module.memory.gate_means().double().cpu()
-            counts[module.layer_index] = 1
-    both = torch.cat([sums, counts], dim=1).to(engine.engine.device)
-    dist.all_reduce(both)
-    return (both[:, :3] / both[:, 3:]).float().cpu()  # 0/0 = NaN where no rank holds a memory layer

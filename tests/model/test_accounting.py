@@ -10,6 +10,7 @@ from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.model.config import MemoryConfig
 from lm2.model.lm import LM2Model
 from lm2.pipeline.config import load_config
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
@@ -20,7 +21,7 @@ CONFIGS = sorted(Path("configs").glob("*.yaml"))
     tiny_config(memory=MemoryConfig(slots=10, dim=32, heads=4, layers=[1])),
 ], ids=["lm2", "vanilla", "tied", "memory-subset"])
 def test_parameter_count_matches_built_model(single_process, cfg):
-    model = LM2Model(cfg)
+    model = LM2Model(cfg, tensor_parallel())
     counts = parameter_counts(cfg, vocab_size=model.padded_vocab_size)
     assert counts.total == sum(p.numel() for p in model.parameters())
     memory = sum(p.numel() for n, p in model.named_parameters() if ".memory." in n)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lm2.model.config import LM2ConfigError, MemoryConfig
+from lm2.model.config import MemoryConfig
+from lm2.model.errors import ConfigError
 from lm2.pipeline.config import load_config
 from tests.model.tiny import tiny_config
 
@@ -18,7 +19,7 @@ from tests.model.tiny import tiny_config
     (dict(hidden_size=20, num_heads=4, num_kv_heads=2), "head dim hidden_size/num_heads=5 must be even for RoPE"),
 ])
 def test_model_config_errors_name_the_field(overrides, message):
-    with pytest.raises(LM2ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides)
 
 
@@ -28,7 +29,7 @@ def test_model_config_errors_name_the_field(overrides, message):
     (dict(dim=30, heads=4), "memory.dim=30 must be divisible by memory.heads=4"),
 ])
 def test_memory_config_errors(kwargs, message):
-    with pytest.raises(LM2ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         MemoryConfig(**kwargs)
 
 
@@ -41,13 +42,13 @@ def test_vanilla_does_not_need_whole_segments():
     (3, "num_kv_heads=2 must be divisible by the tensor-parallel size 3"),
 ])
 def test_tp_errors(tp, message):
-    with pytest.raises(LM2ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         tiny_config().validate_for_tp(tp)
 
 
 def test_memory_heads_must_split_over_tp():
     cfg = tiny_config(num_heads=4, num_kv_heads=4, memory=MemoryConfig(heads=2))
-    with pytest.raises(LM2ConfigError, match="memory.heads=2 must be divisible by the tensor-parallel size 4"):
+    with pytest.raises(ConfigError, match="memory.heads=2 must be divisible by the tensor-parallel size 4"):
         cfg.validate_for_tp(4)
 
 
@@ -63,16 +64,18 @@ def test_padded_vocab_is_a_multiple_of_tp_times_128():
     (None, ["model.memory.slotz=3"], "unknown key.s. slotz in model.memory"),
     (None, ["model.memory.enabled=1"], "model.memory.enabled must be true or false"),
     (None, ["model.hidden_size"], "must look like section.key=value"),
+    (None, ["optim.decay=cosin"], "optim.decay must be cosine or linear, got 'cosin'"),
+    (None, ["parallel.zero_stage=true"], "parallel.zero_stage must be 0, 1, 2 or 3, got True"),
 ])
 def test_load_config_errors(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
     path.write_text(text if text is not None else open("configs/tiny.yaml").read())
-    with pytest.raises(LM2ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_config(path, overrides)
 
 
 def test_missing_config_file_names_it(tmp_path):
-    with pytest.raises(LM2ConfigError, match="nope.yaml does not exist"):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from lm2.model.lm import LM2Model, token_losses
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
 
 
 def build(cfg, seed=0):
-    return LM2Model(cfg, seed=seed)
+    return LM2Model(cfg, tensor_parallel(), seed=seed)
 
 
 def tokens(cfg, batch=2, seed=1):
@@ -34,8 +35,7 @@ def test_perturbing_token_j_leaves_earlier_logits_bit_identical(single_process, 
 def test_information_crosses_segments_only_through_memory(single_process, memory_layers, reaches):
     """Perturbing segment 0 changes segment 2 when some block carries memory; with no bank, segments are
     independent (attention stays inside its segment)."""
-    cfg = tiny_config()
-    cfg.memory.layers = memory_layers
+    cfg = tiny_config(memory_fields=dict(layers=memory_layers))
     model = build(cfg).eval()
     x = tokens(cfg)
     y = x.clone()
@@ -59,8 +59,7 @@ def reference_loop(model, x):
 
 @pytest.mark.parametrize("bptt", [1, 2, 4])
 def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
-    cfg = tiny_config()
-    cfg.memory.bptt_segments = bptt
+    cfg = tiny_config(memory_fields=dict(bptt_segments=bptt))
     model = build(cfg)
     x = tokens(cfg)
     labels = torch.roll(x, -1, dims=1)
@@ -90,8 +89,7 @@ def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
 def test_truncated_bptt_limits_how_far_back_gradients_go(single_process, bptt, loss_segment, reached):
     """Which segments' inputs get gradient from the loss of one segment. It always reaches the segment before
     (that segment's write fed it) and never a later one; further back only until the chain was cut."""
-    cfg = tiny_config()
-    cfg.memory.bptt_segments = bptt
+    cfg = tiny_config(memory_fields=dict(bptt_segments=bptt))
     block = build(cfg).layers[0]
     h = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
     seg = cfg.segment_length
@@ -115,8 +113,7 @@ def test_memory_is_reset_at_every_row(single_process):
 
 @pytest.mark.parametrize("slots,dim", [(6, None), (80, None), (16, 32)])
 def test_bank_starts_at_identity_and_forget_bias_at_plus_one(single_process, slots, dim):
-    cfg = tiny_config()
-    cfg.memory.slots, cfg.memory.dim = slots, dim
+    cfg = tiny_config(memory_fields=dict(slots=slots, dim=dim))
     model = build(cfg)
     d_m = cfg.memory_dim
     expected = torch.zeros(slots, d_m)
@@ -128,8 +125,7 @@ def test_bank_starts_at_identity_and_forget_bias_at_plus_one(single_process, slo
 
 
 def test_memory_layers_subset_and_vanilla_have_no_memory_parameters(single_process):
-    cfg = tiny_config()
-    cfg.memory.layers = [1]
+    cfg = tiny_config(memory_fields=dict(layers=[1]))
     model = build(cfg)
     assert model.layers[0].memory is None and model.layers[1].memory is not None
     vanilla = build(tiny_config(with_memory=False))

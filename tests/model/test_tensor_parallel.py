@@ -5,8 +5,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from lm2.model.errors import ConfigError
 from lm2.model.lm import LM2Model, token_losses
 from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import gather_full_grads, gather_full_state, load_full_state
 from tests.distributed import run_distributed
 from tests.model.tiny import tiny_config
@@ -35,13 +37,13 @@ def _tp2_matches_tp1(cases):
         x = torch.randint(0, cfg.vocab_size, (2, cfg.row_length), generator=torch.Generator().manual_seed(5))
 
         init_distributed(tp=1)  # both ranks compute the TP=1 reference (as two data-parallel replicas)
-        reference = LM2Model(cfg, seed=0)
+        reference = LM2Model(cfg, tensor_parallel(), seed=0)
         weights = gather_full_state(reference)
         ref_logits, ref_loss, ref_grads = _run(reference, x)
         parallel_state.destroy_model_parallel()
 
         init_distributed(tp=2)
-        model = LM2Model(cfg, seed=1)  # different init: the weights must come from load_full_state
+        model = LM2Model(cfg, tensor_parallel(), seed=1)  # different init: the weights must come from load_full_state
         assert model.layers[0].self_attn.local_heads == cfg.num_heads // 2
         load_full_state(model, weights)
         torch.testing.assert_close(gather_full_state(model), weights, rtol=0, atol=0)
@@ -67,7 +69,7 @@ def _tp2_initialises_the_tp1_weights(vocab_size):
     for tp in (1, 2):
         init_distributed(tp=tp)
         torch.manual_seed(tp)  # the global RNG plays no part
-        weights[tp] = gather_full_state(LM2Model(cfg, seed=7))
+        weights[tp] = gather_full_state(LM2Model(cfg, tensor_parallel(), seed=7))
         parallel_state.destroy_model_parallel()
     torch.testing.assert_close(weights[2], weights[1], rtol=0, atol=0)
 
@@ -78,8 +80,8 @@ def test_tp2_initialises_exactly_the_tp1_weights():
 
 def _bad_tp(cfg_kwargs, match):
     init_distributed(tp=2)
-    with pytest.raises(ValueError, match=match):
-        LM2Model(tiny_config(**cfg_kwargs))
+    with pytest.raises(ConfigError, match=match):
+        LM2Model(tiny_config(**cfg_kwargs), tensor_parallel())
 
 
 def test_model_refuses_heads_that_do_not_split_over_tp():

@@ -8,31 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from lm2.pipeline import checkpoint
+from lm2.model.errors import CheckpointError
+from lm2.pipeline.checkpoint.format import MANIFEST, Layout, Manifest, shared_hashes, tag_for, write_manifest
+from lm2.pipeline.checkpoint.resume import find_resume, resume_route
+from lm2.pipeline.checkpoint.save import prune
 from lm2.pipeline.config import load_config
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
-TOPOLOGY = {"tp": 1, "pp": 1, "dp": 2, "world_size": 2, "zero_stage": 1}
+LAYOUT = Layout(tp=1, pp=1, dp=2, zero_stage=1)
 
 
-def manifest_for(run, **topology):
-    return {"config": run.to_dict(), "topology": {**TOPOLOGY, **topology}}
+def manifest_for(run, **layout):
+    return Manifest(step=1, layout=dataclasses.replace(LAYOUT, **layout), config=run.to_dict())
 
 
 def test_resume_refuses_another_model_shape_naming_the_field():
     saved, current = load_config(CONFIG), load_config(CONFIG, ["model.memory.slots=12"])
-    with pytest.raises(checkpoint.CheckpointError, match=r"model.memory.slots=6 but the config says 12"):
-        checkpoint.check_resumable(manifest_for(saved), current, TOPOLOGY, Path("ckpt"))
+    with pytest.raises(CheckpointError, match=r"model.memory.slots=6 but the config says 12"):
+        resume_route(manifest_for(saved), current.model, LAYOUT, Path("ckpt"))
 
 
 @pytest.mark.parametrize("old,route", [
     ({}, "native"),
-    ({"dp": 1, "world_size": 1}, "universal"),
+    ({"dp": 1}, "universal"),
     ({"tp": 2, "zero_stage": 2}, "universal"),
 ])
 def test_resume_route_follows_the_layout(old, route):
     run = load_config(CONFIG)
-    assert checkpoint.check_resumable(manifest_for(run, **old), run, TOPOLOGY, Path("ckpt")) == route
+    assert resume_route(manifest_for(run, **old), run.model, LAYOUT, Path("ckpt")) == route
 
 
 @pytest.mark.parametrize("old,new", [
@@ -41,22 +44,21 @@ def test_resume_route_follows_the_layout(old, route):
 ])
 def test_resume_refuses_layout_changes_it_cannot_do(old, new):
     run = load_config(CONFIG)
-    with pytest.raises(checkpoint.CheckpointError, match="a layout can change on resume only between ZeRO stages"):
-        checkpoint.check_resumable(manifest_for(run, **old), run, {**TOPOLOGY, **new}, Path("ckpt"))
+    with pytest.raises(CheckpointError, match="a layout can change on resume only between ZeRO stages"):
+        resume_route(manifest_for(run, **old), run.model, dataclasses.replace(LAYOUT, **new), Path("ckpt"))
 
 
 def _save_two(root):
-    """Two complete fake checkpoints written through checkpoint.save's manifest code path."""
+    """Two complete fake checkpoints written through save()'s manifest code path."""
     import torch
 
+    run = load_config(CONFIG)
     for step in (1, 2):
-        folder = root / checkpoint.tag_for(step)
+        folder = root / tag_for(step)
         folder.mkdir(parents=True)
         torch.save({"w": torch.full((4,), float(step))}, folder / "mp_rank_00_model_states.pt")
-        files = {"mp_rank_00_model_states.pt": None}
-        table = checkpoint._shared_hashes(folder, sorted(files))
-        checkpoint._write_atomic(folder / checkpoint.MANIFEST,
-                                 __import__("json").dumps({"format": checkpoint.FORMAT, "step": step, "files": table}))
+        table = shared_hashes(folder, ["mp_rank_00_model_states.pt"])
+        write_manifest(folder, dataclasses.replace(manifest_for(run), step=step, files=table))
 
 
 def test_auto_resume_skips_a_corrupt_or_incomplete_newest_checkpoint(single_process, tmp_path):
@@ -66,22 +68,22 @@ def test_auto_resume_skips_a_corrupt_or_incomplete_newest_checkpoint(single_proc
     data[-5] ^= 0xFF  # same size, one byte flipped
     newest.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000002.*does not match its checksum"):
-        assert checkpoint.find_resume(tmp_path, "auto") == tmp_path / "step_00000001"
+        assert find_resume(tmp_path, "auto") == tmp_path / "step_00000001"
     (tmp_path / "step_00000003").mkdir()  # a save that never finished: no manifest
     with pytest.warns(UserWarning, match="step_00000003.*incomplete"):
-        assert checkpoint.find_resume(tmp_path, "auto") == tmp_path / "step_00000001"
-    with pytest.raises(checkpoint.CheckpointError, match="does not match its checksum"):
-        checkpoint.find_resume(tmp_path, str(tmp_path / "step_00000002"))
-    assert checkpoint.find_resume(tmp_path / "nothing", "auto") is None
+        assert find_resume(tmp_path, "auto") == tmp_path / "step_00000001"
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        find_resume(tmp_path, str(tmp_path / "step_00000002"))
+    assert find_resume(tmp_path / "nothing", "auto") is None
 
 
 def test_prune_keeps_the_newest_complete_ones(tmp_path):
     for step in (1, 2, 3, 4):
-        folder = tmp_path / checkpoint.tag_for(step)
+        folder = tmp_path / tag_for(step)
         folder.mkdir()
         if step != 2:
-            (folder / checkpoint.MANIFEST).write_text("{}")
-    checkpoint.prune(tmp_path, keep=2)
+            (folder / MANIFEST).write_text("{}")
+    prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
 

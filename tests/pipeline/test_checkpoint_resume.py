@@ -13,7 +13,8 @@ import psutil
 import pytest
 import torch
 
-from lm2.pipeline.checkpoint import MANIFEST, inspect
+from lm2.pipeline.checkpoint.format import MANIFEST
+from lm2.pipeline.checkpoint.resume import inspect
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE
 from tests.distributed import free_port
 

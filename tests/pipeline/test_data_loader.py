@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, read_metadata
 from tests.distributed import run_distributed

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lm2.pipeline.data import DataError
+from lm2.model.errors import DataError
 from lm2.pipeline.data.sources import find_input_files, read_all
-from lm2.pipeline.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from lm2.pipeline.data.tokenizer import Tokenizer, train_tokenizer
+from lm2.pipeline.files import sha256_file
 from tests.pipeline.data_fixtures import CORPUS
 
 
@@ -54,4 +55,4 @@ def test_embedded_corpus_matches_its_sources_md():
     assert sorted(table) == files and sum(p.stat().st_size for p in CORPUS.glob("*.gz")) < 2_000_000
     for name, digest in table.items():
         assert hashlib.sha256(gzip.decompress((CORPUS / name).read_bytes())).hexdigest() == digest
-    assert file_sha256(CORPUS / "SOURCES.md")  # readable
+    assert sha256_file(CORPUS / "SOURCES.md")  # readable

@@ -179,9 +179,10 @@ def test_exported_tokenizer_gives_sentencepiece_ids(checkpoints, train_data, tmp
 def test_name_table_splits_match_the_model_tensor_parallel_attributes(single_process):
     from lm2.model.lm import LM2Model
     from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.mpu import tensor_parallel
 
     cfg = load_config(CONFIG, ["model.tie_embeddings=false", "model.memory.layers=[1, 3]"]).model
-    model = LM2Model(cfg)
+    model = LM2Model(cfg, tensor_parallel())
     actual = {name: (param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
               for name, param in model.named_parameters()}
     assert parameter_splits(cfg) == actual

@@ -92,11 +92,12 @@ def fresh_memory(overrides: list[str]) -> dict[str, torch.Tensor]:
     from lm2.pipeline.config import load_config
     from lm2.pipeline.export.names import to_hf
     from lm2.pipeline.export.verify import world_of_one
+    from lm2.pipeline.parallel.mpu import tensor_parallel
     from lm2.pipeline.parallel.tp_shards import gather_full_state
 
     run = load_config(CONFIG, [o for o in overrides if not o.startswith("parallel.")])
     with world_of_one():
-        state = gather_full_state(LM2Model(run.model, seed=run.train.seed))
+        state = gather_full_state(LM2Model(run.model, tensor_parallel(), seed=run.train.seed))
     return {name: tensor for name, tensor in to_hf(state).items() if ".memory." in name}
 
 

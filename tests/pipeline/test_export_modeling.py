@@ -7,6 +7,7 @@ import torch
 from lm2.model.config import MemoryConfig, ModelConfig
 from lm2.model.lm import LM2Model
 from lm2.pipeline.export.hf_folder import hf_model
+from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import gather_full_state
 
 SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
@@ -17,7 +18,7 @@ def lm2_model(tie: bool, memory_layers=None) -> LM2Model:
     cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=80,
                       row_length=24, segment_length=6, rope_theta=10000.0, tie_embeddings=tie,
                       memory=MemoryConfig(slots=5, dim=32, heads=2, layers=memory_layers))
-    model = LM2Model(cfg, seed=3).eval()
+    model = LM2Model(cfg, tensor_parallel(), seed=3).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(7)
         for param in model.parameters():

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lm2.pipeline.checkpoint import inspect
+from lm2.pipeline.checkpoint.resume import inspect
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lm2.model.config import LM2ConfigError
+from lm2.model.errors import ConfigError
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.train.engine import ds_config, lr_factor, param_groups
@@ -30,8 +30,9 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 def test_weight_decay_spares_norms_biases_and_memory_banks(single_process):
     from lm2.model.lm import LM2Model
+    from lm2.pipeline.parallel.mpu import tensor_parallel
 
-    model = LM2Model(load_config(CONFIG).model)
+    model = LM2Model(load_config(CONFIG).model, tensor_parallel())
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     spared = sorted({names[id(p)].split(".")[-1] for p in no_decay["params"]})
@@ -46,12 +47,12 @@ def test_batch_arithmetic_and_its_errors():
     run = load_config(CONFIG, ["train.global_batch=16", "train.micro_batch=2"])
     config = ds_config(run, ParallelDims(world_size=8, tp=2, pp=1))
     assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (16, 2)
-    with pytest.raises(LM2ConfigError, match="global_batch=16 must be a multiple of train.micro_batch .* = 2 . 3"):
+    with pytest.raises(ConfigError, match="global_batch=16 must be a multiple of train.micro_batch .* = 2 . 3"):
         ds_config(run, ParallelDims(world_size=3))
 
 
 def test_zero_2_with_pipeline_is_a_config_error_that_says_why():
-    with pytest.raises(LM2ConfigError, match="pipeline engine supports ZeRO 0-1 only"):
+    with pytest.raises(ConfigError, match="pipeline engine supports ZeRO 0-1 only"):
         load_config(CONFIG, ["parallel.pp=2", "parallel.zero_stage=2"])
 
 

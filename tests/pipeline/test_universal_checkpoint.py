@@ -1,5 +1,5 @@
 """Universal checkpoints resume ZeRO training at another data-parallel size (and TP / PP degree): train 3 steps,
-save, convert with lm2.pipeline.universal, resume at the new layout for 3 more steps; the losses and final weights
+save, convert with lm2.pipeline.checkpoint.universal, resume at the new layout for 3 more steps; the losses and final weights
 match an uninterrupted single-process run, and the weights right after loading are exactly those saved."""
 
 from pathlib import Path
@@ -12,8 +12,8 @@ from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import build_engine, full_model_state
 from lm2.pipeline.train.step import train_step
-from lm2.pipeline.universal import (
-    UniversalCheckpointError,
+from lm2.model.errors import CheckpointError
+from lm2.pipeline.checkpoint.universal import (
     convert_to_universal,
     convert_to_universal_on_rank0,
     load_universal,
@@ -28,12 +28,12 @@ SAVE_AT = 3
 def _snapshot(engine, cfg) -> dict:
     """Collective: the full weights, DeepSpeed's step counter and the learning rates."""
     return {"state": full_model_state(engine, cfg.model.vocab_size, cfg.model.num_layers),
-            "global_steps": engine.engine.global_steps, "lr": engine.engine.get_lr()}
+            "global_steps": engine.deepspeed.global_steps, "lr": engine.deepspeed.get_lr()}
 
 
 def _save(engine, cfg, checkpoint_dir: str, tag: str) -> None:
     info = universal_checkpoint_info(engine, cfg.model)
-    engine.engine.save_checkpoint(checkpoint_dir, tag, client_state={"universal_checkpoint_info": info})
+    engine.deepspeed.save_checkpoint(checkpoint_dir, tag, client_state={"universal_checkpoint_info": info})
 
 
 def _train(engine, cfg, first: int, last: int) -> list[float]:
@@ -50,7 +50,7 @@ def _run(overrides: list[str], checkpoint_dir: str, load_tag: str | None, save_t
         load_universal(engine, checkpoint_dir, load_tag)
         result["loaded"] = _snapshot(engine, cfg)
     if save_tag is not None:
-        result["losses"] = _train(engine, cfg, engine.engine.global_steps, SAVE_AT)
+        result["losses"] = _train(engine, cfg, engine.deepspeed.global_steps, SAVE_AT)
         _save(engine, cfg, checkpoint_dir, save_tag)
         result["converted"] = convert_to_universal_on_rank0(checkpoint_dir, save_tag)
         result["saved"] = _snapshot(engine, cfg)
@@ -67,11 +67,11 @@ def _single_process(checkpoint_dir: str, load_tag: str, save_tag: str, out: str)
     dims = init_distributed()
     reference_cfg = load_config(CONFIG, ["parallel.zero_stage=0"])
     reference = build_engine(reference_cfg, dims)
-    with pytest.raises(UniversalCheckpointError, match="ZeRO stage 1 and 2"):
+    with pytest.raises(CheckpointError, match="ZeRO stage 1 and 2"):
         universal_checkpoint_info(reference, reference_cfg.model)
     reference_losses = _train(reference, reference_cfg, 0, reference_cfg.train.steps)
-    reference.engine.save_checkpoint(checkpoint_dir, "no-info")  # saved without universal_checkpoint_info
-    with pytest.raises(UniversalCheckpointError, match="no universal_checkpoint_info"):
+    reference.deepspeed.save_checkpoint(checkpoint_dir, "no-info")  # saved without universal_checkpoint_info
+    with pytest.raises(CheckpointError, match="no universal_checkpoint_info"):
         convert_to_universal(checkpoint_dir, "no-info")
     result = {"reference": {"losses": reference_losses, **_snapshot(reference, reference_cfg)}}
 

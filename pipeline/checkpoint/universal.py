@@ -5,11 +5,11 @@ stores every parameter whole (fp32 master weight, Adam's exp_avg and exp_avg_sq,
 slice its own partition out of it. The protocol:
 
 1. Save (every rank, in the training job): put ``universal_checkpoint_info(engine, model_cfg)`` into the client
-   state, ``engine.engine.save_checkpoint(dir, tag, client_state={"universal_checkpoint_info": info, ...})``.
+   state, ``engine.deepspeed.save_checkpoint(dir, tag, client_state={"universal_checkpoint_info": info, ...})``.
    A collective over the pipeline group (every rank calls it); it describes how the parameters are sharded,
    derived from megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes, not from layer names.
 2. Convert (one process, CPU, no process group needed): ``convert_to_universal(dir, tag)`` ->
-   ``f"{tag}_universal"``, either before the resuming job starts (``python -m lm2.pipeline.universal dir tag``)
+   ``f"{tag}_universal"``, either before the resuming job starts (``python -m lm2.pipeline.checkpoint.universal dir tag``)
    or inside a job with ``convert_to_universal_on_rank0`` (global rank 0 converts, the others wait in a
    broadcast; mind the process-group timeout for big checkpoints). Written into a temp folder and renamed
    when complete. The universal folder names parameters as LM2Model does, whatever layout wrote it.
@@ -48,18 +48,16 @@ from deepspeed.checkpoint.constants import (
 )
 from megatron.core import parallel_state
 
-from lm2.model.config import LM2ConfigError, ModelConfig
+from lm2.model.config import ModelConfig
+from lm2.model.errors import CheckpointError
+from lm2.pipeline.checkpoint.format import UNIVERSAL_SUFFIX, Layout, supports_reshard
+from lm2.pipeline.files import write_atomic
 from lm2.pipeline.parallel.pipe import model_name
 from lm2.pipeline.parallel.tp_shards import VOCAB_PARAMETERS
 
 LAYOUT_KEY = "lm2_layout"
-"""Our own entry in the universal checkpoint info: the layout the checkpoint was written at."""
-
-UNIVERSAL_SUFFIX = "_universal"
-
-
-class UniversalCheckpointError(LM2ConfigError):
-    """A checkpoint cannot be converted to, or loaded from, the universal format."""
+"""Our own entry in the universal checkpoint info: the layout the checkpoint was written at (Layout's fields,
+plus whether it was pipelined and the layer count, which map pipeline names back to LM2Model's)."""
 
 
 def _pattern(name: str) -> str:
@@ -73,28 +71,27 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
     engine: lm2's ``Engine`` (from build_engine). A collective over the pipeline-parallel group: the patterns
     cover the whole model, every stage's parameters, because the converter reads them from one file.
 
-    Per parameter (names as ``engine.engine.module.named_parameters()`` gives them, pipeline names when
+    Per parameter (names as ``engine.deepspeed.module.named_parameters()`` gives them, pipeline names when
     pipelined): not TP-sharded -> TP-replicated; sharded along dim 1 -> row-parallel (the converter concatenates
     TP slices on dim 1, default is dim 0); the embedding / output layer -> vocabulary (padding stripped on
     conversion, re-padded for the target TP degree on load); tied weights of a pipeline -> pipeline-replicated.
     """
-    ds = engine.engine
-    if ds.zero_optimization_stage() not in (1, 2):
-        raise UniversalCheckpointError(
+    ds, layout = engine.deepspeed, engine.layout
+    if not layout.reshardable:
+        raise CheckpointError(
             f"universal checkpoints are supported for ZeRO stage 1 and 2 only, this engine runs stage "
-            f"{ds.zero_optimization_stage()}")
+            f"{layout.zero_stage}")
     described = []
     for name, param in ds.module.named_parameters():
         sharded = bool(getattr(param, "tensor_model_parallel", False))
         dim = getattr(param, "partition_dim", None) if sharded else None
         if sharded and (dim not in (0, 1) or getattr(param, "partition_stride", 1) != 1):
-            raise UniversalCheckpointError(
+            raise CheckpointError(
                 f"{name}: TP-sharded along dim {dim} with stride {getattr(param, 'partition_stride', 1)}; the "
                 "universal format handles contiguous shards along dim 0 or 1 only")
         described.append((name, sharded, dim))
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if engine.pipelined and pp > 1:
-        stages = [None] * pp
+    if engine.pipelined:
+        stages = [None] * layout.pp
         dist.all_gather_object(stages, described, group=parallel_state.get_pipeline_model_parallel_group())
         merged = {}
         for stage in stages:
@@ -114,7 +111,6 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
         if engine.pipelined and name.startswith("tied_modules."):
             pipeline_replicated.append(_pattern(name))
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     return {
         UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         TP_REPLICATED_PARAMETER_PATTERNS: replicated,
@@ -122,15 +118,9 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
         VOCABULARY_PARAMETER_PATTERNS: vocabulary,
         PIPELINE_REPLICATED_PARAMETER_PATTERNS: pipeline_replicated,
         ORIGINAL_VOCAB_SIZE: model_cfg.vocab_size,
-        PADDED_VOCAB_SIZE: model_cfg.padded_vocab_size(tp),
-        LAYOUT_KEY: {
-            "tp": tp,
-            "pp": pp,
-            "dp": parallel_state.get_data_parallel_world_size(),
-            "pipelined": engine.pipelined,
-            "zero_stage": ds.zero_optimization_stage(),
-            "num_layers": model_cfg.num_layers,
-        },
+        PADDED_VOCAB_SIZE: model_cfg.padded_vocab_size(layout.tp),
+        LAYOUT_KEY: {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "pipelined": engine.pipelined,
+                     "zero_stage": layout.zero_stage, "num_layers": model_cfg.num_layers},
     }
 
 
@@ -142,13 +132,13 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     """The universal checkpoint info saved in a (universal or not) checkpoint folder."""
     files = _model_state_files(Path(folder))
     if not files:
-        raise UniversalCheckpointError(f"{folder}: no mp_rank_*_model_states.pt, not a DeepSpeed checkpoint")
+        raise CheckpointError(f"{folder}: no mp_rank_*_model_states.pt, not a DeepSpeed checkpoint")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
     info = state.get(UNIVERSAL_CHECKPOINT_INFO)
     if info is None:
-        raise UniversalCheckpointError(
+        raise CheckpointError(
             f"{folder} has no {UNIVERSAL_CHECKPOINT_INFO} in its client state: it was saved without "
-            "lm2.pipeline.universal.universal_checkpoint_info and cannot be converted")
+            "lm2.pipeline.checkpoint.universal.universal_checkpoint_info and cannot be converted")
     return info
 
 
@@ -166,14 +156,16 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
     root = Path(checkpoint_dir)
     source = root / tag
     if not source.is_dir():
-        raise UniversalCheckpointError(f"no checkpoint {source}")
+        raise CheckpointError(f"no checkpoint {source}")
     new_tag = tag + UNIVERSAL_SUFFIX
     target = root / new_tag
     if not target.exists():
         info = read_info(source)
-        stage = info.get(LAYOUT_KEY, {}).get("zero_stage")
-        if stage not in (1, 2):
-            raise UniversalCheckpointError(f"{source}: ZeRO stage {stage}; only stage 1 and 2 are supported")
+        if LAYOUT_KEY not in info:
+            raise CheckpointError(f"{source}: its universal info has no lm2 layout: not written by lm2")
+        layout = Layout.from_dict(info[LAYOUT_KEY])
+        if not layout.reshardable:
+            raise CheckpointError(f"{source}: ZeRO stage {layout.zero_stage}; only stage 1 and 2 are supported")
         tmp = root / f".{new_tag}.tmp-{os.getpid()}"
         staging = root / f".{new_tag}.src-{os.getpid()}"
         for folder in (tmp, staging):
@@ -195,7 +187,7 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
                 _write_latest(root, previous_latest)
             else:
                 latest.unlink(missing_ok=True)
-            raise UniversalCheckpointError(
+            raise CheckpointError(
                 f"ds_to_universal failed on {source}: {exc!r}\n--- its output ---\n{log.getvalue()[-4000:]}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -238,9 +230,7 @@ def _stage_source(source: Path, staging: Path) -> None:
 
 def _write_latest(root: Path, tag: str) -> None:
     """ds_to_universal points latest_universal at its own (temp) output folder: point it at the final tag."""
-    tmp = root / ".latest_universal.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, root / "latest_universal")
+    write_atomic(root / "latest_universal", tag)
 
 
 def convert_to_universal_on_rank0(checkpoint_dir: str, tag: str) -> str:
@@ -255,34 +245,33 @@ def convert_to_universal_on_rank0(checkpoint_dir: str, tag: str) -> str:
     dist.broadcast_object_list(result, src=0)
     status, value = result[0]
     if status != "ok":
-        raise UniversalCheckpointError(f"conversion on rank 0 failed: {value}")
+        raise CheckpointError(f"conversion on rank 0 failed: {value}")
     return value
 
 
 def universal_names(engine, num_layers: int) -> dict[torch.nn.Parameter, str]:
     """This rank's parameters -> their folder in a universal checkpoint (LM2Model names at any layout)."""
-    named = engine.engine.module.named_parameters()
+    named = engine.deepspeed.module.named_parameters()
     if engine.pipelined:
         return {param: model_name(name, num_layers) for name, param in named}
     return {param: name for name, param in named}
 
 
 def check_loadable(engine, folder: Path, info: dict[str, Any]) -> dict[torch.nn.Parameter, str]:
-    """Refuses what the universal format cannot load into this engine (raises UniversalCheckpointError);
+    """Refuses what the universal format cannot load into this engine (raises CheckpointError);
     returns this rank's parameter -> universal name map."""
-    ds = engine.engine
-    if ds.zero_optimization_stage() not in (1, 2):
-        raise UniversalCheckpointError(
-            f"loading a universal checkpoint needs ZeRO stage 1 or 2, this engine runs stage "
-            f"{ds.zero_optimization_stage()}")
-    layout = info.get(LAYOUT_KEY)
-    if layout is None:
-        raise UniversalCheckpointError("the checkpoint's universal info has no lm2 layout: not written by lm2")
-    names = universal_names(engine, layout["num_layers"])
+    saved = info.get(LAYOUT_KEY)
+    if saved is None:
+        raise CheckpointError("the checkpoint's universal info has no lm2 layout: not written by lm2")
+    if not supports_reshard(Layout.from_dict(saved), engine.layout):
+        raise CheckpointError(
+            f"loading a universal checkpoint needs ZeRO stage 1 or 2 at both ends: it was written at ZeRO stage "
+            f"{saved['zero_stage']}, this engine runs stage {engine.layout.zero_stage}")
+    names = universal_names(engine, saved["num_layers"])
     zero = folder / "zero"
     missing = sorted(name for name in names.values() if not (zero / name / "fp32.pt").is_file())
     if missing:
-        raise UniversalCheckpointError(
+        raise CheckpointError(
             f"{folder} holds no state for {len(missing)} parameters of this model (e.g. {missing[:3]}): it was "
             "written for another model (layer count, tied embeddings, memory)")
     return names
@@ -312,20 +301,20 @@ def load_universal(engine, checkpoint_dir: str, tag: str, load_lr_scheduler_stat
     """
     folder = Path(checkpoint_dir) / tag
     if not (folder / "zero" / "optimizer_state.pt").is_file():
-        raise UniversalCheckpointError(f"{folder} is not a universal checkpoint (no zero/optimizer_state.pt): "
+        raise CheckpointError(f"{folder} is not a universal checkpoint (no zero/optimizer_state.pt): "
                                        "convert it with convert_to_universal first")
     names = check_loadable(engine, folder, read_info(folder))
-    ds = engine.engine
+    ds = engine.deepspeed
     with _universal_loading(ds, names):
         load_path, client_state = ds.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=load_lr_scheduler_states)
     if load_path is None:
-        raise UniversalCheckpointError(f"DeepSpeed loaded nothing from {folder}")
+        raise CheckpointError(f"DeepSpeed loaded nothing from {folder}")
     return load_path, client_state
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lm2.pipeline.universal <checkpoint_dir> <tag>``: converts before a job starts; prints the tag."""
+    """``python -m lm2.pipeline.checkpoint.universal <checkpoint_dir> <tag>``: converts before a job starts; prints the tag."""
     parser = argparse.ArgumentParser(description=convert_to_universal.__doc__.splitlines()[0])
     parser.add_argument("checkpoint_dir")
     parser.add_argument("tag")

@@ -1,0 +1,150 @@
+"""Resuming: find the newest complete checkpoint (verified against its manifest), decide how to load it at this
+run's layout, and load it natively (the same layout) into DeepSpeed's engine. Loading at another layout goes
+through universal.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lm2.model.config import ModelConfig
+from lm2.model.errors import CheckpointError
+from lm2.pipeline.checkpoint.format import (
+    LATEST,
+    MANIFEST,
+    Layout,
+    Manifest,
+    read_manifest,
+    rng_file,
+    shared_hashes,
+    step_folders,
+    supports_reshard,
+)
+
+ResumeRoute = Literal["native", "universal"]
+
+
+def _size_problems(folder: Path, manifest: Manifest) -> list[str]:
+    """Files of the manifest that are missing or have another size than it records (cheap: no hashing)."""
+    problems = []
+    for name, entry in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{folder} lacks {name} of its manifest")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+    return problems
+
+
+def verify(folder: Path) -> Manifest:
+    """The manifest of a complete checkpoint whose files all match it; raises CheckpointError otherwise.
+    A collective: the ranks share the hashing."""
+    manifest = read_manifest(folder)
+    problems = _size_problems(folder, manifest)
+    if problems:
+        raise CheckpointError(f"{problems[0]} ({len(problems)} file(s) missing or truncated)")
+    files = sorted(manifest.files)
+    actual = shared_hashes(folder, files)
+    corrupt = [name for name in files if actual[name]["sha256"] != manifest.files[name]["sha256"]]
+    if corrupt:
+        raise CheckpointError(f"{folder / corrupt[0]} does not match its checksum in the manifest: the file is corrupt")
+    return manifest
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: checkpoint.resume is none, auto or a folder. Auto skips, with a warning
+    naming it, every newer checkpoint that is incomplete or corrupt. A collective."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        folder = Path(resume)
+        verify(folder)
+        return folder
+    for folder in step_folders(root):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as error:
+            if dist.get_rank() == 0:
+                warnings.warn(f"skipping checkpoint {folder}: {error}", stacklevel=2)
+    return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_route(manifest: Manifest, model: ModelConfig, layout: Layout, folder: Path) -> ResumeRoute:
+    """How to resume at `layout`: "native" (DeepSpeed loads its own shards) or "universal" (convert, then
+    re-slice). Refuses a checkpoint of another model shape, naming the field, or a layout change it cannot do."""
+    saved = _flatten({"model": manifest.config["model"]})
+    current = _flatten({"model": dataclasses.asdict(model)})
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"{folder} was trained with {key}={saved.get(key)!r} but the config says {current.get(key)!r}: "
+                f"set {key}={saved.get(key)!r} to resume it, or start a new run_dir")
+    old = manifest.layout
+    if old == layout:
+        return "native"
+    if supports_reshard(old, layout):
+        return "universal"  # every parameter's optimizer state is re-sliced for the new layout
+    if old.zero_stage == layout.zero_stage == 0 and (old.tp, old.pp) == (layout.tp, layout.pp):
+        return "native"  # no ZeRO: every data-parallel rank holds the whole optimizer state
+    raise CheckpointError(
+        f"{folder} was written with {old.describe()}, this run has {layout.describe()}: a layout can change on "
+        "resume only between ZeRO stages 1 and 2 (through a universal checkpoint) or, without ZeRO, in the "
+        "data-parallel size; resume with the old layout")
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load(engine, folder: Path) -> dict[str, Any]:
+    """Loads weights, optimizer and LR scheduler into DeepSpeed's engine, written at this layout, and this rank's
+    RNG state (when the world size is the same); returns lm2's client state."""
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None:
+        raise CheckpointError(f"DeepSpeed could not load {folder}")
+    rng = rng_file(folder, dist.get_rank())
+    if rng.is_file() and client_state["lm2"]["world_size"] == dist.get_world_size():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client_state["lm2"]
+
+
+def inspect(root: Path) -> list[dict[str, Any]]:
+    """One row per checkpoint folder under root (or root itself if it is one): step, completeness, topology."""
+    folders = [root] if (root / MANIFEST).exists() or root.name.startswith("step_") else step_folders(root)[::-1]
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    rows = []
+    for folder in folders:
+        row: dict[str, Any] = {"folder": str(folder), "latest": folder.name == latest}
+        try:
+            manifest = read_manifest(folder)
+            missing = _size_problems(folder, manifest)
+            row.update(step=manifest.step, complete=not missing, topology=manifest.layout.to_dict(),
+                       bytes=sum(e["bytes"] for e in manifest.files.values()), samples=manifest.samples,
+                       problem=f"{len(missing)} file(s) missing or truncated" if missing else None)
+        except CheckpointError as error:
+            row.update(step=None, complete=False, problem=str(error))
+        rows.append(row)
+    return rows

@@ -1,0 +1,86 @@
+"""Writing checkpoints: every rank saves its DeepSpeed shards and RNG state, then rank 0 publishes the manifest
+and `latest`, and prunes old checkpoints, only after a newer one is complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lm2.pipeline.checkpoint.format import (
+    LATEST,
+    MANIFEST,
+    UNIVERSAL_SUFFIX,
+    Manifest,
+    rng_file,
+    shared_hashes,
+    step_folders,
+    tag_for,
+    write_manifest,
+)
+from lm2.pipeline.files import write_atomic
+
+
+def code_version() -> str:
+    """lm2's version plus the git commit of the source tree, when it is a checkout."""
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version('lm2')}+{commit}" if commit else version("lm2")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders with a manifest, newest first (their files are not verified here)."""
+    return [p for p in step_folders(root) if (p / MANIFEST).is_file()]
+
+
+def prune(root: Path, keep: int) -> None:
+    """Deletes all but the newest `keep` complete checkpoints (and their universal conversions), and incomplete
+    folders older than the newest complete one."""
+    complete = complete_checkpoints(root)
+    for folder in complete[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root / f"{folder.name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+    if complete:
+        for folder in step_folders(root):
+            if folder.name < complete[0].name and not (folder / MANIFEST).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def save(engine, root: Path, client_state: dict[str, Any], manifest: Manifest, keep: int) -> Path:
+    """Every rank calls it with DeepSpeed's engine. Writes checkpoint `manifest.step`, then (rank 0) its manifest
+    with the files' sizes and checksums, `latest`, and prunes to `keep`."""
+    rank = dist.get_rank()
+    folder = root / tag_for(manifest.step)
+    if rank == 0 and folder.exists():  # leftovers of a save that was interrupted: start clean
+        shutil.rmtree(folder)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), rng_file(folder, rank))
+    dist.barrier()  # every rank's files are on disk
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    table = shared_hashes(folder, files)
+    if rank == 0:
+        write_manifest(folder, dataclasses.replace(manifest, files=table))
+        write_atomic(root / LATEST, folder.name + "\n")
+        prune(root, keep)
+    dist.barrier()
+    return folder
