@@ -31,11 +31,14 @@ from __future__ import annotations
 import hashlib
 from math import ceil
 from pathlib import Path
+from time import sleep
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from streaming.base.constant import TICK
+from streaming.base.dataset import _ShardState
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
@@ -57,6 +60,19 @@ class _ReplicaDataset(StreamingDataset):
         super().__init__(**kwargs)
         self._parallel_rank_world = World(num_nodes=1, ranks_per_node=dp_size, workers_per_rank=1, worker=dp_rank)
         self.length = ceil(self.epoch_size / dp_size)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's own blocking wait for a shard its download thread is preparing never ends if that thread
+        dies on the shard (a checksum failure leaves it PREPARING): wait here instead, watching the thread's
+        failure flag, which then surfaces as streaming's "Background thread failed" (a DataError in RowLoader)."""
+        while True:
+            super().prepare_shard(shard_id, blocking=False)
+            if not blocking or self._shard_states[shard_id] != _ShardState.PREPARING:
+                return
+            failed = getattr(self, "_event", None)
+            if failed is not None and failed.is_set():
+                raise RuntimeError("Background thread failed. Check other traceback.")
+            sleep(TICK)
 
 
 def _cache_folder(cfg: DataConfig, stream: StreamConfig) -> str:

@@ -154,6 +154,21 @@ def test_a_shard_with_flipped_bytes_fails_its_checksum(prepared, tmp_path):
             pass
 
 
+def test_a_shard_left_preparing_by_a_dead_download_thread_fails_instead_of_waiting_forever(prepared, tmp_path):
+    """The race behind the test above: streaming's download thread died on the shard (checksum failure) and left
+    it PREPARING; the reader waiting for it must see the failure, not wait forever."""
+    import threading
+
+    from streaming.base.dataset import _ShardState
+
+    dataset = _loader(_copy(prepared, tmp_path)).dataset
+    dataset._event = threading.Event()  # what streaming's download thread sets when it dies
+    dataset._shard_states[1] = _ShardState.PREPARING
+    dataset._event.set()
+    with pytest.raises(RuntimeError, match="Background thread failed"):
+        dataset.prepare_shard(1)
+
+
 def test_the_run_tokenizer_must_be_the_one_the_shards_used(prepared, text_inputs, tmp_path):
     from lm2.pipeline.data.sources import find_input_files, read_all
     from lm2.pipeline.data.tokenizer import train_tokenizer
