@@ -147,15 +147,18 @@ def test_two_node_job_trains_exactly_like_torchrun(cluster, tmp_path, train_data
     assert_bitwise_equal(final_tensors(run_dir), final_tensors(torchrun_reference))
 
 
+@pytest.mark.parametrize("target", ["--batch", "--full"], ids=["batch-shell-forwards", "every-rank"])
 def test_signalled_job_saves_requeues_and_ends_like_an_uninterrupted_run(cluster, tmp_path, train_data,
-                                                                         torchrun_reference):
+                                                                         torchrun_reference, target):
+    """--batch: the signal reaches the batch shell only, which forwards it to the ranks. --full: every process of the
+    job gets it at once, as with `#SBATCH --signal=USR1@<grace>` before the time limit or a preemption notice."""
     run_dir = tmp_path / "run"
     job = submit(cluster, "train.sbatch", *train_args(run_dir, train_data), options=("--nodes=2", "--gpus-per-node=1"),
                  output=tmp_path / "job.out")
     while not (run_dir / "metrics.jsonl").exists() or len(logged_steps(run_dir)) < 2:
         assert job_fields(cluster, job)["JobState"] not in TERMINAL, (tmp_path / "job.out").read_text()[-3000:]
         time.sleep(0.05)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)  # to the batch shell only: it forwards to every rank
+    cluster.run("scancel", "--signal=USR1", target, job)
     fields = wait_for_job(cluster, job)
     log_dir = run_dir / "slurm" / job
     log = (log_dir / "train.log").read_text()
