@@ -43,10 +43,26 @@ def token_nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return float(-(picked * keep).sum()), int(keep.sum())
 
 
-def mds_rows(folder: Path, split: str, model_dir: Path) -> Iterator[torch.Tensor]:
-    """Rows [row_length + 1] of a prepared split; the dataset must be tokenized with the model's tokenizer."""
-    from streaming import LocalDataset
+def shard_rows(split: Path) -> Iterator[torch.Tensor]:
+    """Rows of a split's MDS shards in write order (each zstd shard unpacked into a temporary folder)."""
+    import json
+    import tempfile
 
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    with tempfile.TemporaryDirectory() as raw:
+        for info in json.loads((split / "index.json").read_text())["shards"]:
+            if info.get("zip_data"):
+                packed = (split / info["zip_data"]["basename"]).read_bytes()
+                (Path(raw) / info["raw_data"]["basename"]).write_bytes(decompress(info["compression"], packed))
+            shard = reader_from_json(raw if info.get("zip_data") else str(split), None, info)
+            for i in range(shard.samples):
+                yield torch.from_numpy(shard[i]["tokens"].astype("int64"))
+
+
+def mds_rows(folder: Path, split: str, model_dir: Path) -> list[torch.Tensor]:
+    """Rows [row_length + 1] of a prepared split; the dataset must be tokenized with the model's tokenizer."""
     from lm2.pipeline.data.metadata import read_metadata
     from lm2.pipeline.data.tokenizer import file_sha256
 
@@ -57,14 +73,13 @@ def mds_rows(folder: Path, split: str, model_dir: Path) -> Iterator[torch.Tensor
     if ours.is_file() and file_sha256(ours) != metadata["tokenizer"]["sha256"]:
         raise EvalError(f"{folder} was tokenized with another tokenizer than {model_dir}'s: evaluate on data "
                         "prepared with the model's tokenizer, or on text files")
-    for sample in LocalDataset(local=str(folder / split)):
-        yield torch.from_numpy(sample["tokens"].astype("int64"))
+    return list(shard_rows(folder / split))
 
 
 def mds_perplexity(model: EvalModel, folder: Path, split: str, model_dir: Path, batch: int = 8,
                    progress: bool = True) -> Perplexity:
     pad = model.tokenizer.pad_token_id
-    total, rows = Perplexity(0.0, 0), list(mds_rows(folder, split, model_dir))
+    total, rows = Perplexity(0.0, 0), mds_rows(folder, split, model_dir)
     for start in tqdm(range(0, len(rows), batch), desc="ppl", unit="batch", disable=not progress):
         block = torch.stack(rows[start:start + batch])
         labels = block[:, 1:].clone()
