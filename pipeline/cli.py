@@ -232,7 +232,7 @@ def _add_eval_commands(commands) -> None:
     mixture.add_argument("--babi", required=True, help="folder of bAbI qaN_*_train.txt files")
     mixture.add_argument("--row-length", type=int, required=True, help="haystacks reach up to this many tokens")
     mixture.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to place in haystacks")
-    mixture.add_argument("--stories-per-task", type=int, default=2000, help="training samples per task")
+    mixture.add_argument("--stories-per-task", type=int, default=4000, help="training samples per task")
     mixture.add_argument("--seed", type=int, default=0, help="haystack lengths, sentences and positions")
     mixture.set_defaults(run=cmd_eval_mixture)
 
