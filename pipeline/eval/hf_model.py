@@ -27,7 +27,7 @@ def load_model(folder: str | Path) -> EvalModel:
 
     if not (Path(folder) / "config.json").is_file():
         raise EvalError(f"{folder} holds no config.json: give --model a folder written by `lm2 export hf`")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "model_type", "") == "lm2":
         return EvalModel(model, tokenizer, "LM2", None)

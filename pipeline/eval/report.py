@@ -50,7 +50,7 @@ def heatmap(results: dict, path: Path) -> None:
         for j, value in enumerate(row):
             axes.text(j, i, f"{value:.0f}", ha="center", va="center")
     axes.set_xlabel("context length (tokens; k = 1024)")
-    axes.set_title(f"BABILong, {Path(results['model']).name} ({results['kind']})", fontsize=10)
+    axes.set_title(f"BABILong, {'/'.join(Path(results['model']).parts[-2:])} ({results['kind']})", fontsize=10)
     figure.colorbar(image, ax=axes, label="accuracy %")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
