@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume export test test-all clean
+.PHONY: setup quickstart data train resume export babilong test test-all clean \
+	experiment experiment-data experiment-lm2 experiment-vanilla
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +18,10 @@ setup: $(VENV)/.installed
 
 # The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks with
 # checkpoints, then a resume that continues the run from its newest checkpoint, then the export of the trained
-# model as a verified Hugging Face folder.
+# model as a verified Hugging Face folder, then a short BABILong evaluation of it.
 quickstart: setup
 	rm -rf $(RUN)
-	$(MAKE) data train resume export
+	$(MAKE) data train resume export babilong
 
 data:
 	$(BIN)/lm2 data tokenizer corpus --output $(RUN)/tokenizer.model --config configs/tiny.yaml
@@ -40,6 +41,36 @@ resume:
 export:
 	$(BIN)/lm2 export hf $(RUN)/checkpoints $(RUN)/hf --force --verify
 	@echo "Hugging Face model in $(RUN)/hf: AutoModelForCausalLM.from_pretrained(\"$(RUN)/hf\", trust_remote_code=True)"
+
+# One task at two lengths, 20 questions each: a smoke test of the exported model (the tiny model never saw
+# bAbI; expect accuracies near 0). The haystack is the embedded corpus.
+babilong:
+	$(BIN)/lm2 eval babilong --model $(RUN)/hf --tasks qa1 --lengths 0k,1k --samples 20 --output $(RUN)/babilong
+	@echo "BABILong table: $(RUN)/babilong/results.md, heatmap: $(RUN)/babilong/heatmap.png"
+
+# The LM2-vs-vanilla experiment (README, Evaluation): one mixture, two models of one backbone and token budget,
+# BABILong qa1-qa5 at 0k-8k. About an hour per model on two cores. SHARED holds the books and bAbI files.
+SHARED ?= ../shared
+EXP := runs/babilong
+# Books of ../shared/data/text that are not in corpus/ (the evaluation's haystack); chesterton-ball.txt and
+# shakespeare-caesar.txt are left out: they are not valid UTF-8.
+EXP_BOOKS := $(addprefix $(SHARED)/data/text/,austen-sense.txt melville-moby_dick.txt milton-paradise.txt)
+EXP_EVAL := --tasks qa1,qa2,qa3,qa4,qa5 --lengths 0k,1k,2k,4k,8k --samples 100
+
+experiment: experiment-data experiment-lm2 experiment-vanilla
+
+experiment-data: setup
+	rm -rf $(EXP)
+	$(BIN)/lm2 data tokenizer $(EXP_BOOKS) --output $(EXP)/tokenizer.model --config configs/babilong-lm2.yaml
+	$(BIN)/lm2 eval mixture --output $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) \
+		--babi $(SHARED)/data/babi --row-length 256 --tasks qa1,qa2,qa3,qa4,qa5
+	$(BIN)/lm2 data prepare $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --output $(EXP)/data \
+		--config configs/babilong-lm2.yaml --val-fraction 0.02 --workers 2
+
+experiment-lm2 experiment-vanilla: experiment-%: setup
+	$(LOCAL) --config configs/babilong-$*.yaml
+	$(BIN)/lm2 export hf runs/babilong-$*/checkpoints runs/babilong-$*/hf --force --verify
+	$(BIN)/lm2 eval babilong --model runs/babilong-$*/hf $(EXP_EVAL) --output runs/babilong-$*/babilong
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider

@@ -169,6 +169,73 @@ def _add_conversion_commands(commands) -> None:
     hf_in.set_defaults(run=cmd_import_hf)
 
 
+def cmd_eval_babilong(args: argparse.Namespace) -> None:
+    """BABILong accuracy per task and length -> results.json, results.md, heatmap.png (see pipeline/eval/)."""
+    from pathlib import Path
+
+    from lm2.pipeline.eval.run_babilong import run
+
+    output = Path(args.output or f"{args.model.rstrip('/')}-babilong")
+    results = run(args.model, args.tasks.split(","), args.lengths.split(","), args.samples, Path(args.babi),
+                  Path(args.background), output, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    from lm2.pipeline.eval.report import markdown
+
+    print(markdown(results), end="")
+    print(f"wrote {output}/results.json, {output}/results.md and {output}/heatmap.png")
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    """Perplexity on a prepared dataset's split or on text files."""
+    from lm2.pipeline.eval.perplexity import perplexity
+
+    result, scored = perplexity(args.model, args.data, split=args.split, context=args.context)
+    print(f"perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats/token) over {result.tokens:,} tokens "
+          f"of {scored}")
+
+
+def cmd_eval_mixture(args: argparse.Namespace) -> None:
+    """The experiment's training documents: books plus bAbI stories in haystacks (see pipeline/eval/mixture.py)."""
+    from lm2.pipeline.eval.mixture import write_mixture
+
+    print(write_mixture(args.output, args.tokenizer, args.books, args.babi, args.row_length, args.stories_per_task,
+                        args.tasks.split(","), args.seed))
+
+
+def _add_eval_commands(commands) -> None:
+    from lm2.pipeline.eval.babi import HELDOUT_FOLDER
+
+    evaluate = commands.add_parser("eval", help="evaluate an exported Hugging Face folder")
+    jobs = evaluate.add_subparsers(dest="eval_command", required=True)
+    babilong = jobs.add_parser("babilong", help="BABILong accuracy per task and context length")
+    babilong.add_argument("--model", required=True, help="a folder written by `lm2 export hf`")
+    babilong.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="comma-separated, among qa1..qa10")
+    babilong.add_argument("--lengths", default="0k,1k,2k,4k", help="comma-separated: 0k, 4k, 128k (k = 1024), 512")
+    babilong.add_argument("--samples", type=int, default=100, help="questions per task and length")
+    babilong.add_argument("--babi", default=str(HELDOUT_FOLDER),
+                          help="folder with one qaN_*.txt(.gz) per task (default: lm2's held-out stories)")
+    babilong.add_argument("--background", default="corpus", help="folder of .txt(.gz) books for the haystack")
+    babilong.add_argument("--output", help="results folder (default: MODEL-babilong)")
+    babilong.add_argument("--seed", type=int, default=0, help="haystack sentences and fact positions")
+    babilong.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
+    babilong.set_defaults(run=cmd_eval_babilong)
+    ppl = jobs.add_parser("ppl", help="perplexity on a prepared dataset (val split) or on text files")
+    ppl.add_argument("--model", required=True, help="a folder written by `lm2 export hf`")
+    ppl.add_argument("data", nargs="+", help="a `lm2 data prepare` folder, or .txt/.jsonl files or folders")
+    ppl.add_argument("--split", default="val", help="split of a prepared dataset")
+    ppl.add_argument("--context", type=int, help="tokens per window on text files (default 1024)")
+    ppl.set_defaults(run=cmd_eval_ppl)
+    mixture = jobs.add_parser("mixture", help="write the LM2-vs-vanilla experiment's training documents (jsonl)")
+    mixture.add_argument("--output", required=True, help="the .jsonl file to write")
+    mixture.add_argument("--tokenizer", required=True, help="sentencepiece .model measuring the haystacks")
+    mixture.add_argument("--books", nargs="+", required=True, help=".txt(.gz) books or folders of them")
+    mixture.add_argument("--babi", required=True, help="folder of bAbI qaN_*_train.txt files")
+    mixture.add_argument("--row-length", type=int, required=True, help="haystacks reach up to this many tokens")
+    mixture.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to place in haystacks")
+    mixture.add_argument("--stories-per-task", type=int, default=4000, help="training samples per task")
+    mixture.add_argument("--seed", type=int, default=0, help="haystack lengths, sentences and positions")
+    mixture.set_defaults(run=cmd_eval_mixture)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2", description="Pretrain LM2 large memory models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("dir", help="a run's checkpoints folder, or one checkpoint")
     inspect.set_defaults(run=cmd_ckpt_inspect)
     _add_conversion_commands(commands)
+    _add_eval_commands(commands)
     return parser
 
 

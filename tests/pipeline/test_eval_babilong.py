@@ -1,0 +1,175 @@
+"""BABILong: bAbI parsing, the held-out task data, the haystack builder, the benchmark's answer matching, and
+`lm2 eval babilong` on tiny random LM2 and vanilla folders (answers checked against a plain greedy loop)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lm2.pipeline.cli import main
+from lm2.pipeline.eval import EvalError
+from lm2.pipeline.eval.answers import is_correct
+from lm2.pipeline.eval.babi import HELDOUT_FOLDER, TASK_LABELS, read_text, stories, story_samples, task_samples
+from lm2.pipeline.eval.babilong import Background, haystack, parse_length, prompt, sample_rng, split_sentences
+from tests.pipeline.eval_fixtures import VANILLA_TOKENS, hf_lm2, hf_vanilla  # noqa: F401 (fixtures)
+
+CORPUS = Path(__file__).parents[2] / "corpus"
+SHARED_BABI = Path(__file__).parents[3] / "shared" / "data" / "babi"
+STORY = """1 Mary moved to the bathroom.
+2 John went to the hallway.
+3 Where is Mary? \tbathroom\t1
+4 Daniel went back to the hallway.
+5 Where is Daniel? \thallway\t4
+1 Sandra journeyed to the garden.
+2 Where is Sandra? \tgarden\t1
+"""
+
+
+def test_a_question_becomes_a_sample_with_the_facts_before_it():
+    first, second = stories(STORY)
+    assert [s.facts for s in story_samples(first)] == [
+        ("Mary moved to the bathroom.", "John went to the hallway."),
+        ("Mary moved to the bathroom.", "John went to the hallway.", "Daniel went back to the hallway.")]
+    assert [(s.question, s.answer) for s in story_samples(first)] == [("Where is Mary?", "bathroom"),
+                                                                      ("Where is Daniel?", "hallway")]
+    assert story_samples(second)[0].facts == ("Sandra journeyed to the garden.",)
+
+
+@pytest.mark.parametrize("task", list(TASK_LABELS))
+def test_held_out_stories_are_the_tail_of_the_training_files_and_answers_are_task_words(task):
+    samples = task_samples(HELDOUT_FOLDER, task)
+    assert len(samples) >= 200
+    labels = {label.lower() for label in TASK_LABELS[task]}
+    assert all(set(s.answer.lower().split(",")) <= labels for s in samples)
+    if SHARED_BABI.is_dir():
+        train = read_text(next(SHARED_BABI.glob(f"{task}_*")))
+        heldout = read_text(next(HELDOUT_FOLDER.glob(f"{task}_*")))
+        assert train.endswith(heldout) and train[: -len(heldout)].endswith("\n")
+
+
+@pytest.mark.parametrize(("task", "target", "output", "question", "right"), [
+    ("qa1", "kitchen", " kitchen.", "Where is Mary?", True),
+    ("qa1", "kitchen", " the Kitchen, I think", "Where is Mary?", True),
+    ("qa1", "kitchen", " kitchen or garden.", "Where is Mary?", False),  # two answer words: wrong
+    ("qa1", "kitchen", " garden. Then kitchen.", "Where is Mary?", False),  # only the first sentence counts
+    ("qa1", "kitchen", " nothing", "Where is Mary?", False),
+    ("qa4", "office", " office, not the garden", "What is the garden east of?", True),  # question words ignored
+    ("qa5", "Fred", " fred gave it", "Who did Mary give the milk to?", True),
+    ("qa8", "apple,milk", " milk and apple.", "What is Mary carrying?", True),
+    ("qa8", "apple,milk", " milk.", "What is Mary carrying?", False),
+    ("qa8", "nothing", " nothing.", "What is Mary carrying?", True),
+    ("qa10", "maybe", " maybe.", "Is Bill in the park?", True),
+])
+def test_answer_matching_is_the_benchmarks(task, target, output, question, right):
+    assert is_correct(task, target, output, question) is right
+
+
+def test_lengths_parse_and_bad_ones_are_refused():
+    assert [parse_length(x) for x in ("0k", "4k", "128K", "300")] == [0, 4096, 131072, 300]
+    with pytest.raises(EvalError, match="write e.g. 0k"):
+        parse_length("4kb")
+
+
+def test_sentences_split_at_ends_before_capitals():
+    text = "He came home. She said: \"Go!\" Then\nhe left? Yes, at once. ok Go."
+    assert split_sentences(text) == ["He came home.", 'She said: "Go!"', "Then he left?", "Yes, at once. ok Go."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf_lm2):
+    return AutoTokenizer.from_pretrained(hf_lm2)
+
+
+@pytest.fixture(scope="module")
+def background(tokenizer):
+    return Background([CORPUS], tokenizer)
+
+
+def test_haystack_holds_the_facts_in_order_at_the_target_length(tokenizer, background):
+    sample = task_samples(HELDOUT_FOLDER, "qa2")[5]
+    for length in (0, 300, 2048):
+        built = haystack(sample, length, background, sample_rng(0, "qa2", length, 5))
+        again = haystack(sample, length, background, sample_rng(0, "qa2", length, 5))
+        assert built == again  # deterministic by seed
+        found = [built.context.find(fact) for fact in sample.facts]
+        assert -1 not in found and found == sorted(found)
+        if length == 0:
+            assert built.context == " ".join(sample.facts)
+        else:  # counted piece by piece; the joined text may merge or split a few pieces at the seams
+            assert abs(len(tokenizer(built.context).input_ids) - length) <= 0.03 * length
+            assert len(set(built.fact_positions)) > 1  # the facts are spread, not clumped
+    other = haystack(sample, 300, background, sample_rng(1, "qa2", 300, 5))
+    assert other.context != haystack(sample, 300, background, sample_rng(0, "qa2", 300, 5)).context
+    text = prompt(sample, "CONTEXT")
+    assert text.startswith("CONTEXT") and text.endswith(f"Question: {sample.question}\nAnswer:")
+
+
+def greedy(model, ids, steps):
+    """Greedy decoding by full forwards without any cache: the independent computation."""
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.cat((tokens, model(tokens, use_cache=False).logits[:, -1:].argmax(-1)), dim=1)
+    return tokens[0, len(ids):].tolist()
+
+
+def run_command(model, out, lengths, capsys):
+    code = main(["eval", "babilong", "--model", str(model), "--tasks", "qa1,qa5", "--lengths", lengths,
+                 "--samples", "3", "--background", str(CORPUS), "--output", str(out), "--max-new-tokens", "4"])
+    assert code == 0
+    return json.loads((out / "results.json").read_text()), capsys.readouterr()
+
+
+def check_answers(results, folder, tokenizer, background, kept=None):
+    """Each cell's first output is the plain greedy continuation of its (tail of the) prompt (one per cell:
+    full forwards are slow), and every accuracy is the benchmark's metric on the recorded outputs."""
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    samples = {task: task_samples(HELDOUT_FOLDER, task) for task in results["tasks"]}
+    for cell in results["cells"]:
+        length, first = parse_length(cell["length"]), cell["records"][0]
+        sample = samples[cell["task"]][first["index"]]
+        context = haystack(sample, length, background, sample_rng(0, cell["task"], length, first["index"])).context
+        ids = tokenizer(prompt(sample, context), add_special_tokens=False).input_ids
+        assert len(ids) == first["prompt_tokens"]
+        ids = ids[-kept:] if kept else ids
+        assert first["output"] == tokenizer.decode(greedy(model, ids, 4), skip_special_tokens=True)
+        for record in cell["records"]:
+            sample = samples[cell["task"]][record["index"]]
+            assert record["correct"] == is_correct(cell["task"], sample.answer, record["output"], sample.question)
+        assert cell["correct"] == sum(r["correct"] for r in cell["records"]) and cell["samples"] == 3
+        assert cell["accuracy"] == pytest.approx(100 * cell["correct"] / 3)
+
+
+def test_babilong_command_on_lm2_runs_any_length(hf_lm2, tokenizer, background, tmp_path, capsys):
+    results, printed = run_command(hf_lm2, tmp_path / "out", "0k,200", capsys)
+    assert results["kind"] == "LM2" and not any(c["truncated"] for c in results["cells"])
+    assert [(c["task"], c["length"]) for c in results["cells"]] == [("qa1", "0k"), ("qa1", "200"),
+                                                                    ("qa5", "0k"), ("qa5", "200")]
+    check_answers(results, hf_lm2, tokenizer, background)
+    assert "| qa1 |" in printed.out and f"wrote {tmp_path / 'out'}/results.json" in printed.out
+    assert "babilong" in printed.err and "100%" in printed.err  # the progress bar
+    assert (tmp_path / "out" / "results.md").read_text().startswith("BABILong accuracy (%)")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "out" / "heatmap.png").ndim == 3
+
+
+def test_babilong_command_on_vanilla_reads_the_tail_and_says_so(hf_vanilla, tokenizer, background, tmp_path,
+                                                                capsys):
+    results, printed = run_command(hf_vanilla, tmp_path / "out", "0k,200", capsys)
+    long = [c for c in results["cells"] if c["length"] == "200"]
+    assert all(c["truncated"] == 3 and c["kept_tokens"] == VANILLA_TOKENS - 4 for c in long)
+    check_answers(results, hf_vanilla, tokenizer, background, kept=VANILLA_TOKENS - 4)
+    assert "cut to their last 60 tokens" in printed.out and "| qa1 |" in printed.out
+
+
+def test_bad_babilong_input_is_one_line(hf_lm2, tmp_path, capsys):
+    code = main(["eval", "babilong", "--model", str(hf_lm2), "--tasks", "qa1", "--lengths", "0k",
+                 "--babi", str(tmp_path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "qa1_*.txt" in err[0] and "--babi" in err[0]
+    assert main(["eval", "babilong", "--model", str(tmp_path), "--lengths", "0k"]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""`lm2 eval ppl` against an independent computation: the Hugging Face model's own loss, row by row (prepared
+shards) or window by window (text files tokenized with sentencepiece directly)."""
+
+import math
+
+import pytest
+import sentencepiece as spm
+import torch
+from transformers import AutoModelForCausalLM
+
+from lm2.pipeline.cli import main
+from lm2.pipeline.eval import EvalError
+from lm2.pipeline.eval.perplexity import perplexity
+from tests.pipeline.test_data_prepare import read_rows
+from tests.pipeline.eval_fixtures import hf_lm2, hf_vanilla, lm2_folder  # noqa: F401 (fixtures)
+
+
+def hf_loss_sum(model, row: torch.Tensor, pad: int | None) -> tuple[float, int]:
+    """The model's own mean loss over a row (labels = the row, PAD ignored) times the tokens it scored."""
+    labels = row.clone()
+    if pad is not None:
+        labels[labels == pad] = -100
+    count = int((labels[1:] != -100).sum())
+    with torch.no_grad():
+        loss = model(row[None], labels=labels[None], use_cache=False).loss
+    return float(loss) * count, count
+
+
+@pytest.mark.parametrize("kind", ["lm2", "vanilla"])
+def test_perplexity_of_prepared_val_rows_equals_the_models_own_loss(kind, hf_lm2, hf_vanilla, prepared):
+    folder = hf_lm2 if kind == "lm2" else hf_vanilla
+    result, scored = perplexity(str(folder), [str(prepared)], progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    rows = [torch.from_numpy(row.astype("int64")) for row in read_rows(prepared / "val")[0]]
+    sums = [hf_loss_sum(model, row, pad=3) for row in rows]
+    assert result.tokens == sum(c for _, c in sums) and result.tokens > 100
+    assert result.perplexity == pytest.approx(math.exp(sum(s for s, _ in sums) / result.tokens), rel=1e-5)
+    assert "val split" in scored
+
+
+def test_perplexity_of_text_files_equals_the_models_own_loss(hf_lm2, text_inputs, tokenizer_path, capsys):
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    text = (text_inputs / "macbeth.txt").read_text()
+    stream = processor.encode(text) + [processor.eos_id()]
+    model = AutoModelForCausalLM.from_pretrained(hf_lm2, trust_remote_code=True).eval()
+    sums = [hf_loss_sum(model, torch.tensor(stream[i:i + 100]), pad=None) for i in range(0, len(stream), 100)]
+    expected = math.exp(sum(s for s, _ in sums) / sum(c for _, c in sums))
+    assert main(["eval", "ppl", "--model", str(hf_lm2), str(text_inputs / "macbeth.txt"), "--context", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"over {sum(c for _, c in sums):,} tokens of 1 text file(s), windows of 100 tokens" in out
+    assert float(out.split()[1]) == pytest.approx(expected, rel=1e-3)  # printed with 3 decimals
+
+
+def test_data_of_another_tokenizer_is_refused(prepared, tmp_path, text_inputs):
+    from lm2.pipeline.data.sources import find_input_files, read_all
+    from lm2.pipeline.data.tokenizer import train_tokenizer
+
+    other = tmp_path / "other.model"
+    train_tokenizer(read_all(find_input_files([text_inputs])), other, vocab_size=400)
+    with pytest.raises(EvalError, match="another tokenizer"):
+        perplexity(str(lm2_folder(other, tmp_path / "hf")), [str(prepared)], progress=False)
