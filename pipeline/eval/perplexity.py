@@ -64,13 +64,13 @@ def shard_rows(split: Path) -> Iterator[torch.Tensor]:
 def mds_rows(folder: Path, split: str, model_dir: Path) -> list[torch.Tensor]:
     """Rows [row_length + 1] of a prepared split; the dataset must be tokenized with the model's tokenizer."""
     from lm2.pipeline.data.metadata import read_metadata
-    from lm2.pipeline.data.tokenizer import file_sha256
+    from lm2.pipeline.files import sha256_file
 
     metadata = read_metadata(str(folder))
     if not (folder / split / "index.json").is_file():
         raise EvalError(f"{folder} has no {split!r} split: prepare it with --val-fraction, or pass --split train")
     ours = model_dir / "tokenizer.model"
-    if ours.is_file() and file_sha256(ours) != metadata["tokenizer"]["sha256"]:
+    if ours.is_file() and sha256_file(ours) != metadata["tokenizer"]["sha256"]:
         raise EvalError(f"{folder} was tokenized with another tokenizer than {model_dir}'s: evaluate on data "
                         "prepared with the model's tokenizer, or on text files")
     return list(shard_rows(folder / split))
