@@ -173,13 +173,12 @@ def cmd_eval_babilong(args: argparse.Namespace) -> None:
     """BABILong accuracy per task and length -> results.json, results.md, heatmap.png (see pipeline/eval/)."""
     from pathlib import Path
 
+    from lm2.pipeline.eval.report import markdown
     from lm2.pipeline.eval.run_babilong import run
 
     output = Path(args.output or f"{args.model.rstrip('/')}-babilong")
     results = run(args.model, args.tasks.split(","), args.lengths.split(","), args.samples, Path(args.babi),
                   Path(args.background), output, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    from lm2.pipeline.eval.report import markdown
-
     print(markdown(results), end="")
     print(f"wrote {output}/results.json, {output}/results.md and {output}/heatmap.png")
 

@@ -3,7 +3,6 @@ pretrained=DIR,trust_remote_code=True`) on a multiple-choice task defined in a l
 file (no hub); its log-likelihoods and accuracy equal a plain computation with the model."""
 
 import json
-import os
 
 import pytest
 import torch
