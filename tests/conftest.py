@@ -17,17 +17,12 @@ def _destroy_leftover_groups():
     destroy_distributed()
 
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture
 def single_process():
     """A world of one: megatron-core's layers need parallel_state even without parallelism. The launcher
-    variables init_distributed sets are removed afterwards, so subprocesses of later tests start clean."""
-    from lm2.pipeline.parallel.init import init_distributed
+    variables init_distributed sets are restored afterwards, so subprocesses of later tests start clean."""
+    from lm2.pipeline.parallel.dims import ParallelDims
+    from lm2.pipeline.parallel.init import world_of_one
 
-    saved = {key: os.environ.pop(key) for key in LAUNCHER_VARIABLES if key in os.environ}
-    yield init_distributed()
-    for key in LAUNCHER_VARIABLES:
-        os.environ.pop(key, None)
-    os.environ.update(saved)
+    with world_of_one():
+        yield ParallelDims(world_size=1)

@@ -8,44 +8,18 @@ span several segments, so memory writes and reads are exercised; all in fp32.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lm2.model.config import ModelConfig
 from lm2.model.lm import LM2Model
 from lm2.pipeline.export.reader import ExportError
-from lm2.pipeline.parallel.init import destroy_distributed, init_distributed
+from lm2.pipeline.parallel.init import world_of_one
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import load_full_state
 
 TOLERANCE = 1e-4
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextlib.contextmanager
-def world_of_one():
-    """megatron-core's layers need parallel_state even in one process. A group made here is destroyed afterwards
-    and the launcher variables init_distributed sets are restored, so the caller's process is left as it was."""
-    if dist.is_initialized():
-        yield
-        return
-    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
-    try:
-        init_distributed()
-        yield
-    finally:
-        destroy_distributed()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def verification_tokens(cfg: ModelConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """Random rows of row_length tokens, or of three segments if a row is shorter."""
     length = max(cfg.row_length, 3 * cfg.segment_length) if cfg.memory.enabled else cfg.row_length

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from datetime import timedelta
+from typing import Iterator
 
 import deepspeed
 import torch
@@ -52,3 +54,26 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """megatron-core's layers need parallel_state even in one process. A group made here is destroyed afterwards
+    and the launcher variables init_distributed sets are restored, so the caller's process is left as it was."""
+    if dist.is_initialized():
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    try:
+        init_distributed()
+        yield
+    finally:
+        destroy_distributed()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

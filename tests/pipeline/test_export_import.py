@@ -91,7 +91,7 @@ def fresh_memory(overrides: list[str]) -> dict[str, torch.Tensor]:
     from lm2.model.lm import LM2Model
     from lm2.pipeline.config import load_config
     from lm2.pipeline.export.names import to_hf
-    from lm2.pipeline.export.verify import world_of_one
+    from lm2.pipeline.parallel.init import world_of_one
     from lm2.pipeline.parallel.mpu import tensor_parallel
     from lm2.pipeline.parallel.tp_shards import gather_full_state
 
