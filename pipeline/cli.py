@@ -63,7 +63,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     metadata = prepare(args.inputs, args.output, args.tokenizer, row_length=args.row_length,
                        model=_model_config(args.config), workers=args.workers, val_fraction=args.val_fraction,
-                       text_field=args.text_field)
+                       text_field=args.text_field, packing=args.packing)
     for name, counts in metadata["splits"].items():
         print(f"{name:6s} {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['rows']:,} rows "
               f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding)")
@@ -90,6 +90,9 @@ def _add_data_commands(commands) -> None:
     prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     prepare.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split")
     prepare.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    prepare.add_argument("--packing", default="concat", choices=("concat", "whole"),
+                         help="concat: cut the document stream anywhere; whole: a document that fits in a row "
+                              "starts a new row rather than straddle two (the rest of the row is PAD)")
     prepare.set_defaults(run=cmd_data_prepare)
 
 

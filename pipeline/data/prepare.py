@@ -1,7 +1,10 @@
 """`lm2 data prepare`: tokenize documents in worker processes, pack them into rows, write MDS shards.
 
 Rows are `row_length + 1` tokens of the stream "doc0 EOS doc1 EOS ...", cut without overlap, so a row gives
-`row_length` inputs and their shifted labels; the last row of a split is filled with PAD. The output folder:
+`row_length` inputs and their shifted labels; the last row of a split is filled with PAD. With packing "whole",
+a document that fits in one row never straddles two: the row it would overflow is filled with PAD (ignored by
+the loss) and the document starts the next one. Tasks whose question must see its context (bAbI stories in
+haystacks) need that; a books-only corpus loses nothing with the default "concat". The output folder:
 
     <output>/lm2_data.json   what the rows are (tokenizer sha256, row length, counts): see metadata.py
     <output>/train/          MDS shards (zstd, xxh64 per shard) + index.json, read by streaming.py
@@ -44,30 +47,41 @@ class SplitCounts:
     """Real tokens, EOS included, PAD excluded."""
     rows: int = 0
     padding: int = 0
-    """PAD tokens filling the last row."""
+    """PAD tokens: the last row's fill, plus the row ends skipped by packing "whole"."""
     first_id: int = 0
 
 
-class RowPacker:
-    """Cuts a token stream into rows of `width` tokens; `finish` pads the last partial row."""
+PACKINGS = ("concat", "whole")
 
-    def __init__(self, width: int, pad_id: int, dtype: np.dtype) -> None:
-        self.width, self.pad_id, self.dtype = width, pad_id, dtype
+
+class RowPacker:
+    """Cuts a token stream into rows of `width` tokens; `finish` pads the last partial row. With `whole`, a
+    document of at most `width` tokens that would straddle a row boundary starts a new row instead."""
+
+    def __init__(self, width: int, pad_id: int, dtype: np.dtype, whole: bool = False) -> None:
+        self.width, self.pad_id, self.dtype, self.whole = width, pad_id, dtype, whole
         self.pending = np.empty(0, dtype=dtype)
+        self.padding = 0
 
     def add(self, tokens: np.ndarray) -> np.ndarray:
+        closed = np.empty((0, self.width), self.dtype)
+        if self.whole and len(tokens) <= self.width < len(self.pending) + len(tokens):
+            closed = self._pad_pending()
         stream = np.concatenate([self.pending, tokens.astype(self.dtype)])
         full = len(stream) // self.width * self.width
         self.pending = stream[full:]
-        return stream[:full].reshape(-1, self.width)
+        return np.concatenate([closed, stream[:full].reshape(-1, self.width)])
 
-    def finish(self) -> tuple[np.ndarray, int]:
-        if not len(self.pending):
-            return np.empty((0, self.width), self.dtype), 0
+    def finish(self) -> np.ndarray:
+        """The last, padded row (none if the stream ended on a row boundary)."""
+        return self._pad_pending() if len(self.pending) else np.empty((0, self.width), self.dtype)
+
+    def _pad_pending(self) -> np.ndarray:
         padding = self.width - len(self.pending)
         row = np.concatenate([self.pending, np.full(padding, self.pad_id, self.dtype)])
         self.pending = np.empty(0, dtype=self.dtype)
-        return row[None, :], padding
+        self.padding += padding
+        return row[None, :]
 
 
 class _SplitWriter:
@@ -87,8 +101,8 @@ class _SplitWriter:
         self._write(self.packer.add(tokens))
 
     def close(self) -> None:
-        rows, self.counts.padding = self.packer.finish()
-        self._write(rows)
+        self._write(self.packer.finish())
+        self.counts.padding = self.packer.padding
         self.writer.finish()
 
     def _write(self, rows: np.ndarray) -> None:
@@ -162,8 +176,8 @@ def _check_output(output: Path) -> None:
 
 def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: str | Path, *,
             row_length: int | None = None, model: ModelConfig | None = None, workers: int = 1,
-            val_fraction: float = 0.0, text_field: str = "text", shard_size_limit: int = 1 << 26,
-            progress: bool = True) -> dict:
+            val_fraction: float = 0.0, text_field: str = "text", packing: str = "concat",
+            shard_size_limit: int = 1 << 26, progress: bool = True) -> dict:
     """Tokenizes, packs and shards `inputs` into `output`; returns the metadata written to lm2_data.json.
 
     Args:
@@ -175,6 +189,7 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
         workers: encoding processes.
         val_fraction: share of documents (every 1/val_fraction-th) written to the val split.
         text_field: the JSONL field holding the text.
+        packing: "concat" cuts the document stream anywhere; "whole" keeps documents that fit in a row whole.
         shard_size_limit: bytes of uncompressed rows per shard.
         progress: show a progress bar on stderr.
     """
@@ -184,6 +199,8 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
+    if packing not in PACKINGS:
+        raise DataError(f"--packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
     tokenizer = Tokenizer.load(tokenizer_path)
     if model is not None:
         check_vocab_fits(tokenizer.vocab_size, model, f"tokenizer {tokenizer.path}")
@@ -193,10 +210,10 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         counts = _write_splits(files, temporary, tokenizer, row_length, workers, val_fraction, text_field,
-                               shard_size_limit, progress)
+                               packing == "whole", shard_size_limit, progress)
         metadata = {"format": FORMAT, "tokenizer": tokenizer.describe(), "row_length": row_length,
                     "dtype": _row_dtype(tokenizer).name, "val_fraction": val_fraction, "text_field": text_field,
-                    "inputs": [str(f) for f in files], "splits": {k: asdict(v) for k, v in counts.items()}}
+                    "packing": packing, "inputs": [str(f) for f in files], "splits": {k: asdict(v) for k, v in counts.items()}}
         (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         _check_output(output)
         os.rename(temporary, output)
@@ -210,13 +227,14 @@ def _row_dtype(tokenizer: Tokenizer) -> np.dtype:
 
 
 def _write_splits(files: list[Path], folder: Path, tokenizer: Tokenizer, row_length: int, workers: int,
-                  val_fraction: float, text_field: str, size_limit: int, progress: bool) -> dict[str, SplitCounts]:
-    dtype = _row_dtype(tokenizer)
-    splits = {"train": _SplitWriter(folder / "train", RowPacker(row_length + 1, tokenizer.pad_id, dtype), 0,
-                                    size_limit)}
+                  val_fraction: float, text_field: str, whole: bool, size_limit: int,
+                  progress: bool) -> dict[str, SplitCounts]:
+    def packer() -> RowPacker:
+        return RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole)
+
+    splits = {"train": _SplitWriter(folder / "train", packer(), 0, size_limit)}
     if val_fraction:
-        splits["val"] = _SplitWriter(folder / "val", RowPacker(row_length + 1, tokenizer.pad_id, dtype),
-                                     VAL_ID_OFFSET, size_limit)
+        splits["val"] = _SplitWriter(folder / "val", packer(), VAL_ID_OFFSET, size_limit)
     index = 0
     with tqdm(desc="tokenizing", unit=" docs", disable=not progress) as bar:
         for encoded in encode_in_order(_batches(read_all(files, text_field)), str(tokenizer.path), workers):

@@ -60,6 +60,43 @@ def test_rows_are_the_documents_with_eos_packed_in_order(prepared, text_inputs, 
     assert len(list((prepared / "train").glob("*.mds.zstd"))) > 1
 
 
+def expected_whole_rows(documents: list[list[int]], width: int, pad: int) -> list[list[int]]:
+    """The "whole" layout written out plainly: rows as lists, a short document that does not fit the current
+    row closes it with PAD, long documents run on across rows."""
+    rows, row = [], []
+    for document in documents:
+        if len(document) <= width and len(row) + len(document) > width:
+            rows.append(row + [pad] * (width - len(row)))
+            row = []
+        for token in document:
+            row.append(token)
+            if len(row) == width:
+                rows.append(row)
+                row = []
+    if row:
+        rows.append(row + [pad] * (width - len(row)))
+    return rows
+
+
+def test_whole_packing_keeps_short_documents_in_one_row(tmp_path, tokenizer_path):
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat while john went to the kitchen and mary took the apple".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 30)))) for _ in range(300)]
+    inputs = write(tmp_path / "in", "docs.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    metadata = prepare([inputs], tmp_path / "out", tokenizer_path, row_length=16, packing="whole", progress=False)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    documents = [d.tolist() for d in tokenizer.encode_documents(texts)]
+    assert any(len(d) > 17 for d in documents) and any(len(d) <= 17 for d in documents)
+    expected = expected_whole_rows(documents, 17, tokenizer.pad_id)
+    rows, _ = read_rows(tmp_path / "out" / "train")
+    assert rows.tolist() == expected
+    counts = metadata["splits"]["train"]
+    assert counts["padding"] == int((rows == tokenizer.pad_id).sum()) > 17  # more than the last row's fill
+    assert counts["tokens"] == sum(map(len, documents)) and metadata["packing"] == "whole"
+    with pytest.raises(DataError, match="--packing must be one of concat, whole"):
+        prepare([inputs], tmp_path / "bad", tokenizer_path, row_length=16, packing="best-fit", progress=False)
+
+
 def test_validation_documents_are_spread_evenly():
     chosen = [i for i in range(20) if is_validation(i, 0.25)]
     assert chosen == [3, 7, 11, 15, 19]
