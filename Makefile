@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume export babilong test test-all clean \
+.PHONY: setup quickstart data train resume export babilong test test-all test-gpu clean \
 	experiment experiment-data experiment-lm2 experiment-vanilla
 
 $(VENV)/.installed: pyproject.toml
@@ -78,6 +78,10 @@ test: setup
 # Also the slow tests (layout changes through universal checkpoints: TP and PP).
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
+
+# The GPU path (nccl, bf16, flash attention) on a machine with CUDA devices; skipped without one.
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu -q -p no:cacheprovider
 
 clean:
 	rm -rf runs
