@@ -61,6 +61,18 @@ class _ReplicaDataset(StreamingDataset):
         self._parallel_rank_world = World(num_nodes=1, ranks_per_node=dp_size, workers_per_rank=1, worker=dp_rank)
         self.length = ceil(self.epoch_size / dp_size)
 
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """streaming's reader raises IndexError on a decompressed shard shorter than, or other than, its index
+        says (a disk that filled up while decompressing, a copy cut short): name the file instead."""
+        try:
+            return super().get_item(sample_id, retry)
+        except IndexError as error:
+            shard = self.shards[self.spanner[sample_id][0]]
+            path = Path(shard.dirname) / shard.split / shard.raw_data.basename
+            fix = (f"delete it (streaming decompresses {shard.zip_data.basename} again)" if shard.zip_data
+                   else "re-run `lm2 data prepare`")
+            raise DataError(f"shard {path} is corrupt ({error}): {fix}") from None
+
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's own blocking wait for a shard its download thread is preparing never ends if that thread
         dies on the shard (a checksum failure leaves it PREPARING): wait here instead, watching the thread's
@@ -170,6 +182,8 @@ class RowLoader:
             if "Checksum failure" not in str(error):
                 raise
             raise self._shard_error(f"reading micro-batch {step} ({error})") from None
+        except DataError as error:  # from a DataLoader worker, the message carries the worker's traceback
+            raise DataError(str(error).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
     def state_dict(self) -> dict[str, Any]:
         """Where this run is in the data: rows consumed by all replicas so far in the current epoch."""
