@@ -29,6 +29,7 @@ repeated rows when the epoch is not a multiple of dp, and those are never read.
 from __future__ import annotations
 
 import hashlib
+import os
 from math import ceil
 from pathlib import Path
 from time import sleep
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from streaming import Stream, StreamingDataset
 from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
@@ -47,6 +49,7 @@ from lm2.model.errors import DataError
 from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
+from lm2.pipeline.data.shared_memory import clean_stale_shared_memory
 from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.dims import ParallelDims
 
@@ -221,6 +224,10 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
     if cfg.tokenizer and checksum is None:
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
     streams, pad_id = _streams(cfg, model, checksum)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per node, before any builds its dataset
+        clean_stale_shared_memory([os.path.join(stream.local, stream.split) for stream in streams])
+    if dist.is_initialized():
+        dist.barrier()
     _, dp_rank, _ = dims.coords(rank)
     dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
                               shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,

@@ -186,3 +186,33 @@ def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(t
     rows = inspect(copy / "checkpoints")
     assert [(row["step"], row["complete"]) for row in rows] == [(1, True)]  # and no partial step_00000002
     assert not [p for p in (copy / "checkpoints").rglob("*") if ".tmp-" in p.name]
+
+
+def _shared_memory_of(folder: Path) -> dict[str, int]:
+    """streaming's /dev/shm files (name -> inode) of the datasets registered as reading `folder`."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    files = {}
+    for registry in Path("/dev/shm").glob("*_locals"):
+        try:
+            if str(folder) in _unpack_locals(registry.read_bytes())[0]:
+                prefix = registry.name.removesuffix("_locals")
+                files.update({p.name: p.stat().st_ino for p in Path("/dev/shm").glob(f"{prefix}_*")})
+        except (OSError, ValueError):
+            continue
+    return files
+
+
+def test_the_shared_memory_of_a_killed_run_is_removed_by_the_next_run(tmp_path, train_data):
+    run_dir = tmp_path / "run"
+    data = Path(train_data[0].split("path: ")[1].rstrip("}]")) / "train"
+    process = launch(run_dir, 1, train_data)
+    while not (run_dir / "metrics.jsonl").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_job(process)
+    stale = _shared_memory_of(data)
+    assert stale, "the killed run left no shared memory: nothing to test"
+    finish(launch(run_dir, 1, train_data, "--resume", "auto"), run_dir)
+    survivors = {name for name, inode in _shared_memory_of(data).items() if stale.get(name) == inode}
+    assert not survivors
