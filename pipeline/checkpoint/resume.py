@@ -58,13 +58,22 @@ def verify(folder: Path) -> Manifest:
     return manifest
 
 
+def named_checkpoint(resume: str) -> Path:
+    """The folder checkpoint.resume names (neither none nor auto); raises CheckpointError if it does not exist."""
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} (--resume) not found: give a step_* folder of a run's "
+                              "checkpoints, or --resume auto")
+    return folder
+
+
 def find_resume(root: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: checkpoint.resume is none, auto or a folder. Auto skips, with a warning
     naming it, every newer checkpoint that is incomplete or corrupt. A collective."""
     if resume == "none":
         return None
     if resume != "auto":
-        folder = Path(resume)
+        folder = named_checkpoint(resume)
         verify(folder)
         return folder
     for folder in step_folders(root):

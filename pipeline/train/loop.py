@@ -28,6 +28,7 @@ from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
+from lm2.pipeline.train.run_folder import claim_run_folder
 from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
 
 
@@ -73,6 +74,7 @@ class Trainer:
         self.signals = signals or StopSignals()
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
+        self.run_folder_lock = claim_run_folder(run)  # held until the process ends
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
         # Data first: a dataset that does not fit the model fails before the engine is built.
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)

@@ -157,3 +157,62 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
     assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
     for step in theirs:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
+
+
+def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data):
+    """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
+    (4.6 MB) fits, the second does not."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
+                            "tmpfs", str(tmp_path)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    train = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG), *train_data,
+             f"logging.run_dir={disk}/run", "logging.wandb=disabled", "train.steps=2", "checkpoint.every=1",
+             "checkpoint.keep=1"]
+    # The tmpfs vanishes with the namespace: the run folder is copied out before it ends.
+    script = (f"mount -t tmpfs -o size=7m tmpfs {disk} && {subprocess.list2cmdline(train)}; code=$?; "
+              f"cp -a {disk}/run {copy}; exit $code")
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "checkpoint error" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"could not write checkpoint {disk}/run/checkpoints/step_00000002" in errors[0]
+    assert f"--resume auto from {disk}/run/checkpoints/step_00000001, which is intact" in errors[0]
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    rows = inspect(copy / "checkpoints")
+    assert [(row["step"], row["complete"]) for row in rows] == [(1, True)]  # and no partial step_00000002
+    assert not [p for p in (copy / "checkpoints").rglob("*") if ".tmp-" in p.name]
+
+
+def _shared_memory_of(folder: Path) -> dict[str, int]:
+    """streaming's /dev/shm files (name -> inode) of the datasets registered as reading `folder`."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    files = {}
+    for registry in Path("/dev/shm").glob("*_locals"):
+        try:
+            if str(folder) in _unpack_locals(registry.read_bytes())[0]:
+                prefix = registry.name.removesuffix("_locals")
+                files.update({p.name: p.stat().st_ino for p in Path("/dev/shm").glob(f"{prefix}_*")})
+        except (OSError, ValueError):
+            continue
+    return files
+
+
+def test_the_shared_memory_of_a_killed_run_is_removed_by_the_next_run(tmp_path, train_data):
+    run_dir = tmp_path / "run"
+    data = Path(train_data[0].split("path: ")[1].rstrip("}]")) / "train"
+    process = launch(run_dir, 1, train_data)
+    while not (run_dir / "metrics.jsonl").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_job(process)
+    stale = _shared_memory_of(data)
+    assert stale, "the killed run left no shared memory: nothing to test"
+    finish(launch(run_dir, 1, train_data, "--resume", "auto"), run_dir)
+    survivors = {name for name, inode in _shared_memory_of(data).items() if stale.get(name) == inode}
+    assert not survivors

@@ -154,6 +154,34 @@ def test_a_shard_with_flipped_bytes_fails_its_checksum(prepared, tmp_path):
             pass
 
 
+def _decompressed(prepared, tmp_path) -> tuple[Path, Path]:
+    """A copy of the dataset after a first epoch decompressed its shards, and its second train shard."""
+    dataset = _copy(prepared, tmp_path)
+    for _ in _loader(dataset):
+        pass
+    return dataset, sorted((dataset / "train").glob("*.mds"))[1]
+
+
+def test_a_truncated_decompressed_shard_is_refused_naming_it(prepared, tmp_path):
+    dataset, shard = _decompressed(prepared, tmp_path)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"shard {shard} is corrupt: .* delete it .streaming decompresses"):
+        _loader(dataset)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_decompressed_shard_is_a_data_error_naming_it(prepared, tmp_path, workers):
+    dataset, shard = _decompressed(prepared, tmp_path)
+    data = bytearray(shard.read_bytes())
+    data[4:12] = b"\xff" * 8  # the offsets of its first sample: same size, wrong content
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^shard {shard} is corrupt .*not present.*: delete it"):
+        for _ in _loader(dataset, num_workers=workers, shuffle=False):
+            pass
+    (shard).unlink()  # the fix the message gives: streaming decompresses the shard again
+    assert sum(len(batch["id"]) for batch in _loader(dataset, num_workers=workers, shuffle=False)) > 0
+
+
 def test_a_shard_left_preparing_by_a_dead_download_thread_fails_instead_of_waiting_forever(prepared, tmp_path):
     """The race behind the test above: streaming's download thread died on the shard (checksum failure) and left
     it PREPARING; the reader waiting for it must see the failure, not wait forever."""

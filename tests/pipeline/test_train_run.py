@@ -2,6 +2,7 @@
 and a stop with a clear message on a non-finite loss."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,45 @@ def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         runs[world_size] = [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
     assert len(runs[1]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(train_data, tmp_path):
+    base = train_data + ["logging.wandb=disabled", "checkpoint.every=1", "checkpoint.keep=3"]
+    assert train_cli(tmp_path, base + ["train.steps=2"]).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    result = train_cli(tmp_path, base + ["train.steps=2"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "already holds checkpoints of a run (newest step_00000002)" in result.stderr
+    assert "--resume auto" in result.stderr and "logging.run_dir" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    # An older checkpoint of the folder cannot be resumed into it either: the newer ones would be pruned at once.
+    result = train_cli(tmp_path, base + ["train.steps=3", f"checkpoint.resume={tmp_path}/checkpoints/step_00000001"])
+    assert result.returncode == 2 and "holds checkpoints newer than" in result.stderr, result.stderr[-3000:]
+    resumed = train_cli(tmp_path, base + ["train.steps=3", "checkpoint.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_when_the_holder_dies(train_data, tmp_path):
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from lm2.pipeline.train.run_folder import lock_run_folder; "
+                               "handle = lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); "
+                               "time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = train_cli(tmp_path, train_data + ["logging.wandb=disabled", "checkpoint.resume=auto"])
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"is in use by another job (host " in result.stderr and f"pid {holder.pid}," in result.stderr
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    assert (tmp_path / ".lock").read_text().startswith("host ")  # the stale file of a killed job ...
+    lock = lock_run_folder(tmp_path)  # ... holds no lock
+    assert f"pid {os.getpid()}," in (tmp_path / ".lock").read_text()
+    lock.close()
