@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks with
-# checkpoints, then a resume that continues the run from its newest checkpoint, then the export of the trained
+# checkpoints, then a resume that continues the run from its newest checkpoint to 250 steps (a schedule change,
+# so --override-schedule: the LR follows the 250-step schedule), then the export of the trained
 # model as a verified Hugging Face folder, then a short BABILong evaluation of it.
 quickstart: setup
 	rm -rf $(RUN)
@@ -36,7 +37,7 @@ train:
 
 resume:
 	$(BIN)/lm2 ckpt inspect $(RUN)/checkpoints
-	$(LOCAL) --config configs/tiny.yaml --resume auto train.steps=250
+	$(LOCAL) --config configs/tiny.yaml --resume auto --override-schedule train.steps=250
 
 export:
 	$(BIN)/lm2 export hf $(RUN)/checkpoints $(RUN)/hf --force --verify

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
-        Trainer(load_config(args.config, overrides), signals).fit()
+        Trainer(load_config(args.config, overrides), signals, args.override_schedule).fit()
     except NonFiniteLossError as error:
         print(f"lm2 train: {error}", file=sys.stderr)
         raise SystemExit(3) from None
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
     train.add_argument("--resume", help="auto (newest complete checkpoint of the run), or a checkpoint folder")
+    train.add_argument("--override-schedule", action="store_true",
+                       help="resume although train.steps or the optim LR fields changed: the LR follows the config")
     # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment anyway.
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=cmd_train)

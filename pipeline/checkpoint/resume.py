@@ -119,6 +119,22 @@ def resume_route(manifest: Manifest, model: ModelConfig, layout: Layout, folder:
         "data-parallel size; resume with the old layout")
 
 
+SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay")
+"""The config fields that define the learning rate of every step."""
+
+
+def check_schedule(manifest: Manifest, config: dict[str, Any], folder: Path, override: bool) -> None:
+    """Refuses to resume with an LR schedule (SCHEDULE_FIELDS of the resolved config `config`) other than the
+    checkpoint's, naming the fields, unless `override`: then the schedule is the config's (engine.resume_schedule)."""
+    saved, current = _flatten(manifest.config), _flatten(config)
+    changed = [f"{key}={saved.get(key)!r} -> {current.get(key)!r}" for key in SCHEDULE_FIELDS
+               if saved.get(key) != current.get(key)]
+    if changed and not override:
+        raise CheckpointError(
+            f"{folder} was trained with another LR schedule ({', '.join(changed)}): resume with the checkpoint's "
+            "values, or pass --override-schedule to recompute the schedule from the config from this step on")
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

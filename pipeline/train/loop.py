@@ -17,7 +17,7 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from lm2.model.accounting import forward_flops_per_token
 from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
-from lm2.pipeline.checkpoint.resume import find_resume, load, resume_route
+from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
 from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
@@ -25,7 +25,7 @@ from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
 from lm2.pipeline.parallel.slurm import requeue_note
-from lm2.pipeline.train.engine import Engine, build_engine
+from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
 from lm2.pipeline.train.run_folder import claim_run_folder
@@ -67,10 +67,12 @@ class RequeueExit(SystemExit):
 class Trainer:
     """Holds what a run is made of and where it is; `fit()` runs the remaining steps.
 
-    `signals` are the stop signals received so far: install them before building the trainer (it takes a while)."""
+    `signals` are the stop signals received so far: install them before building the trainer (it takes a while).
+    `override_schedule`: resume even if the LR schedule's fields changed, following the config's schedule."""
 
-    def __init__(self, run: RunConfig, signals: StopSignals | None = None):
+    def __init__(self, run: RunConfig, signals: StopSignals | None = None, override_schedule: bool = False):
         self.run = run
+        self.override_schedule = override_schedule
         self.signals = signals or StopSignals()
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
@@ -97,13 +99,16 @@ class Trainer:
         return self.run.train.global_batch * self.run.model.row_length
 
     def _resume(self, folder: Path) -> None:
-        route = resume_route(read_manifest(folder), self.run.model, self.engine.layout, folder)
+        manifest = read_manifest(folder)
+        route = resume_route(manifest, self.run.model, self.engine.layout, folder)
+        check_schedule(manifest, self.run.to_dict(), folder, self.override_schedule)
         if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
             tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
             state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
         else:
             state = load(self.engine.deepspeed, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
+        resume_schedule(self.engine.deepspeed, self.run.optim, self.run.train.steps, self.step)
         self.train_loader.load_state_dict(state["data"])
         if self.rank == 0:
             print(f"resumed from step {self.step}{requeue_note(os.environ)}: {folder}", flush=True)
@@ -142,11 +147,12 @@ class Trainer:
         try:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
+                lr = self.engine.deepspeed.get_lr()[0]  # the LR this step applies (the step moves it on)
                 with self.gates.recording(enabled=log_due):
                     loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
                 throughput.add(self.tokens_per_step)
-                metrics = self._train_metrics(throughput, loss, grad_norm) if log_due else {}
+                metrics = self._train_metrics(throughput, loss, grad_norm, lr) if log_due else {}
                 if run.train.eval_every and self.step % run.train.eval_every == 0:
                     metrics["val_loss"] = self.validate()
                 if metrics:
@@ -167,7 +173,7 @@ class Trainer:
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
 
-    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm) -> dict:
+    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm, lr: float) -> dict:
         """The log step's training metrics. Loss, grad norm and gate means reach the host in one transfer (the
         one host sync of a log step), before the throughput clock is read."""
         gates = self.gates.means()  # a collective: every rank logs the same steps
@@ -175,7 +181,7 @@ class Trainer:
         values = torch.cat([loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device),
                             gates.flatten()]).tolist()
         run = self.run
-        return {"loss": values[0], "lr": self.engine.deepspeed.get_lr()[0],
+        return {"loss": values[0], "lr": lr,
                 "grad_norm": values[1] if grad_norm is not None else None,
                 "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
                 **throughput.report(),

@@ -50,7 +50,8 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
     if not torch.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
         raise NonFiniteLossError(
             f"non-finite loss {loss.item()} / grad norm {grad_norm} at step {ds.global_steps}: stopping without "
-            "saving. Lower optim.lr, raise optim.warmup_steps or check the data; resume from the last checkpoint")
+            "saving. Lower optim.lr, raise optim.warmup_steps or check the data; resume from the last checkpoint with "
+            "--override-schedule")
     return loss, grad_norm
 
 

@@ -25,7 +25,8 @@ def test_model_config_errors_name_the_field(overrides, message):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(slots=0), "memory.slots must be a positive integer"),
-    (dict(bptt_segments=0), "memory.bptt_segments must be a positive integer"),
+    (dict(bptt_segments=0), "memory.bptt_segments must be an integer >= 2"),
+    (dict(bptt_segments=1), "memory.bptt_segments must be an integer >= 2, got 1: with 1 every segment"),
     (dict(dim=30, heads=4), "memory.dim=30 must be divisible by memory.heads=4"),
 ])
 def test_memory_config_errors(kwargs, message):
