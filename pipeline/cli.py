@@ -32,7 +32,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  backbone        {human(counts.backbone)}")
     print(f"  memory          {human(counts.memory)} (+{share:.1%} over embedding + backbone)")
     print(f"FLOPs per token   forward {human(flops)}, training (x3) {human(3 * flops)}")
-    print(f"layout            {dims.world_size} ranks: tp={dims.tp} pp={dims.pp} dp={dims.dp}, "
+    print(f"layout            {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp}, "
           f"{run.train.grad_accum(dims.dp)} micro-batch(es) of {run.train.micro_batch} rows per step and rank")
 
 
