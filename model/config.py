@@ -106,6 +106,8 @@ class ModelConfig:
         )
         require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
+        require(self.norm_eps > 0, f"norm_eps must be positive (RMSNorm divides by sqrt(mean(x^2) + norm_eps)), "
+                                   f"got {self.norm_eps}")
         if not self.memory.enabled:
             return
         require(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -14,16 +15,17 @@ import torch.distributed as dist
 import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from lm2.model.accounting import forward_flops_per_token
+from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
 from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
 from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
+from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
-from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
+from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals, launched_world_size
 from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.gates import GateMonitor
@@ -74,6 +76,7 @@ class Trainer:
         self.run = run
         self.override_schedule = override_schedule
         self.signals = signals or StopSignals()
+        run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
         self.run_folder_lock = claim_run_folder(run)  # held until the process ends
@@ -93,6 +96,27 @@ class Trainer:
         if self.rank == 0:
             Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+            print(self.startup_summary(), flush=True)
+
+    def startup_summary(self) -> str:
+        """What a user checks before a run goes on: the model, the layout, the data, where it writes, where it starts."""
+        run, dims = self.run, self.dims
+        counts = parameter_counts(run.model)
+        memory = (f"{run.model.memory.slots} memory slots x {run.model.memory_dim}" if run.model.memory.enabled
+                  else "no memory (vanilla)")
+        streams = ", ".join(f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "")
+                            for s in run.data.streams)
+        start = (f"resumed from step {self.step}{requeue_note(os.environ)}: {self.resumed_from}"
+                 if self.resumed_from is not None else "fresh run from step 0")
+        return "\n".join([
+            f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), {run.model.num_layers} layers, "
+            f"{memory}, rows of {run.model.row_length}",
+            f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} zero={run.parallel.zero_stage}, "
+            f"{self.engine.grad_accum} micro-batch(es) of {run.train.micro_batch} per step and rank",
+            f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) per step",
+            f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every {run.checkpoint.every or '-'})",
+            f"start   {start}",
+        ])
 
     @property
     def tokens_per_step(self) -> int:
@@ -110,8 +134,6 @@ class Trainer:
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         resume_schedule(self.engine.deepspeed, self.run.optim, self.run.train.steps, self.step)
         self.train_loader.load_state_dict(state["data"])
-        if self.rank == 0:
-            print(f"resumed from step {self.step}{requeue_note(os.environ)}: {folder}", flush=True)
 
     def save_checkpoint(self) -> Path:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
@@ -123,7 +145,11 @@ class Trainer:
         client_state = {"lm2": state}
         if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
-        return save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
+        started = time.perf_counter()
+        folder = save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
+        if self.rank == 0:
+            print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
+        return folder
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
@@ -144,6 +170,7 @@ class Trainer:
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
+        first_step, started, loss = self.step, time.perf_counter(), None
         try:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
@@ -169,6 +196,9 @@ class Trainer:
                     raise RequeueExit()
         finally:
             logger.finish()
+        if self.rank == 0 and loss is not None:
+            print(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
+                  f"{loss.item():.4f}; checkpoints in {self.checkpoints}", flush=True)
 
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
