@@ -19,13 +19,10 @@ def _read_rows(dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: 
                state_file: str | None) -> None:
     """One rank: build the loader, optionally resume, read `batches` micro-batches (None: the epoch)."""
     import torch.distributed as dist
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.init import init_distributed
 
     dims = init_distributed(tp=tp, pp=pp)
-    clean_stale_shared_memory()
     rank = dist.get_rank()
     loader = build_train_loader(DataConfig(streams=[StreamConfig(dataset)]), dims, rank, micro_batch,
                                 tiny_model_config())
@@ -86,12 +83,9 @@ def test_resume_reads_every_row_once_with_the_same_or_another_dp_size(prepared, 
 
 
 def test_loader_state_survives_a_second_resume_in_one_process(prepared, tmp_path):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    clean_stale_shared_memory()
     state = {"epoch": 0, "sample_in_epoch": 8, "num_canonical_nodes": 1, "shuffle_seed": 1234,
              "initial_physical_nodes": 1}
     loader = build_train_loader(DataConfig(streams=[StreamConfig(str(prepared))]), ParallelDims(1), 0, 4,
@@ -125,12 +119,9 @@ def _copy(prepared, tmp_path) -> Path:
 
 
 def _loader(dataset: Path, **data):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    clean_stale_shared_memory()
     return build_train_loader(DataConfig(streams=[StreamConfig(str(dataset))], **data), ParallelDims(1), 0, 4,
                               tiny_model_config())
 
