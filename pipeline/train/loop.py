@@ -22,13 +22,13 @@ from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.init import host_group, init_distributed
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
 from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
-from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
+from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
 def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +73,7 @@ class Trainer:
         self.signals = signals or StopSignals()
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
+        self.host_group = host_group()
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
         # Data first: a dataset that does not fit the model fails before the engine is built.
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
@@ -125,9 +126,9 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks): all ranks agree at the
         same step boundary, so they save the same step."""
-        flag = torch.tensor([float(self.signals.received)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = np.array([self.signals.received], dtype=np.int32)  # host memory over gloo: no device sync per step
+        dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(flag[0])
 
     def fit(self) -> None:
         """Trains to run.train.steps. Saves every checkpoint.every steps and at the end; on SIGTERM or SIGUSR1
@@ -137,12 +138,16 @@ class Trainer:
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
+        finite = FiniteWatch(self.device)
         try:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
                 with self.gates.recording(enabled=log_due):
                     loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
+                finite.observe(self.step, loss, grad_norm)
+                if log_due:
+                    finite.check()
                 throughput.add(self.tokens_per_step)
                 metrics = self._train_metrics(throughput, loss, grad_norm) if log_due else {}
                 if run.train.eval_every and self.step % run.train.eval_every == 0:
@@ -152,6 +157,7 @@ class Trainer:
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
+                    finite.check()  # never save a blown-up model
                     self.save_checkpoint()
                 if stop:
                     # Every rank leaves only when all are done, wandb included: launchers stop the other ranks of
