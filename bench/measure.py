@@ -32,13 +32,16 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
-def saved_activation_bytes(forward_loss: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward during forward_loss() (each storage counted once): the activations."""
+def saved_activation_bytes(model: torch.nn.Module, forward_loss: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward during forward_loss() (each storage counted once), the model's own
+    weights (saved by matmuls) left out: the activations."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

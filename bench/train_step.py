@@ -72,7 +72,7 @@ def peak_bytes(run, micro_batches) -> int:
     model, optimizer = plain_model(run)
     plain_step(model, optimizer, run.optim.grad_clip, micro_batches)()
     inputs, labels = micro_batches[0]
-    activations = saved_activation_bytes(lambda: mean_loss(model(inputs), labels))
+    activations = saved_activation_bytes(model, lambda: mean_loss(model(inputs), labels))
     return state_bytes(model, optimizer) + activations
 
 
