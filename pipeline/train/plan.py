@@ -65,7 +65,8 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int) -> MemoryEstimat
     optimizer = params * (8 + master) / (dp if zero >= 1 else 1)
 
     tokens = train.micro_batch * m.row_length
-    in_flight = min(par.pp, train.grad_accum(dp)) if par.pp > 1 else 1  # 1F1B: first stage's pending micro-batches
+    accum = train.grad_accum(dp)  # also refuses a batch that does not split over dp
+    in_flight = min(par.pp, accum) if par.pp > 1 else 1  # 1F1B: the first stage holds up to pp micro-batches
     layers = [_layer_elements_per_token(run, m.has_memory(i)) for i in range(layers_here)]
     head = m.padded_vocab_size(par.tp) / par.tp * 4 + 3.4 * m.hidden_size * params_bytes  # fp32 softmax; final norm
     activations = tokens * in_flight * (sum(layers) * params_bytes + head)

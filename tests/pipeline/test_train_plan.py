@@ -91,3 +91,19 @@ def test_zero_stages_partition_what_they_should():
     assert stages[0].activations == stages[3].activations
     assert tokens_per_s_per_device(run, mfu=0.5, peak_tflops=2.0) == pytest.approx(
         0.5 * 2e12 / (3 * __import__("lm2.model.accounting", fromlist=["x"]).forward_flops_per_token(run.model)))
+
+
+def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
+    import subprocess
+    import sys
+
+    overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100"]
+    out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), *overrides,
+                          "--dp", "2", "--mfu", "0.5"], capture_output=True, text=True, check=True).stdout
+    run = load_config(TINY, overrides)
+    total = memory_estimate(run, dp=2, params_bytes=2).total
+    assert f"total           {total / 2**20:.1f} MiB" in out and "ZeRO-2" in out and "bf16" in out
+    assert f"{tokens_per_s_per_device(run, 0.5, 100):,.0f} at MFU 50%" in out
+    bad = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), "--dp", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "global_batch=16 must be a multiple" in bad.stderr and "Traceback" not in bad.stderr
