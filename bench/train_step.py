@@ -11,13 +11,12 @@ for the vanilla backbone (memory off). Reported, as medians of per-round ratios:
   the peak memory ratio. Peak memory here is weights + gradients + AdamW state after a step plus the bytes autograd
   saves for backward in one micro-batch (exact counts, not RSS).
 --profile prints torch.profiler's top operators of the plain LM2 step; --compile adds a plain LM2 loop whose
-blocks are torch.compile'd. Prints one JSON line, then a summary.
+blocks are torch.compile'd (lm2 has no compile option: it did not win on CPU, see bench/README.md). Prints one JSON line, then a summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -58,11 +57,8 @@ def repeat(step, times: int):
     return run
 
 
-def plain_model(run, compiled: bool = False):
+def plain_model(run):
     model = LM2Model(run.model, tensor_parallel(), seed=run.train.seed)
-    if compiled:
-        for index, layer in enumerate(model.layers):
-            model.layers[index] = torch.compile(layer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2))
     return model, optimizer
 
@@ -106,7 +102,9 @@ def main() -> None:
         subjects[f"{name}/plain"] = repeat(plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]),
                                            args.steps)
     if args.compile:
-        model, optimizer = plain_model(runs["lm2"], compiled=True)
+        model, optimizer = plain_model(runs["lm2"])
+        for block in model.layers:
+            block.compile()  # in place, as a trainer option would
         subjects["lm2/plain-compiled"] = repeat(plain_step(model, optimizer, runs["lm2"].optim.grad_clip,
                                                            micro_batches["lm2"]), args.steps)
     seconds = interleaved(subjects, args.rounds)
