@@ -7,14 +7,16 @@ process, within 25 %: RSS also holds the allocator's slack and libraries' buffer
 """
 
 import json
-import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.measure import saved_activation_bytes
+from lm2.model.accounting import forward_flops_per_token
 from lm2.pipeline.config import load_config
 from lm2.pipeline.train.plan import memory_estimate, tokens_per_s_per_device
 from tests.distributed import run_distributed
@@ -90,13 +92,10 @@ def test_zero_stages_partition_what_they_should():
     assert stages[3].weights * 4 == pytest.approx(stages[2].weights, rel=1e-6)
     assert stages[0].activations == stages[3].activations
     assert tokens_per_s_per_device(run, mfu=0.5, peak_tflops=2.0) == pytest.approx(
-        0.5 * 2e12 / (3 * __import__("lm2.model.accounting", fromlist=["x"]).forward_flops_per_token(run.model)))
+        0.5 * 2e12 / (3 * forward_flops_per_token(run.model)))
 
 
 def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
-    import subprocess
-    import sys
-
     overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100"]
     out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), *overrides,
                           "--dp", "2", "--mfu", "0.5"], capture_output=True, text=True, check=True).stdout
