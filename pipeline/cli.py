@@ -34,6 +34,35 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"FLOPs per token   forward {human(flops)}, training (x3) {human(3 * flops)}")
     print(f"layout            {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp}, "
           f"{run.train.grad_accum(dims.dp)} micro-batch(es) of {run.train.micro_batch} rows per step and rank")
+    _print_plan(run, dims.dp, args.mfu)
+
+
+def _print_plan(run, dp: int, mfu: float) -> None:
+    """Per-device memory (pipeline/train/plan.py) and tokens/s at an MFU."""
+    from lm2.pipeline.train.plan import memory_estimate, tokens_per_s_per_device
+
+    params_bytes = 4 if run.train.precision == "fp32" else 2  # auto trains in bf16 on GPUs
+    memory = memory_estimate(run, dp, params_bytes)
+    par = run.parallel
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    print(f"memory per device dp={dp} tp={par.tp} pp={par.pp} ZeRO-{par.zero_stage} micro_batch={run.train.micro_batch}"
+          f" {'fp32' if params_bytes == 4 else 'bf16'} (first pipeline stage; allocated tensors, no allocator slack)")
+    print(f"  weights         {size(memory.weights)}")
+    print(f"  gradients       {size(memory.gradients)}")
+    print(f"  optimizer       {size(memory.optimizer)}")
+    chosen = "on" if memory.activation_checkpointing else "off"
+    print(f"  activations     {size(memory.activations)}, {size(memory.activations_checkpointed)} with "
+          f"activation checkpointing (train.activation_checkpointing: {chosen})")
+    print(f"  memory state    {size(memory.memory_state)} (part of the activations)")
+    print(f"  total           {size(memory.total)}")
+    if run.train.peak_tflops:
+        print(f"tokens/s/device   {tokens_per_s_per_device(run, mfu, run.train.peak_tflops):,.0f} at MFU {mfu:.0%} "
+              f"of train.peak_tflops={run.train.peak_tflops:g}")
+    else:
+        print("tokens/s/device   set train.peak_tflops (e.g. 989 for an H100 in bf16) for an estimate")
 
 
 def _model_config(path: str | None):
@@ -262,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="parameter counts and FLOPs per token of a config")
     info.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64")
+    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64 parallel.tp=2")
     info.add_argument("--world-size", type=int,
                       help="ranks to check the layout against, as `lm2 train` does (default: tp * pp, so dp=1)")
+    info.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the tokens/s estimate")
     info.set_defaults(run=cmd_info)
     _add_data_commands(commands)
     train = commands.add_parser("train", help="train a model (launch one process per rank: torchrun, srun)")

@@ -48,6 +48,12 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
     return dims
 
 
+def host_group() -> dist.ProcessGroup:
+    """A gloo group over the world for host-side flags: reducing a CPU tensor over it never waits for the device.
+    On a NCCL world this creates one, a collective: call it once, on every rank."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

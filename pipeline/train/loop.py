@@ -24,14 +24,14 @@ from lm2.pipeline.config import RunConfig
 from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.init import host_group, init_distributed
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals, launched_world_size
 from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
 from lm2.pipeline.train.run_folder import claim_run_folder
-from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
+from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
 def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -79,6 +79,7 @@ class Trainer:
         run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
+        self.host_group = host_group()
         self.run_folder_lock = claim_run_folder(run)  # held until the process ends
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
         # Data first: a dataset that does not fit the model fails before the engine is built.
@@ -158,9 +159,9 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks): all ranks agree at the
         same step boundary, so they save the same step."""
-        flag = torch.tensor([float(self.signals.received)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = np.array([self.signals.received], dtype=np.int32)  # host memory over gloo: no device sync per step
+        dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(flag[0])
 
     def fit(self) -> None:
         """Trains to run.train.steps. Saves every checkpoint.every steps and at the end; on SIGTERM or SIGUSR1
@@ -171,6 +172,7 @@ class Trainer:
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
         first_step, started, loss = self.step, time.perf_counter(), None
+        finite = FiniteWatch(self.device)
         try:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
@@ -178,6 +180,9 @@ class Trainer:
                 with self.gates.recording(enabled=log_due):
                     loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
+                finite.observe(self.step, loss, grad_norm)
+                if log_due:
+                    finite.check()
                 throughput.add(self.tokens_per_step)
                 metrics = self._train_metrics(throughput, loss, grad_norm, lr) if log_due else {}
                 if run.train.eval_every and self.step % run.train.eval_every == 0:
@@ -187,6 +192,7 @@ class Trainer:
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
+                    finite.check()  # never save a blown-up model
                     self.save_checkpoint()
                 if stop:
                     # Every rank leaves only when all are done, wandb included: launchers stop the other ranks of
