@@ -125,7 +125,10 @@ SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.min_lr", "optim.warmup_step
 
 def check_schedule(manifest: Manifest, config: dict[str, Any], folder: Path, override: bool) -> None:
     """Refuses to resume with an LR schedule (SCHEDULE_FIELDS of the resolved config `config`) other than the
-    checkpoint's, naming the fields, unless `override`: then the schedule is the config's (engine.resume_schedule)."""
+    checkpoint's, naming the fields, unless `override`: then the schedule is the config's (engine.resume_schedule).
+    A step-0 checkpoint (`lm2 import hf`) has applied no LR yet: the run simply follows its config's schedule."""
+    if manifest.step == 0:
+        return
     saved, current = _flatten(manifest.config), _flatten(config)
     changed = [f"{key}={saved.get(key)!r} -> {current.get(key)!r}" for key in SCHEDULE_FIELDS
                if saved.get(key) != current.get(key)]

@@ -171,7 +171,7 @@ class Trainer:
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
-        first_step, started, loss = self.step, time.perf_counter(), None
+        first_step, started, logged_loss = self.step, time.perf_counter(), None
         finite = FiniteWatch(self.device)
         try:
             while self.step < run.train.steps:
@@ -189,6 +189,7 @@ class Trainer:
                     metrics["val_loss"] = self.validate()
                 if metrics:
                     logger.log(self.step, metrics)
+                    logged_loss = metrics.get("loss", logged_loss)
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
@@ -202,9 +203,9 @@ class Trainer:
                     raise RequeueExit()
         finally:
             logger.finish()
-        if self.rank == 0 and loss is not None:
+        if self.rank == 0 and logged_loss is not None:  # the last step always logs: no extra host read
             print(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
-                  f"{loss.item():.4f}; checkpoints in {self.checkpoints}", flush=True)
+                  f"{logged_loss:.4f}; checkpoints in {self.checkpoints}", flush=True)
 
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
