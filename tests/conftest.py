@@ -9,6 +9,16 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """A test that runs `lm2` in-process (cli.main) must not leave its settings (e.g. the quiet-console variables for
+    wandb) in the environment of later tests' subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _destroy_leftover_groups():
     """A test that initialised a process group in this process must not leak it into the next one."""
     yield
