@@ -148,7 +148,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, tokenizer_path, nam
 def test_missing_inputs_and_existing_output_are_refused(tmp_path, tokenizer_path, text_inputs):
     with pytest.raises(DataError, match="does not exist"):
         prepare([tmp_path / "nothere"], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
-    with pytest.raises(DataError, match="no input files"):
+    with pytest.raises(DataError, match="no inputs"):
         prepare([write(tmp_path / "other", "notes.md", b"x")], tmp_path / "out", tokenizer_path, row_length=16)
     (tmp_path / "out").mkdir()
     with pytest.raises(DataError, match="already exists"):
