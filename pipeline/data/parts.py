@@ -69,17 +69,20 @@ class Part:
 
 
 def pieces_of_part(pieces: list[Piece], part: Part) -> list[Piece]:
-    """Part `part`'s contiguous run of `pieces`: piece j belongs to the part holding the midpoint of its bytes."""
-    total = max(sum(piece.size for piece in pieces), 1)
-    chosen, start = [], 0
-    for piece in pieces:
-        if min(part.count - 1, (2 * start + piece.size) * part.count // (2 * total)) == part.index:
-            chosen.append(piece)
-        start += piece.size
-    if not chosen:
+    """Part `part`'s contiguous run of `pieces`. Part i starts at the first piece whose bytes' midpoint lies past
+    i/K of all bytes (balance by size), moved so that every part gets at least one piece when there are enough."""
+    if len(pieces) < part.count:
         raise DataError(f"{part.name} gets no input: the {len(pieces)} input piece(s) do not fill "
                         f"{part.count} parts; lower --num-shards or split the inputs into more files")
-    return chosen
+    total, start, midpoints = sum(piece.size for piece in pieces), 0, []
+    for piece in pieces:
+        midpoints.append(2 * start + piece.size)
+        start += piece.size
+    starts = [0] + [sum(m * part.count < 2 * i * total for m in midpoints) for i in range(1, part.count)]
+    for i in range(1, part.count):  # at least one piece per part, and enough left for the parts after
+        starts[i] = min(max(starts[i], starts[i - 1] + 1), len(pieces) - (part.count - i))
+    ends = starts[1:] + [len(pieces)]
+    return pieces[starts[part.index]:ends[part.index]]
 
 
 def merge(output: str | Path) -> dict:

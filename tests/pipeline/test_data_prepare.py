@@ -26,7 +26,9 @@ def read_rows(split_folder: Path) -> tuple[np.ndarray, np.ndarray]:
     raw_folder = Path(tempfile.mkdtemp())
     for shard_info in index["shards"]:
         zipped = (split_folder / shard_info["zip_data"]["basename"]).read_bytes()
-        (raw_folder / shard_info["raw_data"]["basename"]).write_bytes(decompress("zstd", zipped))
+        raw = raw_folder / shard_info["raw_data"]["basename"]  # merged parts: part-*/shard.*.mds
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_bytes(decompress("zstd", zipped))
         shard = reader_from_json(str(raw_folder), None, shard_info)
         shard.validate(allow_unsafe_types=False)
         for i in range(shard.samples):
