@@ -45,15 +45,15 @@ class Location:
         if not self.remote:
             path = Path(self.url, name)
             return json.loads(path.read_text()) if path.is_file() else None
-        from streaming.base.storage import download_file
+        from streaming.base.storage import CloudDownloader
 
         with tempfile.TemporaryDirectory() as folder:
             local = os.path.join(folder, "file.json")
             try:
-                download_file(self.join(name), local, 60)
-            except FileNotFoundError:
-                return None
+                CloudDownloader.direct_download(self.join(name), local, 60)
             except Exception as error:  # every storage backend raises its own types
+                if isinstance(error, FileNotFoundError) or _error_code(error) in ("404", "NoSuchKey"):
+                    return None
                 raise DataError(f"cannot fetch {self.join(name)} ({error}); check the URL and credentials") \
                     from None
             return json.loads(Path(local).read_text())
@@ -81,3 +81,8 @@ class Location:
         except Exception as error:  # every storage backend raises its own types
             raise DataError(f"cannot reach {remote} ({error}); check the URL, the bucket and the credentials "
                             "(S3_ENDPOINT_URL for S3-compatible stores)") from None
+
+
+def _error_code(error: Exception) -> str | None:
+    """The S3 error code of a botocore ClientError (streaming's S3 download re-raises it for a missing object)."""
+    return getattr(error, "response", {}).get("Error", {}).get("Code")

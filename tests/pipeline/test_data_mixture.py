@@ -43,12 +43,15 @@ def _run(paths, tmp_path, tag, batches=None, state=None) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def two_streams(prepared, tokenizer_path, tmp_path_factory):
+def two_streams(tokenizer_path, tmp_path_factory):
+    """Two small datasets of different documents (a few hundred rows each: 2-rank epochs stay short)."""
     folder = tmp_path_factory.mktemp("mixture")
-    write_zst_jsonl(folder / "scenes.jsonl.zst", scene_texts())
-    prepare([folder / "scenes.jsonl.zst"], folder / "scenes", tokenizer_path, row_length=16,
-            shard_size_limit=1 << 12, progress=False)
-    return [prepared, folder / "scenes"]
+    texts = scene_texts()
+    for name, part in (("first", texts[:60]), ("second", texts[60:110])):
+        write_zst_jsonl(folder / f"{name}.jsonl.zst", part)
+        prepare([folder / f"{name}.jsonl.zst"], folder / name, tokenizer_path, row_length=16,
+                shard_size_limit=1 << 12, progress=False)
+    return [folder / "first", folder / "second"]
 
 
 def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams, tmp_path):
@@ -103,6 +106,7 @@ def test_a_stream_that_does_not_fit_the_run_is_refused_by_name(two_streams, text
                              progress=False),
     }
     good = str(two_streams[0])
+    assert two_streams[0].parent == two_streams[1].parent
 
     def build(second: Path, model=None, **data) -> None:
         clean_stale_shared_memory()
