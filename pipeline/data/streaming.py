@@ -210,9 +210,14 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
     streams, pad_id = _streams(cfg, model, checksum)
     _, dp_rank, _ = dims.coords(rank)
-    dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
-                              shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
-                              num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
-                              cache_limit=cfg.cache_limit,
-                              validate_hash="xxh64" if cfg.validate_hash else None)
+    try:
+        dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
+                                  shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
+                                  num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
+                                  cache_limit=cfg.cache_limit,
+                                  validate_hash="xxh64" if cfg.validate_hash else None)
+    except ValueError as error:
+        if "Cache limit" not in str(error):
+            raise
+        raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
     return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
