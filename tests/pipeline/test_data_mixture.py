@@ -54,6 +54,7 @@ def two_streams(tokenizer_path, tmp_path_factory):
     return [folder / "first", folder / "second"]
 
 
+@pytest.mark.timeout(1800)  # three 2-rank epochs; on a shared 2-core machine they took over 900 s
 def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams, tmp_path):
     # Which stream a row came from: its id and first tokens name it in exactly one stream.
     owner = {}

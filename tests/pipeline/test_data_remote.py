@@ -101,10 +101,20 @@ def _read_remote(url: str, cache: str, out: str, tag: str, batches: int | None, 
     ids, cached = [], 0
     for batch in islice(loader, batches):
         ids += batch["id"].tolist()
-        shards = [p for p in Path(cache).rglob("*") if p.is_file() and ".mds" in p.name]
-        cached = max(cached, sum(p.stat().st_size for p in shards))
+        cached = max(cached, _cached_bytes(Path(cache)))
     record = {"ids": ids, "state": loader.state_dict(), "cached": cached}
     Path(out, f"{tag}-{dist.get_rank()}.json").write_text(json.dumps(record))
+
+
+def _cached_bytes(cache: Path) -> int:
+    """Bytes of shards in the cache now; the other rank may evict a listed one before its size is read."""
+    total = 0
+    for path in cache.rglob("*.mds*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _run(url, tmp_path, tag, batches=None, state=None) -> list[dict]:
