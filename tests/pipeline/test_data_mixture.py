@@ -19,7 +19,8 @@ from tests.pipeline.test_data_prepare import read_rows
 PROPORTIONS = (0.7, 0.3)
 
 
-def _read_mixture(paths: list[str], out: str, tag: str, batches: int | None, state_file: str | None) -> None:
+def _read_mixture(paths: list[str], out: str) -> None:
+    """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state."""
     import torch.distributed as dist
     from streaming.base.util import clean_stale_shared_memory
 
@@ -29,17 +30,27 @@ def _read_mixture(paths: list[str], out: str, tag: str, batches: int | None, sta
     dims = init_distributed()
     clean_stale_shared_memory()
     cfg = DataConfig(streams=[StreamConfig(p, proportion=w) for p, w in zip(paths, PROPORTIONS)])
-    loader = build_train_loader(cfg, dims, dist.get_rank(), 4, tiny_model_config())
-    if state_file:
-        loader.load_state_dict(json.loads(Path(state_file).read_text()))
-    rows = [[i, t[:8]] for batch in islice(loader, batches)
-            for i, t in zip(batch["id"].tolist(), batch["input_ids"].tolist())]
-    Path(out, f"{tag}-{dist.get_rank()}.json").write_text(json.dumps({"rows": rows, "state": loader.state_dict()}))
+
+    def read(batches: int | None = None, state: dict | None = None) -> dict:
+        loader = build_train_loader(cfg, dims, dist.get_rank(), 4, tiny_model_config())
+        if state:
+            loader.load_state_dict(state)
+        rows = [[i, t[:8]] for batch in islice(loader, batches)
+                for i, t in zip(batch["id"].tolist(), batch["input_ids"].tolist())]
+        return {"rows": rows, "state": loader.state_dict()}
+
+    whole = read()
+    first = read(batches=5)
+    rest = read(state=first["state"])  # a fresh loader, as a restarted job builds it
+    record = {"whole": whole, "first": first, "rest": rest}
+    Path(out, f"mixture-{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
-def _run(paths, tmp_path, tag, batches=None, state=None) -> list[dict]:
-    run_distributed(_read_mixture, 2, ([str(p) for p in paths], str(tmp_path), tag, batches, state and str(state)))
-    return [json.loads((tmp_path / f"{tag}-{rank}.json").read_text()) for rank in range(2)]
+def _run(paths, tmp_path) -> dict[str, list[dict]]:
+    """{"whole" | "first" | "rest": [rank 0's record, rank 1's record]}."""
+    run_distributed(_read_mixture, 2, ([str(p) for p in paths], str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"mixture-{rank}.json").read_text()) for rank in range(2)]
+    return {part: [r[part] for r in ranks] for part in ranks[0]}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,6 @@ def two_streams(tokenizer_path, tmp_path_factory):
     return [folder / "first", folder / "second"]
 
 
-@pytest.mark.timeout(1800)  # three 2-rank epochs; on a shared 2-core machine they took over 900 s
 def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams, tmp_path):
     # Which stream a row came from: its id and first tokens name it in exactly one stream.
     owner = {}
@@ -67,7 +77,8 @@ def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams
     def streams_of(records) -> list[int]:
         return [next(iter(owner[(i, tuple(t))])) for record in records for i, t in record["rows"]]
 
-    whole = _run(two_streams, tmp_path, "whole")
+    runs = _run(two_streams, tmp_path)
+    whole, first, rest = runs["whole"], runs["first"], runs["rest"]
     drawn = Counter(streams_of(whole))
     epoch = sum(len(r) for r in (read_rows(p / "train")[1] for p in two_streams))
     read = sum(drawn.values())
@@ -82,10 +93,7 @@ def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams
         sigma = sqrt(PROPORTIONS[0] * PROPORTIONS[1] / n * (epoch - n) / (epoch - 1))
         assert abs(share - PROPORTIONS[0]) < 4 * sigma, (n, share, sigma)
 
-    first = _run(two_streams, tmp_path, "first", batches=5)
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps(first[0]["state"]))
-    rest = _run(two_streams, tmp_path, "rest", state=state)
+    assert first[0]["state"] == first[1]["state"] and first[0]["state"]["sample_in_epoch"] == 5 * 2 * 4
     resumed = Counter((i, tuple(t)) for r in first + rest for i, t in r["rows"])
     uninterrupted = Counter((i, tuple(t)) for r in whole for i, t in r["rows"])
     assert resumed == uninterrupted  # the same rows of the same streams, as often
