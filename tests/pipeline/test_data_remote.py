@@ -18,7 +18,15 @@ from tests.distributed import free_port, run_distributed
 from tests.pipeline.data_fixtures import tiny_model_config, write_mixed_inputs
 
 BUCKET = "lm2-data"
-CACHE_LIMIT = 40_000  # bytes: streaming needs 4 x the largest shard (zip + raw, ~6.5 KB here); this is ~6
+# bytes: streaming counts index.json (~26 KB for these 55 shards) and needs room for at least one shard's zip and
+# raw forms (~1.7 KB); 4 x that is its minimum. This leaves room for ~8 shards of 55.
+CACHE_LIMIT = 40_000
+# streaming evicts before a shard's download until its committed cache usage plus that shard's full size
+# (zip + raw) fits data.cache_limit, but a download counts only once it completes: downloads running at the same
+# time on one node do not see each other. Each rank has three threads that can start one (its download thread,
+# its ready thread and its main thread, the last two for a shard evicted under them), so with 2 ranks the cache
+# can exceed the limit by up to 2 x 3 - 1 shards; it did by 3 (with 4 in flight) when this was measured.
+CONCURRENT_DOWNLOADS = 2 * 3
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,7 @@ def remote_dataset(s3, tokenizer_path, tmp_path_factory):
     for output in (url, folder / "local"):
         for index in range(2):
             prepare([folder / "in"], output, tokenizer_path, row_length=16, part=Part(index, 2),
-                    shard_size_limit=1 << 12, progress=False)
+                    shard_size_limit=1 << 10, progress=False)
         merge(output)
     return url, folder / "local"
 
@@ -85,7 +93,9 @@ def test_parts_prepared_into_s3_and_merged_there_equal_a_local_prepare(s3, remot
         merge(url)
 
 
-def _read_remote(url: str, cache: str, out: str, tag: str, batches: int | None, state_file: str | None) -> None:
+def _read_remote(url: str, cache: str, out: str) -> None:
+    """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state.
+    Each read has its own cache folder (a fresh node's) and records the most bytes its cache held."""
     import torch.distributed as dist
     from streaming.base.util import clean_stale_shared_memory
 
@@ -94,16 +104,25 @@ def _read_remote(url: str, cache: str, out: str, tag: str, batches: int | None, 
 
     dims = init_distributed()
     clean_stale_shared_memory()
-    cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=cache, cache_limit=str(CACHE_LIMIT))
-    loader = build_train_loader(cfg, dims, dist.get_rank(), 2, tiny_model_config())
-    if state_file:
-        loader.load_state_dict(json.loads(Path(state_file).read_text()))
-    ids, cached = [], 0
-    for batch in islice(loader, batches):
-        ids += batch["id"].tolist()
-        cached = max(cached, _cached_bytes(Path(cache)))
-    record = {"ids": ids, "state": loader.state_dict(), "cached": cached}
-    Path(out, f"{tag}-{dist.get_rank()}.json").write_text(json.dumps(record))
+
+    def read(tag: str, batches: int | None = None, state: dict | None = None) -> dict:
+        folder = Path(cache, tag)
+        cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=str(folder), cache_limit=str(CACHE_LIMIT))
+        loader = build_train_loader(cfg, dims, dist.get_rank(), 2, tiny_model_config())
+        if state:
+            loader.load_state_dict(state)
+        ids, on_disk, usage = [], 0, 0
+        for batch in islice(loader, batches):
+            ids += batch["id"].tolist()
+            on_disk = max(on_disk, _cached_bytes(folder))
+            usage = max(usage, loader.dataset.cache_usage)  # streaming's own count: shards and index.json
+        largest = max(shard.get_max_size() for shard in loader.dataset.shards)
+        return {"ids": ids, "state": loader.state_dict(), "on_disk": on_disk, "usage": usage, "largest": largest,
+                "index": loader.dataset.streams[0].get_index_size()}
+
+    first = read("first", batches=5)
+    record = {"whole": read("whole"), "first": first, "rest": read("rest", state=first["state"])}
+    Path(out, f"remote-{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
 def _cached_bytes(cache: Path) -> int:
@@ -117,23 +136,28 @@ def _cached_bytes(cache: Path) -> int:
     return total
 
 
-def _run(url, tmp_path, tag, batches=None, state=None) -> list[dict]:
-    cache = tmp_path / f"cache-{tag}"
-    run_distributed(_read_remote, 2, (url, str(cache), str(tmp_path), tag, batches, state and str(state)))
-    return [json.loads((tmp_path / f"{tag}-{rank}.json").read_text()) for rank in range(2)]
+def _run(url, tmp_path) -> dict[str, list[dict]]:
+    """{"whole" | "first" | "rest": [rank 0's record, rank 1's record]}."""
+    run_distributed(_read_remote, 2, (url, str(tmp_path / "cache"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"remote-{rank}.json").read_text()) for rank in range(2)]
+    return {part: [r[part] for r in ranks] for part in ranks[0]}
 
 
 def test_two_ranks_stream_from_s3_within_the_cache_limit_and_resume_exactly_once(remote_dataset, tmp_path):
     url, local = remote_dataset
-    whole = _run(url, tmp_path, "whole")
+    runs = _run(url, tmp_path)
+    whole, first, rest = runs["whole"], runs["first"], runs["rest"]
     uninterrupted = Counter(i for record in whole for i in record["ids"])
     rows = json.loads((local / "lm2_data.json").read_text())["splits"]["train"]["rows"]
     assert max(uninterrupted.values()) == 1 and rows - 4 < len(uninterrupted) <= rows
-    first = _run(url, tmp_path, "first", batches=5)
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps(first[0]["state"]))
-    rest = _run(url, tmp_path, "rest", state=state)
+    assert first[0]["state"] == first[1]["state"] and first[0]["state"]["sample_in_epoch"] == 5 * 2 * 2
     resumed = Counter(i for record in first + rest for i in record["ids"])
     assert resumed == uninterrupted and max(resumed.values()) == 1
+    shards = json.loads((local / "train" / "index.json").read_text())["shards"]
+    largest = max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards)
+    bound = CACHE_LIMIT + (CONCURRENT_DOWNLOADS - 1) * largest  # streaming's usage: index.json and shards
     for record in whole + first + rest:
-        assert 0 < record["cached"] <= CACHE_LIMIT
+        assert record["largest"] == largest and record["usage"] <= bound, record
+        shard_bound = bound - record["index"]
+        assert 0 < record["on_disk"] <= shard_bound, record  # shard files, downloads in flight included
+        assert shard_bound < sum(s["raw_data"]["bytes"] for s in shards) / 2  # far from caching every shard
