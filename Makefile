@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume export babilong test test-all clean \
+.PHONY: setup quickstart data train resume export babilong test test-all test-gpu clean \
 	experiment experiment-data experiment-lm2 experiment-vanilla
 
 $(VENV)/.installed: pyproject.toml
@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The embedded default, end to end on CPU: tokenizer, shards, training on $(NPROC) gloo ranks with
-# checkpoints, then a resume that continues the run from its newest checkpoint, then the export of the trained
+# checkpoints, then a resume that continues the run from its newest checkpoint to 250 steps (a schedule change,
+# so --override-schedule: the LR follows the 250-step schedule), then the export of the trained
 # model as a verified Hugging Face folder, then a short BABILong evaluation of it.
 quickstart: setup
 	rm -rf $(RUN)
@@ -36,7 +37,7 @@ train:
 
 resume:
 	$(BIN)/lm2 ckpt inspect $(RUN)/checkpoints
-	$(LOCAL) --config configs/tiny.yaml --resume auto train.steps=250
+	$(LOCAL) --config configs/tiny.yaml --resume auto --override-schedule train.steps=250
 
 export:
 	$(BIN)/lm2 export hf $(RUN)/checkpoints $(RUN)/hf --force --verify
@@ -78,6 +79,10 @@ test: setup
 # Also the slow tests (layout changes through universal checkpoints: TP and PP).
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
+
+# The GPU path (nccl, bf16, flash attention) on a machine with CUDA devices; skipped without one.
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu -q -p no:cacheprovider
 
 clean:
 	rm -rf runs

@@ -1,28 +1,36 @@
-"""Training-step throughput of lm2's engine against a plain-PyTorch loop of the same model, in one run.
+"""Training-step throughput of lm2's engine against a plain-PyTorch loop, and LM2 against its vanilla backbone.
 
-    python bench/train_step.py --config configs/tiny.yaml [--steps 20] [overrides...]
+    python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides...]
 
-Single process. The reference is LM2Model + torch.optim.AdamW with the same batches, clipping and micro-batching,
-without DeepSpeed; the ratio (lm2 tokens/s over reference tokens/s) is what lm2's machinery costs or saves. The
-same pair is measured for the vanilla backbone (memory off), so the memory module's cost shows as a ratio too.
-Prints one JSON line.
+One process. Four subjects share each round, in turn: lm2's engine (DeepSpeed, the config's ZeRO stage) and a plain
+loop (LM2Model + torch.optim.AdamW, same batches, clipping and micro-batching, eager) for LM2, and the same two
+for the vanilla backbone (memory off). Reported, as medians of per-round ratios:
+- engine_vs_plain: plain seconds / engine seconds (1.0: lm2's machinery costs nothing; target >= 0.9);
+- lm2_vs_vanilla: LM2 tokens/s over vanilla tokens/s (engine), its ideal (vanilla FLOPs / LM2 FLOPs, analytic),
+  their quotient (efficiency: 1.0 means the memory costs no more per FLOP than the backbone; target >= 0.9), and
+  the peak memory ratio. Peak memory here is weights + gradients + AdamW state after a step plus the bytes autograd
+  saves for backward in one micro-batch (exact counts, not RSS).
+--profile prints torch.profiler's top operators of the plain LM2 step; --compile adds a plain LM2 loop whose
+blocks are torch.compile'd (lm2 has no compile option: it did not win on CPU, see bench/README.md). Prints one JSON line, then a summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
+import statistics
+import sys
 
 import torch
 
+from lm2.model.accounting import forward_flops_per_token
 from lm2.model.lm import LM2Model, mean_loss
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.train.engine import build_engine
 from lm2.pipeline.train.step import train_step
+from measure import interleaved, median_ratio, saved_activation_bytes, state_bytes
 
 
 def batches(run, count: int):
@@ -32,18 +40,8 @@ def batches(run, count: int):
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
-def timed(step, micro_batches, steps: int, warmup: int = 2) -> float:
-    """Seconds per optimizer step, after warmup steps."""
-    for _ in range(warmup):
-        step(micro_batches)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(micro_batches)
-    return (time.perf_counter() - start) / steps
-
-
-def plain_step(model: LM2Model, optimizer, clip: float):
-    def step(micro_batches):
+def plain_step(model: LM2Model, optimizer, clip: float, micro_batches):
+    def step():
         for inputs, labels in micro_batches:
             (mean_loss(model(inputs), labels) / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -52,31 +50,90 @@ def plain_step(model: LM2Model, optimizer, clip: float):
     return step
 
 
-def measure(run, dims, steps: int) -> dict[str, float]:
-    run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, zero_stage=0))
-    engine = build_engine(run, dims)
-    micro_batches = batches(run, engine.grad_accum)
-    lm2_s = timed(lambda mb: train_step(engine, mb), micro_batches, steps)
+def repeat(step, times: int):
+    def run():
+        for _ in range(times):
+            step()
+    return run
+
+
+def plain_model(run):
     model = LM2Model(run.model, tensor_parallel(), seed=run.train.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2))
-    plain_s = timed(plain_step(model, optimizer, run.optim.grad_clip), micro_batches, steps)
-    tokens = run.train.global_batch * run.model.row_length
-    return {"lm2_tokens_per_s": tokens / lm2_s, "plain_tokens_per_s": tokens / plain_s, "ratio": plain_s / lm2_s}
+    return model, optimizer
+
+
+def peak_bytes(run, micro_batches) -> int:
+    """Weights, grads and AdamW state after a step, plus one micro-batch's saved activations (plain model)."""
+    model, optimizer = plain_model(run)
+    plain_step(model, optimizer, run.optim.grad_clip, micro_batches)()
+    inputs, labels = micro_batches[0]
+    activations = saved_activation_bytes(model, lambda: mean_loss(model(inputs), labels))
+    return state_bytes(model, optimizer) + activations
+
+
+def profile(step) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per subject per round")
+    parser.add_argument("--profile", action="store_true", help="print the plain LM2 step's top operators")
+    parser.add_argument("--compile", action="store_true", help="also time a plain loop with compiled blocks")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     dims = init_distributed()
-    result = {"config": args.config, "threads": torch.get_num_threads()}
-    for name, extra in (("lm2", []), ("vanilla", ["model.memory.enabled=false"])):
-        run = load_config(args.config, args.overrides + extra)
-        result[name] = measure(run, dims, args.steps)
-    result["memory_cost_ratio"] = result["vanilla"]["lm2_tokens_per_s"] / result["lm2"]["lm2_tokens_per_s"]
+    runs = {"lm2": load_config(args.config, args.overrides),
+            "vanilla": load_config(args.config, args.overrides + ["model.memory.enabled=false"])}
+    subjects, micro_batches = {}, {}
+    for name, run in runs.items():
+        engine = build_engine(run, dims)
+        micro_batches[name] = batches(run, engine.grad_accum)
+        subjects[f"{name}/engine"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb), args.steps)
+        model, optimizer = plain_model(run)
+        subjects[f"{name}/plain"] = repeat(plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]),
+                                           args.steps)
+    if args.compile:
+        model, optimizer = plain_model(runs["lm2"])
+        for block in model.layers:
+            block.compile()  # in place, as a trainer option would
+        subjects["lm2/plain-compiled"] = repeat(plain_step(model, optimizer, runs["lm2"].optim.grad_clip,
+                                                           micro_batches["lm2"]), args.steps)
+    seconds = interleaved(subjects, args.rounds)
+    tokens = args.steps * runs["lm2"].train.global_batch * runs["lm2"].model.row_length
+    flops = {name: forward_flops_per_token(run.model) for name, run in runs.items()}
+    peaks = {name: peak_bytes(run, micro_batches[name]) for name, run in runs.items()}
+    speed = median_ratio(seconds["vanilla/engine"], seconds["lm2/engine"])
+    ideal = flops["vanilla"] / flops["lm2"]
+    result = {
+        "bench": "train_step", "config": args.config, "overrides": args.overrides, "threads": torch.get_num_threads(),
+        "zero_stage": runs["lm2"].parallel.zero_stage, "rounds": args.rounds, "steps_per_round": args.steps,
+        "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
+        "engine_vs_plain": {name: median_ratio(seconds[f"{name}/plain"], seconds[f"{name}/engine"]) for name in runs},
+        "lm2_vs_vanilla": {"tokens_per_s_ratio": speed, "ideal_flops_ratio": ideal, "efficiency": speed / ideal,
+                           "peak_memory_ratio": peaks["lm2"] / peaks["vanilla"]},
+        "peak_bytes": peaks,
+    }
+    if args.compile:
+        result["compiled_vs_eager"] = median_ratio(seconds["lm2/plain"], seconds["lm2/plain-compiled"])
     print(json.dumps(result))
+    ratios = result["engine_vs_plain"]
+    print(f"engine vs plain loop: LM2 {ratios['lm2']:.2f}, vanilla {ratios['vanilla']:.2f} (target >= 0.9)")
+    print(f"LM2 vs vanilla: tokens/s {speed:.2f} of an ideal {ideal:.2f} (efficiency {speed / ideal:.2f}, "
+          f"target >= 0.9), peak memory x{peaks['lm2'] / peaks['vanilla']:.2f}")
+    print("tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in result["tokens_per_s"].items()))
+    if args.compile:
+        print(f"compiled blocks vs eager (plain loop): {result['compiled_vs_eager']:.2f}x")
+    if args.profile:
+        profile(subjects["lm2/plain"])
 
 
 if __name__ == "__main__":

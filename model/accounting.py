@@ -47,18 +47,23 @@ def parameter_counts(cfg: ModelConfig, vocab_size: int | None = None) -> Paramet
 
 
 def forward_flops_per_token(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token of a training row (training costs three times this)."""
+    """Forward FLOPs per token of a training row (training costs three times this), rounded down."""
     d, d_m, dh, slots = cfg.hidden_size, cfg.memory_dim, cfg.memory_dim // cfg.memory.heads, cfg.memory.slots
     seg = cfg.segment_length if cfg.memory.enabled else cfg.row_length
     counts = parameter_counts(cfg)
     matmul_params = counts.backbone - (2 * cfg.num_layers + 1) * d + cfg.vocab_size * d  # blocks + output layer
     flops = 2 * matmul_params + cfg.num_layers * 4 * seg * d  # projections; QK^T and AV over the segment
     memory_blocks = sum(cfg.has_memory(i) for i in range(cfg.num_layers))
-    per_token_memory = (
-        2 * 4 * d * d_m  # token projections
-        + 4 * slots * d_m  # read attention over N slots
-        + 2 * d_m * dh  # output gate
-        # once per segment, shared by its S tokens: k/v of the slots, write query, write attention, two gates
-        + (3 * 2 * slots * d_m * dh + 4 * slots * seg * d_m + 2 * 2 * slots * 2 * d_m * dh) // seg
+    segments = cfg.num_segments
+    per_row_memory = (
+        cfg.row_length * (
+            2 * 4 * d * d_m  # token projections
+            + 4 * slots * d_m  # read attention over N slots
+            + 2 * d_m * dh  # output gate
+        )
+        + segments * 2 * 2 * slots * d_m * dh  # k/v of the slots each segment reads
+        # the writes: none after the last segment (it would feed nothing inside the row); write query, write
+        # attention over the segment, input and forget gates
+        + (segments - 1) * (2 * slots * d_m * dh + 4 * slots * seg * d_m + 2 * 2 * slots * 2 * d_m * dh)
     )
-    return flops + memory_blocks * per_token_memory
+    return flops + memory_blocks * per_row_memory // cfg.row_length

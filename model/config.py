@@ -47,15 +47,18 @@ class MemoryConfig:
     layers: list[int] | None = None
     """Indices of the blocks that carry memory; None means every block."""
     bptt_segments: int = 4
-    """Truncated BPTT: the memory chain is detached before every bptt_segments-th write, so gradients cross at
-    most this many segment boundaries (at least one: a segment always trains the write that fed it)."""
+    """Truncated BPTT in windows: the segments of a row form windows of bptt_segments segments, and every block's
+    memory is detached where a window starts (for reads and writes), so no gradient leaves its window, through any
+    number of stacked blocks. At least 2: with 1 no write would ever be trained."""
     forget_bias_init: float = 1.0
     """Initial forget-gate bias: +1 makes a fresh model remember by default."""
 
     def __post_init__(self) -> None:
         _positive("memory.slots", self.slots)
         _positive("memory.heads", self.heads)
-        _positive("memory.bptt_segments", self.bptt_segments)
+        require(isinstance(self.bptt_segments, int) and self.bptt_segments >= 2,
+                f"memory.bptt_segments must be an integer >= 2, got {self.bptt_segments!r}: with 1 every "
+                "segment's memory is detached and no memory write is trained")
         if self.dim is not None:
             _positive("memory.dim", self.dim)
             require(
@@ -103,6 +106,8 @@ class ModelConfig:
         )
         require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
+        require(self.norm_eps > 0, f"norm_eps must be positive (RMSNorm divides by sqrt(mean(x^2) + norm_eps)), "
+                                   f"got {self.norm_eps}")
         if not self.memory.enabled:
             return
         require(

@@ -89,16 +89,18 @@ class LM2Memory(nn.Module):
         return g_in * torch.tanh(u) + g_forget * mem
 
     def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
-        """Truncated BPTT: the chain of writes is cut before every bptt_segments-th write. Only the write's input
-        is detached: segment s still trains the write that produced its M_s, so a gradient crosses between 1 and
-        bptt_segments segment boundaries, and every write gets gradient (RMT's scheme)."""
+        """Truncated BPTT in windows of bptt_segments segments (RMT's scheme): at the first segment of every
+        window, M_s is detached for its reads and its write alike. Every block cuts at the same boundaries, so no
+        gradient leaves its window, also through stacked blocks (a block's reads feed the next block's writes).
+        The write at the end of a window's last segment gets no gradient, hence bptt_segments >= 2."""
         return mem.detach() if segment > 0 and segment % self.bptt_segments == 0 else mem
 
     def step(self, xn: torch.Tensor, mem: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
+        mem = self.truncate(mem, segment)
         read = self.read(self._heads(self.read_q(xn)), mem)
         write_k, write_v = self._heads(self.write_k(xn)), self._heads(self.write_v(xn))
-        return read, self.write(write_k, write_v, self.truncate(mem, segment))
+        return read, self.write(write_k, write_v, mem)
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
@@ -110,11 +112,9 @@ class LM2Memory(nn.Module):
         k = length // segment_length
         seg = (b, k, segment_length, self.local_heads, self.head_dim)
         write_k, write_v = self.write_k(xn).view(seg), self.write_v(xn).view(seg)
-        mem = self.initial_state(b)
-        states = [mem]
-        for s in range(k - 1):  # the write after the last segment feeds nothing inside this row
-            mem = self.write(write_k[:, s], write_v[:, s], self.truncate(mem, s))
-            states.append(mem)
+        states = [self.initial_state(b)]
+        for s in range(1, k):  # the write after the last segment feeds nothing inside this row
+            states.append(self.truncate(self.write(write_k[:, s - 1], write_v[:, s - 1], states[-1]), s))
         stacked = torch.stack(states, dim=1).flatten(0, 1)  # [B*k, N, Hl, dh]
         q = self.read_q(xn).view(b * k, segment_length, self.local_heads, self.head_dim)
         return self.read(q, stacked).view(b, length, -1)

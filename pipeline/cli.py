@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lm2.model.errors import CheckpointError, ConfigError, DataError, LM2Error
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
+from lm2.pipeline.console import human
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -20,7 +17,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     from lm2.model.accounting import forward_flops_per_token, parameter_counts
     from lm2.pipeline.config import load_config
 
-    model = load_config(args.config, args.overrides).model
+    run = load_config(args.config, args.overrides)
+    dims = run.validate(args.world_size or run.parallel.tp * run.parallel.pp)
+    model = run.model
     counts = parameter_counts(model)
     flops = forward_flops_per_token(model)
     share = counts.memory / (counts.total - counts.memory)
@@ -28,11 +27,42 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"memory            {'on' if model.memory.enabled else 'off'}"
           + (f": {model.memory.slots} slots x {model.memory_dim} dims, {model.memory.heads} heads, "
              f"segments of {model.segment_length} tokens" if model.memory.enabled else ""))
-    print(f"parameters        {_human(counts.total)} ({counts.total:,})")
-    print(f"  embedding       {_human(counts.embedding)}")
-    print(f"  backbone        {_human(counts.backbone)}")
-    print(f"  memory          {_human(counts.memory)} (+{share:.1%} over embedding + backbone)")
-    print(f"FLOPs per token   forward {_human(flops)}, training (x3) {_human(3 * flops)}")
+    print(f"parameters        {human(counts.total)} ({counts.total:,})")
+    print(f"  embedding       {human(counts.embedding)}")
+    print(f"  backbone        {human(counts.backbone)}")
+    print(f"  memory          {human(counts.memory)} (+{share:.1%} over embedding + backbone)")
+    print(f"FLOPs per token   forward {human(flops)}, training (x3) {human(3 * flops)}")
+    print(f"layout            {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp}, "
+          f"{run.train.grad_accum(dims.dp)} micro-batch(es) of {run.train.micro_batch} rows per step and rank")
+    _print_plan(run, dims.dp, args.mfu)
+
+
+def _print_plan(run, dp: int, mfu: float) -> None:
+    """Per-device memory (pipeline/train/plan.py) and tokens/s at an MFU."""
+    from lm2.pipeline.train.plan import memory_estimate, tokens_per_s_per_device
+
+    params_bytes = 4 if run.train.precision == "fp32" else 2  # auto trains in bf16 on GPUs
+    memory = memory_estimate(run, dp, params_bytes)
+    par = run.parallel
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    print(f"memory per device dp={dp} tp={par.tp} pp={par.pp} ZeRO-{par.zero_stage} micro_batch={run.train.micro_batch}"
+          f" {'fp32' if params_bytes == 4 else 'bf16'} (first pipeline stage; allocated tensors, no allocator slack)")
+    print(f"  weights         {size(memory.weights)}")
+    print(f"  gradients       {size(memory.gradients)}")
+    print(f"  optimizer       {size(memory.optimizer)}")
+    chosen = "on" if memory.activation_checkpointing else "off"
+    print(f"  activations     {size(memory.activations)}, {size(memory.activations_checkpointed)} with "
+          f"activation checkpointing (train.activation_checkpointing: {chosen})")
+    print(f"  memory state    {size(memory.memory_state)} (part of the activations)")
+    print(f"  total           {size(memory.total)}")
+    if run.train.peak_tflops:
+        print(f"tokens/s/device   {tokens_per_s_per_device(run, mfu, run.train.peak_tflops):,.0f} at MFU {mfu:.0%} "
+              f"of train.peak_tflops={run.train.peak_tflops:g}")
+    else:
+        print("tokens/s/device   set train.peak_tflops (e.g. 989 for an H100 in bf16) for an estimate")
 
 
 def _model_config(path: str | None):
@@ -132,14 +162,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     signals = StopSignals()  # first: a preemption notice during start-up must not kill the rank
 
     from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.launch import launched_world_size
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    run = load_config(args.config, overrides)
+    run.validate(launched_world_size(os.environ))  # in seconds, before the trainer's imports (the Trainer checks too)
+
     from lm2.pipeline.train.loop import Trainer
     from lm2.pipeline.train.step import NonFiniteLossError
 
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
-        Trainer(load_config(args.config, overrides), signals).fit()
-    except NonFiniteLossError as error:
-        print(f"lm2 train: {error}", file=sys.stderr)
+        Trainer(run, signals, args.override_schedule).fit()
+    except NonFiniteLossError as error:  # every rank alike (the loss is reduced first): rank 0 reports
+        _report(f"lm2 train: {error}", args)
         raise SystemExit(3) from None
 
 
@@ -267,20 +302,40 @@ def _add_eval_commands(commands) -> None:
     mixture.set_defaults(run=cmd_eval_mixture)
 
 
+VERBOSE_HELP = ("show every library notice (lm2 hides known-irrelevant ones), and have every rank print its errors "
+                "(not only rank 0)")
+
+
+def _report(line: str, args: argparse.Namespace) -> None:
+    """An error every rank meets alike is printed by rank 0 alone (all ranks with --verbose), so a job shows it once."""
+    from lm2.pipeline.parallel.launch import launched_rank
+
+    if args.verbose or launched_rank(os.environ) == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm2", description="Pretrain LM2 large memory models.")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="parameter counts and FLOPs per token of a config")
     info.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64")
+    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.memory.slots=64 parallel.tp=2")
+    info.add_argument("--world-size", type=int,
+                      help="ranks to check the layout against, as `lm2 train` does (default: tp * pp, so dp=1)")
+    info.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the tokens/s estimate")
     info.set_defaults(run=cmd_info)
     _add_data_commands(commands)
     train = commands.add_parser("train", help="train a model (launch one process per rank: torchrun, srun)")
     train.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
     train.add_argument("--resume", help="auto (newest complete checkpoint of the run), or a checkpoint folder")
+    train.add_argument("--override-schedule", action="store_true",
+                       help="resume although train.steps or the optim LR fields changed: the LR follows the config")
     # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment anyway.
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    # Also here, not only before the command: launch/local.sh and srun pass their arguments to `lm2 train`.
+    train.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     train.set_defaults(run=cmd_train)
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_jobs = ckpt.add_subparsers(dest="ckpt_command", required=True)
@@ -293,15 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lm2.pipeline.console import quiet_libraries
+    from lm2.pipeline.parallel.launch import EXIT_LM2_ERROR
+
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()  # before the command imports them
     try:
         args.run(args)
     except LM2Error as error:
         kind = ("data error" if isinstance(error, DataError) else
                 "checkpoint error" if isinstance(error, CheckpointError) else
                 "configuration error" if isinstance(error, ConfigError) else "error")
-        print(f"lm2 {args.command}: {kind}: {error}", file=sys.stderr)
-        return 2
+        _report(f"lm2 {args.command}: {kind}: {error}", args)
+        return EXIT_LM2_ERROR
     return 0
 
 

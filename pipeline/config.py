@@ -7,6 +7,7 @@ with the list of known ones, values are coerced to the field's type, and every d
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import yaml
 from lm2.model.config import ModelConfig
 from lm2.model.errors import ConfigError
 from lm2.pipeline.data.config import DataConfig
+from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.train.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
@@ -35,6 +37,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self, world_size: int) -> ParallelDims:
+        """What depends on the number of ranks: the degrees divide the world, every tensor-parallel split is even,
+        every pipeline stage gets a block, and the global batch splits into whole micro-batches. The trainer and
+        `lm2 info` both call it, so a layout that `lm2 info` accepts is one the trainer accepts."""
+        dims = ParallelDims(world_size=world_size, tp=self.parallel.tp, pp=self.parallel.pp)
+        self.model.validate_for_tp(dims.tp)
+        if dims.pp > self.model.num_layers:
+            raise ConfigError(f"parallel.pp={dims.pp} exceeds num_layers={self.model.num_layers}: every pipeline "
+                              "stage needs at least one block; lower parallel.pp")
+        self.train.grad_accum(dims.dp)
+        return dims
 
 
 _SCALARS = {
@@ -72,6 +86,8 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         label, accepts = _SCALARS[kind]
         if not accepts(value):
             raise ConfigError(f"{where} must be {label}, got {value!r}")
+        if kind is float and not math.isfinite(value):  # YAML's .inf and .nan are floats
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value) if kind is float else value
     return value
 
@@ -100,19 +116,34 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     path, raw = override.split("=", 1)
     keys = path.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's description without its multi-line excerpt of the file."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return ", ".join(part for part in parts if part) or str(error).splitlines()[0]
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(error)}") from None
     for override in overrides:
         apply_override(tree, override)
     return from_dict(RunConfig, tree)

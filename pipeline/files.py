@@ -18,11 +18,16 @@ def sha256_file(path: str | Path) -> str:
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`: a reader sees the
-    old file or the new one, never a partial one (a crash leaves at most a hidden temporary file)."""
+    old file or the new one, never a partial one (a failed write leaves nothing, a crash at most a
+    hidden temporary file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+        raise

@@ -26,3 +26,17 @@ def test_model_never_imports_training_machinery():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path}: imports {name}"
+
+
+def test_plain_pytest_collects_from_the_repository_root(tmp_path):
+    """The `pytest` console script puts no folder on sys.path (unlike `python -m pytest`, which adds the current
+    one): this script does what it does, so `tests.*` must import through the pytest configuration alone."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "pytest_console_script.py"
+    script.write_text("import sys\nimport pytest\nsys.exit(pytest.main())\n")
+    result = subprocess.run([sys.executable, str(script), "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "tests/model/test_config.py", "tests/pipeline/test_gate_metrics.py"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -58,13 +58,22 @@ def verify(folder: Path) -> Manifest:
     return manifest
 
 
+def named_checkpoint(resume: str) -> Path:
+    """The folder checkpoint.resume names (neither none nor auto); raises CheckpointError if it does not exist."""
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} (--resume) not found: give a step_* folder of a run's "
+                              "checkpoints, or --resume auto")
+    return folder
+
+
 def find_resume(root: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: checkpoint.resume is none, auto or a folder. Auto skips, with a warning
     naming it, every newer checkpoint that is incomplete or corrupt. A collective."""
     if resume == "none":
         return None
     if resume != "auto":
-        folder = Path(resume)
+        folder = named_checkpoint(resume)
         verify(folder)
         return folder
     for folder in step_folders(root):
@@ -108,6 +117,22 @@ def resume_route(manifest: Manifest, model: ModelConfig, layout: Layout, folder:
         f"{folder} was written with {old.describe()}, this run has {layout.describe()}: a layout can change on "
         "resume only between ZeRO stages 1 and 2 (through a universal checkpoint) or, without ZeRO, in the "
         "data-parallel size; resume with the old layout")
+
+
+SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay")
+"""The config fields that define the learning rate of every step."""
+
+
+def check_schedule(manifest: Manifest, config: dict[str, Any], folder: Path, override: bool) -> None:
+    """Refuses to resume with an LR schedule (SCHEDULE_FIELDS of the resolved config `config`) other than the
+    checkpoint's, naming the fields, unless `override`: then the schedule is the config's (engine.resume_schedule)."""
+    saved, current = _flatten(manifest.config), _flatten(config)
+    changed = [f"{key}={saved.get(key)!r} -> {current.get(key)!r}" for key in SCHEDULE_FIELDS
+               if saved.get(key) != current.get(key)]
+    if changed and not override:
+        raise CheckpointError(
+            f"{folder} was trained with another LR schedule ({', '.join(changed)}): resume with the checkpoint's "
+            "values, or pass --override-schedule to recompute the schedule from the config from this step on")
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lm2.model.errors import CheckpointError
 from lm2.pipeline.checkpoint.format import (
     LATEST,
     MANIFEST,
@@ -73,14 +74,33 @@ def save(engine, root: Path, client_state: dict[str, Any], manifest: Manifest, k
     if rank == 0 and folder.exists():  # leftovers of a save that was interrupted: start clean
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), rng_file(folder, rank))
+    try:
+        engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), rng_file(folder, rank))
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
+        raise _not_written(folder, error) from None
     dist.barrier()  # every rank's files are on disk
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     table = shared_hashes(folder, files)
     if rank == 0:
-        write_manifest(folder, dataclasses.replace(manifest, files=table))
-        write_atomic(root / LATEST, folder.name + "\n")
+        try:
+            write_manifest(folder, dataclasses.replace(manifest, files=table))
+            write_atomic(root / LATEST, folder.name + "\n")
+        except OSError as error:
+            raise _not_written(folder, error) from None
         prune(root, keep)
     dist.barrier()
     return folder
+
+
+def _not_written(folder: Path, error: Exception) -> CheckpointError:
+    """The error of a save that failed on this rank (a full disk, a lost mount), after removing what it wrote: the
+    previous checkpoint and `latest` are untouched. The launcher stops the other ranks when this one exits."""
+    shutil.rmtree(folder, ignore_errors=True)
+    root = folder.parent
+    latest = root / LATEST
+    then = (f"continue with --resume auto from {root / latest.read_text().strip()}, which is intact"
+            if latest.is_file() else "start again")
+    free = shutil.disk_usage(root).free / 2**20
+    return CheckpointError(f"could not write checkpoint {folder} ({error}); {free:.0f} MiB are free on its disk: make "
+                           f"room (or lower checkpoint.keep) and {then}")

@@ -72,7 +72,8 @@ def read_metadata(path: str, cache_dir: str | Path | None = None) -> dict[str, A
 
 
 def check_local_shards(split_folder: Path) -> None:
-    """Cheap startup check of a local split: its index lists shards that exist with the recorded sizes.
+    """Cheap startup check of a local split: its index lists shards that exist with the recorded sizes, and the
+    decompressed copies streaming left beside compressed shards have theirs.
     Content is checked per shard by its xxh64 when streaming decompresses it (DataConfig.validate_hash)."""
     index_file = split_folder / "index.json"
     if not index_file.is_file():
@@ -89,3 +90,7 @@ def check_local_shards(split_folder: Path) -> None:
             found = "missing" if size is None else f"{size} bytes"
             raise DataError(f"shard {file} is corrupt: index.json records {info['bytes']} bytes, found {found}; "
                             "re-run `lm2 data prepare` or restore the folder")
+        raw = split_folder / shard["raw_data"]["basename"]
+        if shard.get("zip_data") and raw.is_file() and raw.stat().st_size != shard["raw_data"]["bytes"]:
+            raise DataError(f"shard {raw} is corrupt: index.json records {shard['raw_data']['bytes']} bytes, found "
+                            f"{raw.stat().st_size}; delete it (streaming decompresses {file.name} again)")

@@ -29,6 +29,7 @@ repeated rows when the epoch is not a multiple of dp, and those are never read.
 from __future__ import annotations
 
 import hashlib
+import os
 from math import ceil
 from pathlib import Path
 from time import sleep
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from streaming import Stream, StreamingDataset
 from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
@@ -47,6 +49,7 @@ from lm2.model.errors import DataError
 from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
+from lm2.pipeline.data.shared_memory import clean_stale_shared_memory
 from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.dims import ParallelDims
 
@@ -60,6 +63,18 @@ class _ReplicaDataset(StreamingDataset):
         super().__init__(**kwargs)
         self._parallel_rank_world = World(num_nodes=1, ranks_per_node=dp_size, workers_per_rank=1, worker=dp_rank)
         self.length = ceil(self.epoch_size / dp_size)
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """streaming's reader raises IndexError on a decompressed shard shorter than, or other than, its index
+        says (a disk that filled up while decompressing, a copy cut short): name the file instead."""
+        try:
+            return super().get_item(sample_id, retry)
+        except IndexError as error:
+            shard = self.shards[self.spanner[sample_id][0]]
+            path = Path(shard.dirname) / shard.split / shard.raw_data.basename
+            fix = (f"delete it (streaming decompresses {shard.zip_data.basename} again)" if shard.zip_data
+                   else "re-run `lm2 data prepare`")
+            raise DataError(f"shard {path} is corrupt ({error}): {fix}") from None
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's own blocking wait for a shard its download thread is preparing never ends if that thread
@@ -172,6 +187,8 @@ class RowLoader:
             if "Checksum failure" not in str(error):
                 raise
             raise self._shard_error(f"reading micro-batch {step} ({error})") from None
+        except DataError as error:  # from a DataLoader worker, the message carries the worker's traceback
+            raise DataError(str(error).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
     def state_dict(self) -> dict[str, Any]:
         """Where this run is in the data: rows consumed by all replicas so far in the current epoch."""
@@ -209,6 +226,10 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
     if cfg.tokenizer and checksum is None:
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
     streams, pad_id = _streams(cfg, model, checksum)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per node, before any builds its dataset
+        clean_stale_shared_memory([os.path.join(stream.local, stream.split) for stream in streams])
+    if dist.is_initialized():
+        dist.barrier()
     _, dp_rank, _ = dims.coords(rank)
     try:
         dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from datetime import timedelta
 from typing import Iterator
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from lm2.pipeline.console import library_prints
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.launch import launcher_environment
 
@@ -39,14 +39,19 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
     # DeepSpeed's comm layer adopts the existing group (PipelineModule talks through it before initialize).
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    with library_prints():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-step INFO lines drown lm2's own log
-    # DeepSpeed's ZeRO calls torch's renamed collective every step; the warning says nothing to our users.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              order="tp-cp-ep-dp-pp")
     return dims
+
+
+def host_group() -> dist.ProcessGroup:
+    """A gloo group over the world for host-side flags: reducing a CPU tensor over it never waits for the device.
+    On a NCCL world this creates one, a collective: call it once, on every rank."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def destroy_distributed() -> None:

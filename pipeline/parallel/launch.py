@@ -22,6 +22,10 @@ from lm2.pipeline.parallel import slurm
 EXIT_REQUEUE = 75
 """Exit code of every rank after a signal-triggered save (EX_TEMPFAIL); launch scripts requeue the job on it."""
 
+EXIT_LM2_ERROR = 2
+"""Exit code of every rank that stopped on an LM2Error (bad config, data or checkpoint); only rank 0 prints the
+error, so a job reports it once."""
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """SLURM's preemption and time limit send SIGTERM; `#SBATCH --signal=USR1@<grace>` sends SIGUSR1 before them."""
 
@@ -55,6 +59,24 @@ def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
         return slurm.distributed_environment(env)
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_free_port())}
+
+
+def launched_rank(env: Mapping[str, str]) -> int:
+    """This process's global rank as its launcher set it (torchrun, local.sh, deepspeed, an srun task); 0 alone."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"])
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
+def launched_world_size(env: Mapping[str, str]) -> int:
+    """The number of ranks of this job as its launcher set it; 1 alone."""
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_NTASKS"])
+    return 1
 
 
 def _die_with_parent() -> None:
@@ -106,7 +128,8 @@ def run_local(nproc: int, train_args: list[str]) -> int:
 
 def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
     """0 when every rank succeeds, else the exit code of the first rank to fail (in the order they ended), as a shell
-    reports it (128 + the signal's number when killed); the others get FAILURE_GRACE_S to end, then are killed."""
+    reports it (128 + the signal's number when killed); the others get FAILURE_GRACE_S to end, then are killed.
+    An LM2Error is rank 0's to report: the launcher adds a line only when another rank stopped on one alone."""
     rank_of = {process.pid: rank for rank, process in enumerate(ranks)}
     first_failure: int | None = None
     deadline = float("inf")
@@ -119,11 +142,15 @@ def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
         ranks[rank].returncode = code
         if code and first_failure is None:
             first_failure, deadline = code, time.monotonic() + FAILURE_GRACE_S
-            if code != EXIT_REQUEUE:
+            if code not in (EXIT_REQUEUE, EXIT_LM2_ERROR):
                 cause = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 print(f"lm2 launch: rank {rank} {cause}; stopping the other ranks", file=sys.stderr)
     if first_failure is None:
         return 0
+    if first_failure == EXIT_LM2_ERROR and ranks[0].returncode != EXIT_LM2_ERROR:
+        failed = [rank for rank, process in enumerate(ranks) if process.returncode == EXIT_LM2_ERROR]
+        print(f"lm2 launch: rank(s) {', '.join(map(str, failed))} stopped on an lm2 error that rank 0 did not report; "
+              "rerun with --verbose to have every rank print its errors", file=sys.stderr)
     return 128 - first_failure if first_failure < 0 else first_failure
 
 

@@ -62,15 +62,17 @@ def job_log_dir(run_dir: str, job_id: str) -> Path:
     return Path(run_dir) / "slurm" / job_id
 
 
-def _job_info(train_args: list[str], env: Mapping[str, str]) -> list[str]:
+def _job_info(world_size: int, train_args: list[str], env: Mapping[str, str]) -> list[str]:
     """What train.sbatch needs before it starts the ranks, one value per line: the job's log folder and the requeue
-    exit code. Loading the config here rejects a bad one once per job, before any rank starts."""
+    exit code. Loading and validating the config for the job's `world_size` ranks here rejects a bad one (or a
+    layout the allocation cannot hold) once per job, before any rank starts."""
     from lm2.pipeline.cli import build_parser
     from lm2.pipeline.config import load_config
     from lm2.pipeline.parallel.launch import EXIT_REQUEUE
 
     args = build_parser().parse_args(["train", *train_args])
     run = load_config(args.config, args.overrides)
+    run.validate(world_size)
     return [str(job_log_dir(run.logging.run_dir, env["SLURM_JOB_ID"]).resolve()), str(EXIT_REQUEUE)]
 
 
@@ -88,20 +90,20 @@ def _config_value(config: str, field: str) -> str:
     return str(value)
 
 
-USAGE = """usage: python -m lm2.pipeline.parallel.slurm job-info --config CONFIG [overrides ...]
+USAGE = """usage: python -m lm2.pipeline.parallel.slurm job-info WORLD_SIZE --config CONFIG [overrides ...]
        python -m lm2.pipeline.parallel.slurm config-value CONFIG FIELD"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """What the sbatch scripts ask: `job-info TRAIN_ARGS...` (train.sbatch), `config-value CONFIG FIELD`."""
+    """What the sbatch scripts ask: `job-info WORLD_SIZE TRAIN_ARGS...` (train.sbatch), `config-value CONFIG FIELD`."""
     import os
 
     from lm2.model.errors import LM2Error
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["job-info"]:
-            print("\n".join(_job_info(argv[1:], os.environ)))
+        if argv[:1] == ["job-info"] and len(argv) > 1 and argv[1].isdigit():
+            print("\n".join(_job_info(int(argv[1]), argv[2:], os.environ)))
         elif argv[:1] == ["config-value"] and len(argv) == 3:
             print(_config_value(argv[1], argv[2]))
         else:

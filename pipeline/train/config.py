@@ -23,6 +23,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage for optimizer state (0-3 with pp=1; 0-1 with pp>1)."""
 
     def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"parallel.{name} must be a positive integer, got {value!r}")
         require_choice("parallel.zero_stage", self.zero_stage, ZeroStage)
         require(
             self.pp == 1 or self.zero_stage <= 1,
@@ -56,6 +59,7 @@ class OptimConfig:
         require_choice("optim.decay", self.decay, Decay)
         require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
+        require(self.eps > 0, f"optim.eps must be positive (Adam divides by sqrt(v) + eps), got {self.eps}")
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
 
 
@@ -85,6 +89,7 @@ class TrainConfig:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):
             require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        require(0 <= self.seed < 2**32, f"train.seed must lie in [0, 2**32) (numpy's seed range), got {self.seed}")
         require_choice("train.precision", self.precision, Precision)
         require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
 
@@ -107,6 +112,7 @@ class LoggingConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
+        require(bool(self.run_dir), "logging.run_dir is empty: give the folder the run writes to")
         require_choice("logging.wandb", self.wandb, WandbMode)
 
 

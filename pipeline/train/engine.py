@@ -64,6 +64,17 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     return (optim.min_lr + (optim.lr - optim.min_lr) * shape) / optim.lr
 
 
+def resume_schedule(ds_engine: deepspeed.DeepSpeedEngine, optim: OptimConfig, total_steps: int, step: int) -> None:
+    """After loading a checkpoint at `step`, the LR schedule is the config's: DeepSpeed restores the checkpoint's
+    base LRs, which would ignore a changed optim.lr (the scheduler's lambda already closes over the config). With
+    an unchanged schedule this sets the very LRs the checkpoint holds."""
+    scheduler = ds_engine.lr_scheduler
+    scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * lr_factor(step, optim, total_steps)  # what optimizer step number `step` applies
+
+
 @dataclass
 class Engine:
     deepspeed: deepspeed.DeepSpeedEngine

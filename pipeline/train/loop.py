@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -14,21 +15,23 @@ import torch.distributed as dist
 import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from lm2.model.accounting import forward_flops_per_token
+from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
-from lm2.pipeline.checkpoint.resume import find_resume, load, resume_route
+from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
 from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
+from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.init import init_distributed
-from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals
+from lm2.pipeline.parallel.init import host_group, init_distributed
+from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals, launched_world_size
 from lm2.pipeline.parallel.slurm import requeue_note
-from lm2.pipeline.train.engine import Engine, build_engine
+from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
-from lm2.pipeline.train.step import MicroBatches, eval_loss, train_step
+from lm2.pipeline.train.run_folder import claim_run_folder
+from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
 def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -66,13 +69,18 @@ class RequeueExit(SystemExit):
 class Trainer:
     """Holds what a run is made of and where it is; `fit()` runs the remaining steps.
 
-    `signals` are the stop signals received so far: install them before building the trainer (it takes a while)."""
+    `signals` are the stop signals received so far: install them before building the trainer (it takes a while).
+    `override_schedule`: resume even if the LR schedule's fields changed, following the config's schedule."""
 
-    def __init__(self, run: RunConfig, signals: StopSignals | None = None):
+    def __init__(self, run: RunConfig, signals: StopSignals | None = None, override_schedule: bool = False):
         self.run = run
+        self.override_schedule = override_schedule
         self.signals = signals or StopSignals()
+        run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
         self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
+        self.host_group = host_group()
+        self.run_folder_lock = claim_run_folder(run)  # held until the process ends
         seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
         # Data first: a dataset that does not fit the model fails before the engine is built.
         self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
@@ -89,22 +97,44 @@ class Trainer:
         if self.rank == 0:
             Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+            print(self.startup_summary(), flush=True)
+
+    def startup_summary(self) -> str:
+        """What a user checks before a run goes on: the model, the layout, the data, where it writes, where it starts."""
+        run, dims = self.run, self.dims
+        counts = parameter_counts(run.model)
+        memory = (f"{run.model.memory.slots} memory slots x {run.model.memory_dim}" if run.model.memory.enabled
+                  else "no memory (vanilla)")
+        streams = ", ".join(f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "")
+                            for s in run.data.streams)
+        start = (f"resumed from step {self.step}{requeue_note(os.environ)}: {self.resumed_from}"
+                 if self.resumed_from is not None else "fresh run from step 0")
+        return "\n".join([
+            f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), {run.model.num_layers} layers, "
+            f"{memory}, rows of {run.model.row_length}",
+            f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} zero={run.parallel.zero_stage}, "
+            f"{self.engine.grad_accum} micro-batch(es) of {run.train.micro_batch} per step and rank",
+            f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) per step",
+            f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every {run.checkpoint.every or '-'})",
+            f"start   {start}",
+        ])
 
     @property
     def tokens_per_step(self) -> int:
         return self.run.train.global_batch * self.run.model.row_length
 
     def _resume(self, folder: Path) -> None:
-        route = resume_route(read_manifest(folder), self.run.model, self.engine.layout, folder)
+        manifest = read_manifest(folder)
+        route = resume_route(manifest, self.run.model, self.engine.layout, folder)
+        check_schedule(manifest, self.run.to_dict(), folder, self.override_schedule)
         if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
             tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
             state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
         else:
             state = load(self.engine.deepspeed, folder)
         self.step, self.wandb_id = state["step"], state["wandb_id"]
+        resume_schedule(self.engine.deepspeed, self.run.optim, self.run.train.steps, self.step)
         self.train_loader.load_state_dict(state["data"])
-        if self.rank == 0:
-            print(f"resumed from step {self.step}{requeue_note(os.environ)}: {folder}", flush=True)
 
     def save_checkpoint(self) -> Path:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
@@ -116,7 +146,11 @@ class Trainer:
         client_state = {"lm2": state}
         if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
-        return save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
+        started = time.perf_counter()
+        folder = save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
+        if self.rank == 0:
+            print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
+        return folder
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
@@ -125,9 +159,9 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks): all ranks agree at the
         same step boundary, so they save the same step."""
-        flag = torch.tensor([float(self.signals.received)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = np.array([self.signals.received], dtype=np.int32)  # host memory over gloo: no device sync per step
+        dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(flag[0])
 
     def fit(self) -> None:
         """Trains to run.train.steps. Saves every checkpoint.every steps and at the end; on SIGTERM or SIGUSR1
@@ -137,14 +171,20 @@ class Trainer:
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
         throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
         stream = micro_batch_stream(self.train_loader, self.device)
+        first_step, started, loss = self.step, time.perf_counter(), None
+        finite = FiniteWatch(self.device)
         try:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
+                lr = self.engine.deepspeed.get_lr()[0]  # the LR this step applies (the step moves it on)
                 with self.gates.recording(enabled=log_due):
                     loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
                 self.step += 1
+                finite.observe(self.step, loss, grad_norm)
+                if log_due:
+                    finite.check()
                 throughput.add(self.tokens_per_step)
-                metrics = self._train_metrics(throughput, loss, grad_norm) if log_due else {}
+                metrics = self._train_metrics(throughput, loss, grad_norm, lr) if log_due else {}
                 if run.train.eval_every and self.step % run.train.eval_every == 0:
                     metrics["val_loss"] = self.validate()
                 if metrics:
@@ -152,6 +192,7 @@ class Trainer:
                 stop = self._stop_requested()
                 every = run.checkpoint.every
                 if stop or self.step == run.train.steps or (every and self.step % every == 0):
+                    finite.check()  # never save a blown-up model
                     self.save_checkpoint()
                 if stop:
                     # Every rank leaves only when all are done, wandb included: launchers stop the other ranks of
@@ -161,11 +202,14 @@ class Trainer:
                     raise RequeueExit()
         finally:
             logger.finish()
+        if self.rank == 0 and loss is not None:
+            print(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
+                  f"{loss.item():.4f}; checkpoints in {self.checkpoints}", flush=True)
 
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
 
-    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm) -> dict:
+    def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm, lr: float) -> dict:
         """The log step's training metrics. Loss, grad norm and gate means reach the host in one transfer (the
         one host sync of a log step), before the throughput clock is read."""
         gates = self.gates.means()  # a collective: every rank logs the same steps
@@ -173,7 +217,7 @@ class Trainer:
         values = torch.cat([loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device),
                             gates.flatten()]).tolist()
         run = self.run
-        return {"loss": values[0], "lr": self.engine.deepspeed.get_lr()[0],
+        return {"loss": values[0], "lr": lr,
                 "grad_norm": values[1] if grad_norm is not None else None,
                 "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
                 **throughput.report(),

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.train.gates import GATES
@@ -24,17 +24,22 @@ class Throughput:
     """Training FLOPs per token (3 x forward)."""
     world_size: int
     peak_tflops: float
+    clock: Callable[[], float] = time.perf_counter
+    """Seconds from an arbitrary origin (tests pass their own)."""
     _tokens: int = 0
-    _since: float = field(default_factory=time.perf_counter)
+    _since: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._since = self.clock()
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
     def report(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
-        tokens_per_s = self._tokens / elapsed
+        now = self.clock()
+        tokens_per_s = self._tokens / max(now - self._since, 1e-9)
         tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size  # per device
-        self._tokens, self._since = 0, time.perf_counter()
+        self._tokens, self._since = 0, now
         metrics = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops}
         if self.peak_tflops:
             metrics["mfu"] = tflops / self.peak_tflops

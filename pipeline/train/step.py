@@ -7,8 +7,6 @@ on its first and last stages, but all stages keep their loaders in step.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -29,11 +27,10 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
     return value / parallel_state.get_data_parallel_world_size()
 
 
-def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tensor, float | None]:
+def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tensor, torch.Tensor | float | None]:
     """One optimizer step over this rank's engine.grad_accum micro-batches.
-    Returns (mean loss over the global batch, grad norm).
-
-    Raises NonFiniteLossError (on every rank alike: the loss is reduced over data-parallel ranks first).
+    Returns (mean loss over the global batch, grad norm), left where they are: reading them is a host sync, so
+    callers check them with FiniteWatch and read them on log steps only.
     """
     ds = engine.deepspeed
     if engine.pipelined:
@@ -46,12 +43,36 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
             ds.step()  # optimizer step only at the accumulation boundary
             total += micro_loss.detach()
         loss = _dp_mean(total / engine.grad_accum)
-    grad_norm = ds.get_global_grad_norm()
-    if not torch.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-        raise NonFiniteLossError(
-            f"non-finite loss {loss.item()} / grad norm {grad_norm} at step {ds.global_steps}: stopping without "
-            "saving. Lower optim.lr, raise optim.warmup_steps or check the data; resume from the last checkpoint")
-    return loss, grad_norm
+    return loss, ds.get_global_grad_norm()
+
+
+class FiniteWatch:
+    """Remembers, on the device, the first step whose loss or gradient norm was NaN/inf. `observe` is device work
+    only; `check` reads it (one host sync) and is called on log steps and before every checkpoint, so a run stops
+    within log_every steps of a blow-up and never saves one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # step, loss, grad norm
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> None:
+        def scalar(value: float) -> torch.Tensor:  # a fill on the device, not a host-to-device copy
+            return torch.full((), value, dtype=torch.float64, device=self.device)
+
+        if grad_norm is None or not torch.is_tensor(grad_norm):  # DeepSpeed gives a tensor, a float or None
+            grad_norm = scalar(0.0 if grad_norm is None else grad_norm)
+        values = torch.stack([scalar(step), loss.detach().double().reshape(()), grad_norm.double().reshape(())])
+        bad = ~torch.isfinite(values[1:]).all() & (self.first_bad[0] < 0)
+        self.first_bad = torch.where(bad, values, self.first_bad)
+
+    def check(self) -> None:
+        """Raises NonFiniteLossError (on every rank alike: the loss is reduced over data-parallel ranks first)."""
+        step, loss, norm = self.first_bad.tolist()
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss {loss} / grad norm {norm} at step {int(step)}: stopping without saving. Lower "
+                "optim.lr, raise optim.warmup_steps or check the data; resume from the last checkpoint with "
+                "--override-schedule")
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ def test_model_config_errors_name_the_field(overrides, message):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(slots=0), "memory.slots must be a positive integer"),
-    (dict(bptt_segments=0), "memory.bptt_segments must be a positive integer"),
+    (dict(bptt_segments=0), "memory.bptt_segments must be an integer >= 2"),
+    (dict(bptt_segments=1), "memory.bptt_segments must be an integer >= 2, got 1: with 1 every segment"),
     (dict(dim=30, heads=4), "memory.dim=30 must be divisible by memory.heads=4"),
 ])
 def test_memory_config_errors(kwargs, message):
@@ -83,3 +84,58 @@ def test_overrides_are_typed_and_nested():
     cfg = load_config("configs/tiny.yaml", ["model.memory.slots=32", "model.rope_theta=1e4",
                                             "model.memory.layers=[0, 2]"])
     assert cfg.model.memory.slots == 32 and cfg.model.rope_theta == 10000.0 and cfg.model.memory.layers == [0, 2]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.norm_eps=0", "norm_eps must be positive"),
+    ("model.norm_eps=-1e-5", "norm_eps must be positive"),
+    ("model.init_std=0", "init_std must be positive"),
+    ("model.rope_theta=.inf", "model.rope_theta must be a finite number"),
+    ("optim.lr=.nan", "optim.lr must be a finite number"),
+    ("optim.eps=0", "optim.eps must be positive"),
+    ("optim.beta2=1.0", "optim.beta1 and optim.beta2 must lie in"),
+    ("optim.min_lr=1.0", "optim.min_lr=1.0 must lie between 0 and optim.lr"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("parallel.tp=0", "parallel.tp must be a positive integer, got 0"),
+    ("parallel.pp=-2", "parallel.pp must be a positive integer, got -2"),
+    ("train.seed=-1", r"train.seed must lie in \[0, 2\*\*32\)"),
+    ("train.micro_batch=0", "train.micro_batch must be positive"),
+    ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
+    ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("logging.run_dir=''", "logging.run_dir is empty"),
+])
+def test_numeric_fields_are_range_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  vocab_size: 400\n  hidden_size: [64\n  num_layers: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:4:") and "YAML syntax error" in message and "\n" not in message
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"override 'model.memory.layers=\[0,': the value is not valid YAML"):
+        load_config("configs/tiny.yaml", ["model.memory.layers=[0,"])
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["parallel.tp=2", "model.num_kv_heads=1"], 2, "num_kv_heads=1 must be divisible by the tensor-parallel size 2"),
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp . parallel.pp = 2"),
+    (["parallel.pp=8"], 8, "parallel.pp=8 exceeds num_layers=4"),
+    ([], 3, r"train.global_batch=16 must be a multiple of train.micro_batch \* data-parallel size = 4 \* 3"),
+])
+def test_validate_checks_the_layout_against_the_world_size(overrides, world_size, message):
+    run = load_config("configs/tiny.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        run.validate(world_size)
+
+
+def test_validate_returns_the_degrees():
+    dims = load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.pp=2"]).validate(8)
+    assert (dims.tp, dims.pp, dims.dp) == (2, 2, 2)

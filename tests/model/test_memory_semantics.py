@@ -57,7 +57,7 @@ def reference_loop(model, x):
     return torch.cat(outputs, dim=1)
 
 
-@pytest.mark.parametrize("bptt", [1, 2, 4])
+@pytest.mark.parametrize("bptt", [2, 3, 4])
 def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
     cfg = tiny_config(memory_fields=dict(bptt_segments=bptt))
     model = build(cfg)
@@ -80,21 +80,96 @@ def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
     assert parallel_grads["layers.0.memory.init_bank"].abs().sum() > 0  # gradients do reach the bank
 
 
-@pytest.mark.parametrize("bptt,loss_segment,reached", [
-    (1, 2, [False, True, True, False]),
-    (2, 2, [True, True, True, False]),
-    (2, 3, [False, False, True, True]),
-    (4, 3, [True, True, True, True]),
-])
-def test_truncated_bptt_limits_how_far_back_gradients_go(single_process, bptt, loss_segment, reached):
-    """Which segments' inputs get gradient from the loss of one segment. It always reaches the segment before
-    (that segment's write fed it) and never a later one; further back only until the chain was cut."""
-    cfg = tiny_config(memory_fields=dict(bptt_segments=bptt))
-    block = build(cfg).layers[0]
-    h = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
+def explicit_read(memory, xn, mem):
+    """The read of LM2_MEMORY.md written out with plain tensor ops from the module's weights (TP=1).
+    xn [B, S, d], mem [B, N, d_m] -> [B, S, d]."""
+    b, s, _ = xn.shape
+    heads, dh = memory.local_heads, memory.head_dim
+    m = mem.view(b, -1, heads, dh)
+    q = (xn @ memory.read_q.weight.T).view(b, s, heads, dh)
+    k = torch.einsum("bnhi,hij->bnhj", m, memory.read_k)
+    v = torch.einsum("bnhi,hij->bnhj", m, memory.read_v)
+    weights = torch.softmax(torch.einsum("bshd,bnhd->bhsn", q, k) / dh ** 0.5, dim=-1)
+    r = torch.einsum("bhsn,bnhd->bshd", weights, v)
+    gate = torch.sigmoid(torch.einsum("bshi,hij->bshj", r, memory.out_gate) + memory.out_gate_bias)
+    return (gate * r).flatten(-2) @ memory.out_proj.weight.T
+
+
+def explicit_write(memory, xn, mem):
+    """The write of LM2_MEMORY.md with plain tensor ops: xn [B, S, d], M_s [B, N, d_m] -> M_{s+1}."""
+    b, s, _ = xn.shape
+    heads, dh = memory.local_heads, memory.head_dim
+    m = mem.view(b, -1, heads, dh)
+    q = torch.einsum("bnhi,hij->bnhj", m, memory.write_q)
+    k = (xn @ memory.write_k.weight.T).view(b, s, heads, dh)
+    v = (xn @ memory.write_v.weight.T).view(b, s, heads, dh)
+    u = torch.einsum("bhns,bshd->bnhd", torch.softmax(torch.einsum("bnhd,bshd->bhns", q, k) / dh ** 0.5, -1), v)
+    both = torch.cat((u, m), dim=-1)
+    g_in = torch.sigmoid(torch.einsum("bnhi,hij->bnhj", both, memory.in_gate) + memory.in_gate_bias)
+    g_forget = torch.sigmoid(torch.einsum("bnhi,hij->bnhj", both, memory.forget_gate) + memory.forget_gate_bias)
+    return (g_in * torch.tanh(u) + g_forget * m).flatten(-2)
+
+
+def windowed_bptt_reference(model, x):
+    """Logits of rows x [B, L] computed segment by segment with the memory math written out, and the BPTT rule
+    applied literally: at the start of every window of bptt_segments segments, every block's memory is detached
+    (for its reads and its write alike)."""
+    cfg = model.cfg
+    seg, bptt = cfg.segment_length, cfg.memory.bptt_segments
+    memory = [layer.memory.init_bank.expand(x.shape[0], -1, -1) for layer in model.layers]
+    outputs = []
+    for s in range(cfg.num_segments):
+        if s > 0 and s % bptt == 0:
+            memory = [mem.detach() for mem in memory]
+        h = model.embed_tokens(x[:, s * seg:(s + 1) * seg])
+        for i, layer in enumerate(model.layers):
+            xn = layer.input_layernorm(h)
+            h = h + layer._attention(xn) + explicit_read(layer.memory, xn, memory[i])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            memory[i] = explicit_write(layer.memory, xn, memory[i])
+        outputs.append(model.logits(h))
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("bptt", [2, 3, 8])
+def test_truncated_bptt_gradients_equal_explicit_windowed_reference(single_process, bptt):
+    """Three blocks, five segments: every parameter's gradient equals the literal windowed computation (bptt=3
+    leaves a short last window, bptt=8 is full BPTT)."""
+    cfg = tiny_config(num_layers=3, row_length=40, memory_fields=dict(bptt_segments=bptt))
+    model = build(cfg)
+    x = tokens(cfg)
+    labels = torch.roll(x, -1, dims=1)
+    grads = []
+    for forward in (model, lambda t: windowed_bptt_reference(model, t)):
+        model.zero_grad()
+        token_losses(forward(x), labels).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("bptt,loss_segment", [(2, 3), (2, 4), (3, 2), (3, 4), (5, 4)])
+def test_no_gradient_leaves_a_bptt_window_in_any_block(single_process, bptt, loss_segment):
+    """The loss of one segment gives gradient to the input of every block at exactly the segments of its own
+    window up to itself: windows are [0, bptt), [bptt, 2 bptt), ... and every block cuts at the same
+    boundaries, so no path through stacked memories leaves the window."""
+    cfg = tiny_config(num_layers=3, row_length=40, memory_fields=dict(bptt_segments=bptt))
+    model = build(cfg)
+    inputs = []
+
+    def keep_input(module, args):
+        args[0].retain_grad()
+        inputs.append(args[0])
+
+    for layer in model.layers:
+        layer.register_forward_pre_hook(keep_input)
     seg = cfg.segment_length
-    block(h)[:, loss_segment * seg:(loss_segment + 1) * seg].sum().backward()
-    assert [bool(h.grad[:, s * seg:(s + 1) * seg].abs().sum() > 0) for s in range(4)] == reached
+    model(tokens(cfg))[:, loss_segment * seg:(loss_segment + 1) * seg, :cfg.vocab_size].sum().backward()
+    window_start = loss_segment - loss_segment % bptt
+    expected = [window_start <= s <= loss_segment for s in range(cfg.num_segments)]
+    for block, h in enumerate(inputs):
+        reached = [bool(h.grad[:, s * seg:(s + 1) * seg].abs().sum() > 0) for s in range(cfg.num_segments)]
+        assert reached == expected, f"block {block}"
 
 
 def test_memory_is_reset_at_every_row(single_process):

@@ -77,6 +77,11 @@ def test_auto_resume_skips_a_corrupt_or_incomplete_newest_checkpoint(single_proc
     assert find_resume(tmp_path / "nothing", "auto") is None
 
 
+def test_resume_from_a_folder_that_does_not_exist_says_not_found(single_process, tmp_path):
+    with pytest.raises(CheckpointError, match="step_00000007 .--resume. not found"):
+        find_resume(tmp_path, str(tmp_path / "step_00000007"))
+
+
 def test_prune_keeps_the_newest_complete_ones(tmp_path):
     for step in (1, 2, 3, 4):
         folder = tmp_path / tag_for(step)

@@ -1,5 +1,5 @@
-"""Checkpoints: a run killed with SIGKILL at a random step and resumed is bit-identical to an uninterrupted one
-(single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit for requeue; broken checkpoints are skipped."""
+"""Checkpoints: a run killed with SIGKILL at a random step between checkpoints, or in the middle of a save, and
+resumed is bit-identical to an uninterrupted one (single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit for requeue; broken checkpoints are skipped."""
 
 import json
 import random
@@ -26,7 +26,7 @@ def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) ->
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
                f"--master_port={free_port()}", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
                f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", f"train.steps={STEPS}",
-               "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]
+               "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]  # later overrides win
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -74,38 +74,53 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def wait_for_kill_point(process: subprocess.Popen, run_dir: Path, during_save: bool) -> str:
+    """Between checkpoints (every 3 steps, so at steps 3 and 6): after a random step 4 or 5, one or two steps past
+    the last save. During a save: as soon as step 6's folder exists without its manifest (the shards are being
+    written). Returns what the kill interrupted."""
+    if during_save:
+        folder = run_dir / "checkpoints" / "step_00000006"
+        while not folder.exists() or (folder / MANIFEST).exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.002)
+        return "the save of step 6"
+    kill_after = random.randint(4, 5)
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < kill_after:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    return f"step {kill_after + 1}"
+
+
 @pytest.mark.parametrize("world_size,layout", [
     (1, []),
     (2, ["parallel.tp=2"]),
     (2, ["parallel.pp=2"]),
     (2, ["parallel.zero_stage=2"]),
 ], ids=["single", "tp2", "pp2", "dp2-zero2"])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, world_size, layout):
-    overrides = train_data + layout
+@pytest.mark.parametrize("during_save", [False, True], ids=["between-checkpoints", "during-save"])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, world_size, layout, during_save):
+    overrides = train_data + layout + ["checkpoint.every=3"]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     finish(launch(reference, world_size, overrides), reference)
 
-    kill_after = random.randint(2, STEPS - 2)
     process = launch(interrupted, world_size, overrides)
-    while not (interrupted / "metrics.jsonl").exists() or \
-            len((interrupted / "metrics.jsonl").read_text().splitlines()) < kill_after:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+    killed_in = wait_for_kill_point(process, interrupted, during_save)
     kill_job(process)
     killed_at = len((interrupted / "metrics.jsonl").read_text().splitlines())
     assert killed_at < STEPS, "the kill came too late to interrupt anything"
     finish(launch(interrupted, world_size, overrides, "--resume", "auto"), interrupted)
 
     log = (tmp_path / "interrupted.log").read_text()
-    assert "resumed from" in log
-    assert logged_losses(interrupted) == logged_losses(reference), f"killed after step {killed_at}"
+    assert "resumed from step 3" in log or "resumed from step 6" in log, log[-3000:]  # the newest complete one
+    assert logged_losses(interrupted) == logged_losses(reference), f"killed in {killed_in}"
     final = f"checkpoints/step_{STEPS:08d}"
     ours, theirs = checkpoint_tensors(interrupted / final), checkpoint_tensors(reference / final)
     assert ours.keys() == theirs.keys()
     for key, tensor in theirs.items():
-        assert torch.equal(ours[key], tensor), f"{key} differs (killed after step {killed_at})"
+        assert torch.equal(ours[key], tensor), f"{key} differs (killed in {killed_in})"
     complete = [row for row in inspect(interrupted / "checkpoints") if row["complete"]]
-    assert [row["step"] for row in complete] == [STEPS - 2, STEPS - 1, STEPS]  # keep=3
+    assert [row["step"] for row in complete] == [3, 6, STEPS]  # keep=3; a half-written step 6 was redone
 
 
 def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
@@ -157,3 +172,62 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
     assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
     for step in theirs:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
+
+
+def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data):
+    """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
+    (4.6 MB) fits, the second does not."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
+                            "tmpfs", str(tmp_path)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    train = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG), *train_data,
+             f"logging.run_dir={disk}/run", "logging.wandb=disabled", "train.steps=2", "checkpoint.every=1",
+             "checkpoint.keep=1"]
+    # The tmpfs vanishes with the namespace: the run folder is copied out before it ends.
+    script = (f"mount -t tmpfs -o size=7m tmpfs {disk} && {subprocess.list2cmdline(train)}; code=$?; "
+              f"cp -a {disk}/run {copy}; exit $code")
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "checkpoint error" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"could not write checkpoint {disk}/run/checkpoints/step_00000002" in errors[0]
+    assert f"--resume auto from {disk}/run/checkpoints/step_00000001, which is intact" in errors[0]
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    rows = inspect(copy / "checkpoints")
+    assert [(row["step"], row["complete"]) for row in rows] == [(1, True)]  # and no partial step_00000002
+    assert not [p for p in (copy / "checkpoints").rglob("*") if ".tmp-" in p.name]
+
+
+def _shared_memory_of(folder: Path) -> dict[str, int]:
+    """streaming's /dev/shm files (name -> inode) of the datasets registered as reading `folder`."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    files = {}
+    for registry in Path("/dev/shm").glob("*_locals"):
+        try:
+            if str(folder) in _unpack_locals(registry.read_bytes())[0]:
+                prefix = registry.name.removesuffix("_locals")
+                files.update({p.name: p.stat().st_ino for p in Path("/dev/shm").glob(f"{prefix}_*")})
+        except (OSError, ValueError):
+            continue
+    return files
+
+
+def test_the_shared_memory_of_a_killed_run_is_removed_by_the_next_run(tmp_path, train_data):
+    run_dir = tmp_path / "run"
+    data = Path(train_data[0].split("path: ")[1].rstrip("}]")) / "train"
+    process = launch(run_dir, 1, train_data)
+    while not (run_dir / "metrics.jsonl").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_job(process)
+    stale = _shared_memory_of(data)
+    assert stale, "the killed run left no shared memory: nothing to test"
+    finish(launch(run_dir, 1, train_data, "--resume", "auto"), run_dir)
+    survivors = {name for name, inode in _shared_memory_of(data).items() if stale.get(name) == inode}
+    assert not survivors

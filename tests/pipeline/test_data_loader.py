@@ -19,13 +19,10 @@ def _read_rows(dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: 
                state_file: str | None) -> None:
     """One rank: build the loader, optionally resume, read `batches` micro-batches (None: the epoch)."""
     import torch.distributed as dist
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.init import init_distributed
 
     dims = init_distributed(tp=tp, pp=pp)
-    clean_stale_shared_memory()
     rank = dist.get_rank()
     loader = build_train_loader(DataConfig(streams=[StreamConfig(dataset)]), dims, rank, micro_batch,
                                 tiny_model_config())
@@ -86,12 +83,9 @@ def test_resume_reads_every_row_once_with_the_same_or_another_dp_size(prepared, 
 
 
 def test_loader_state_survives_a_second_resume_in_one_process(prepared, tmp_path):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    clean_stale_shared_memory()
     state = {"epoch": 0, "sample_in_epoch": 8, "num_canonical_nodes": 1, "shuffle_seed": 1234,
              "initial_physical_nodes": 1}
     loader = build_train_loader(DataConfig(streams=[StreamConfig(str(prepared))]), ParallelDims(1), 0, 4,
@@ -125,12 +119,9 @@ def _copy(prepared, tmp_path) -> Path:
 
 
 def _loader(dataset: Path, **data):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    clean_stale_shared_memory()
     return build_train_loader(DataConfig(streams=[StreamConfig(str(dataset))], **data), ParallelDims(1), 0, 4,
                               tiny_model_config())
 
@@ -152,6 +143,34 @@ def test_a_shard_with_flipped_bytes_fails_its_checksum(prepared, tmp_path):
     with pytest.raises(DataError, match="checksum did not match"):
         for _ in _loader(dataset):
             pass
+
+
+def _decompressed(prepared, tmp_path) -> tuple[Path, Path]:
+    """A copy of the dataset after a first epoch decompressed its shards, and its second train shard."""
+    dataset = _copy(prepared, tmp_path)
+    for _ in _loader(dataset):
+        pass
+    return dataset, sorted((dataset / "train").glob("*.mds"))[1]
+
+
+def test_a_truncated_decompressed_shard_is_refused_naming_it(prepared, tmp_path):
+    dataset, shard = _decompressed(prepared, tmp_path)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"shard {shard} is corrupt: .* delete it .streaming decompresses"):
+        _loader(dataset)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_decompressed_shard_is_a_data_error_naming_it(prepared, tmp_path, workers):
+    dataset, shard = _decompressed(prepared, tmp_path)
+    data = bytearray(shard.read_bytes())
+    data[4:12] = b"\xff" * 8  # the offsets of its first sample: same size, wrong content
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^shard {shard} is corrupt .*not present.*: delete it"):
+        for _ in _loader(dataset, num_workers=workers, shuffle=False):
+            pass
+    (shard).unlink()  # the fix the message gives: streaming decompresses the shard again
+    assert sum(len(batch["id"]) for batch in _loader(dataset, num_workers=workers, shuffle=False)) > 0
 
 
 def test_a_shard_left_preparing_by_a_dead_download_thread_fails_instead_of_waiting_forever(prepared, tmp_path):

@@ -1,4 +1,5 @@
-"""Memory-gate metrics come from forward hooks on the gates' probes: the right gate under the right name, only
+"""Training metrics by hand: throughput and MFU from token counts and a clock, gate means per layer and on the console.
+Memory-gate metrics come from forward hooks on the gates' probes: the right gate under the right name, only
 inside a recording, only from row-level forwards, NaN where a layer has no memory."""
 
 import math
@@ -9,6 +10,7 @@ import torch
 from lm2.model.lm import LM2Model
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.train.gates import GateMonitor
+from lm2.pipeline.train.metrics import Throughput, _console_line, gate_metrics
 from tests.model.tiny import tiny_config
 
 
@@ -43,3 +45,26 @@ def test_incremental_steps_are_not_recorded(single_process):
     with monitor.recording():
         model.forward_segment(x, model.initial_memory(2), 0)
     assert torch.isnan(monitor.means()).all()
+
+
+def test_throughput_reports_tokens_per_second_tflops_and_mfu_since_the_last_report():
+    times = iter([100.0, 102.5, 104.5])  # construction, first report, second report
+    throughput = Throughput(flops_per_token=6e6, world_size=4, peak_tflops=0.5, clock=lambda: next(times))
+    throughput.add(1000)
+    throughput.add(1500)
+    first = throughput.report()
+    assert first["tokens_per_s"] == pytest.approx(2500 / 2.5)  # 1000 tokens/s over the whole job
+    assert first["tflops_per_device"] == pytest.approx(1000 * 6e6 / 1e12 / 4)  # 1.5e-3 TFLOP/s per device
+    assert first["mfu"] == pytest.approx(1.5e-3 / 0.5)
+    throughput.add(500)
+    assert throughput.report()["tokens_per_s"] == pytest.approx(500 / 2.0)  # counts restart at each report
+    assert "mfu" not in Throughput(6e6, 4, 0.0, clock=lambda: 0.0).report()  # no peak given: no MFU
+
+
+def test_gate_metrics_and_their_console_means():
+    nan = float("nan")
+    metrics = gate_metrics([[0.2, 0.6, 0.4], [nan, nan, nan], [0.4, 0.8, 0.1]])
+    assert metrics == {"gates/layer_00/g_in": 0.2, "gates/layer_00/g_forget": 0.6, "gates/layer_00/g_out": 0.4,
+                       "gates/layer_02/g_in": 0.4, "gates/layer_02/g_forget": 0.8, "gates/layer_02/g_out": 0.1}
+    line = _console_line(3, 10, {"loss": 2.0, **metrics})
+    assert line == "step 3/10 | loss 2.0000 | gates in/forget/out 0.30/0.70/0.25"  # means over layers 0 and 2

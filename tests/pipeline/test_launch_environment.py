@@ -1,5 +1,10 @@
 """Which distributed environment a rank gets from its launcher, and how SLURM's task counts are read."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from lm2.pipeline.parallel.launch import launcher_environment
@@ -29,3 +34,18 @@ def test_requeue_note_names_the_restart_and_the_job():
     assert requeue_note({"SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "2"}) == " (requeue 2 of job 12)"
     assert requeue_note({"SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "0"}) == ""
     assert requeue_note({}) == ""
+
+
+def job_info(world_size: int, *train_args: str, tmp_path) -> subprocess.CompletedProcess:
+    config = Path(__file__).parent / "tiny_train.yaml"
+    return subprocess.run([sys.executable, "-m", "lm2.pipeline.parallel.slurm", "job-info", str(world_size),
+                           "--config", str(config), f"logging.run_dir={tmp_path}", *train_args],
+                          capture_output=True, text=True, env=dict(os.environ, SLURM_JOB_ID="77"), timeout=120)
+
+
+def test_job_info_checks_the_layout_against_the_jobs_ranks(tmp_path):
+    good = job_info(4, "parallel.tp=2", tmp_path=tmp_path)
+    assert good.returncode == 0 and good.stdout.split() == [str(tmp_path.resolve() / "slurm" / "77"), "75"]
+    bad = job_info(3, "parallel.tp=2", tmp_path=tmp_path)  # 3 ranks cannot hold tp=2
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "tp" in bad.stderr, bad.stderr

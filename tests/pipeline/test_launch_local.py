@@ -1,5 +1,6 @@
 """launch/local.sh: SIGTERM or SIGUSR1 to the launcher makes every rank save at the same step and the launcher exit
-with the requeue code, leaving no process behind; a failing rank stops the job with its own exit code."""
+with the requeue code, leaving no process behind; a failing rank stops the job with its own exit code;
+a config error is one line from rank 0."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from lm2.pipeline.checkpoint.resume import inspect
-from lm2.pipeline.parallel.launch import EXIT_REQUEUE
+from lm2.pipeline.parallel.launch import EXIT_LM2_ERROR, EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
@@ -66,3 +67,14 @@ def test_a_failing_rank_stops_the_job_with_its_exit_code(tmp_path, train_data):
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, f"processes survived the launcher: {[p.cmdline() for p in alive]}"
     assert not (run_dir / "checkpoints").exists() or not inspect(run_dir / "checkpoints")
+
+
+def test_a_config_error_is_one_line_from_the_whole_job(tmp_path):
+    """Every rank refuses the layout; rank 0 alone says why, the launcher adds nothing, the job exits with 2."""
+    run_dir = tmp_path / "run"
+    launcher = start_local(run_dir, [], "parallel.tp=2", "model.num_kv_heads=1")
+    code = launcher.wait(timeout=300)
+    log = (tmp_path / "run.log").read_text()
+    assert code == EXIT_LM2_ERROR, log
+    assert log == ("lm2 train: configuration error: num_kv_heads=1 must be divisible by the tensor-parallel size 2: "
+                   "lower parallel.tp or raise num_kv_heads\n")

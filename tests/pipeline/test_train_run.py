@@ -2,12 +2,15 @@
 and a stop with a clear message on a non-finite loss."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lm2.model.accounting import forward_flops_per_token
 from lm2.model.errors import ConfigError
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -62,21 +65,47 @@ def train_cli(run_dir, overrides):
 
 
 def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, tmp_path):
-    result = train_cli(tmp_path, train_data + ["train.steps=4", "train.log_every=2", "train.eval_every=4",
-                                               "train.peak_tflops=1.0", "logging.wandb=offline"])
+    overrides = train_data + ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.peak_tflops=1.0",
+                              "logging.wandb=offline"]
+    result = train_cli(tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 4/4 | loss" in result.stdout and "val" in result.stdout
+    run = load_config(CONFIG, [f"logging.run_dir={tmp_path}", *overrides])
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries] == [2, 4]
-    last = entries[-1]
-    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "samples",
-                "gates/layer_00/g_in", "gates/layer_03/g_forget", "gates/layer_01/g_out"):
-        assert key in last, key
-    assert last["samples"] == 4 * 8 and 0 < last["gates/layer_00/g_forget"] < 1
+    flops_per_token = 3 * forward_flops_per_token(run.model)
+    for entry in entries:
+        step = entry["step"]
+        assert (entry["samples"], entry["tokens"]) == (step * 8, step * 8 * 32)
+        # the LR step N applied: the schedule after N - 1 steps (test_schedule_and_clipping reads it from weights)
+        assert entry["lr"] == pytest.approx(run.optim.lr * lr_factor(step - 1, run.optim, run.train.steps))
+        assert entry["tflops_per_device"] == pytest.approx(entry["tokens_per_s"] * flops_per_token / 1e12)  # 1 rank
+        assert entry["mfu"] == pytest.approx(entry["tflops_per_device"] / 1.0)
+        assert entry["loss"] > 0 and entry["grad_norm"] > 0
+        gates = {name: [entry[f"gates/layer_{i:02d}/{name}"] for i in range(4)] for name in ("g_in", "g_forget", "g_out")}
+        assert all(0 < value < 1 for values in gates.values() for value in values)
+        means = "/".join(f"{sum(values) / 4:.2f}" for values in gates.values())
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"step {step}/4 |"))
+        assert f"loss {entry['loss']:.4f}" in line and line.endswith(f"gates in/forget/out {means}")
+    assert "val_loss" in entries[-1] and f"val {entries[-1]['val_loss']:.4f}" in result.stdout
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
+def test_console_shows_what_a_user_reads(train_data, tmp_path):
+    """One startup summary, one line per log step, one per checkpoint, an end line; no library notices (offline
+    wandb included) unless --verbose."""
+    result = train_cli(tmp_path, train_data + ["train.steps=4", "train.log_every=2", "checkpoint.every=2",
+                                               "logging.wandb=offline"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:5]] == ["model", "layout", "data", "run", "start"], lines
+    assert "tp=1 pp=1 dp=1" in lines[1] and "fresh run from step 0" in lines[4]
+    assert re.fullmatch(r"saved step 2 \(\d+\.\d MB, \d+\.\d s\): .*step_00000002", lines[6]), lines
+    assert [line.split(" |")[0] for line in lines[5:]][:3] == ["step 2/4", lines[6], "step 4/4"]
+    assert lines[-1].startswith("done: steps 1-4 in") and len(lines) == 10, lines
+    assert result.stderr == "", result.stderr
+    verbose = train_cli(tmp_path / "verbose", train_data + ["train.steps=1", "logging.wandb=offline", "--verbose"])
+    assert verbose.returncode == 0 and "wandb:" in verbose.stdout + verbose.stderr
 def test_non_finite_loss_stops_with_a_clear_message(train_data, tmp_path):
     result = train_cli(tmp_path, train_data + ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
                                                "train.steps=20", "logging.wandb=disabled", "checkpoint.every=1"])
@@ -99,3 +128,45 @@ def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         runs[world_size] = [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
     assert len(runs[1]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(train_data, tmp_path):
+    base = train_data + ["logging.wandb=disabled", "checkpoint.every=1", "checkpoint.keep=3"]
+    assert train_cli(tmp_path, base + ["train.steps=2"]).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    result = train_cli(tmp_path, base + ["train.steps=2"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "already holds checkpoints of a run (newest step_00000002)" in result.stderr
+    assert "--resume auto" in result.stderr and "logging.run_dir" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    # An older checkpoint of the folder cannot be resumed into it either: the newer ones would be pruned at once.
+    result = train_cli(tmp_path, base + ["train.steps=3", f"checkpoint.resume={tmp_path}/checkpoints/step_00000001"])
+    assert result.returncode == 2 and "holds checkpoints newer than" in result.stderr, result.stderr[-3000:]
+    resumed = train_cli(tmp_path, base + ["train.steps=3", "checkpoint.resume=auto", "--override-schedule"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_when_the_holder_dies(train_data, tmp_path):
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from lm2.pipeline.train.run_folder import lock_run_folder; "
+                               "handle = lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); "
+                               "time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = train_cli(tmp_path, train_data + ["logging.wandb=disabled", "checkpoint.resume=auto"])
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"is in use by another job (host " in result.stderr and f"pid {holder.pid}," in result.stderr
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    assert (tmp_path / ".lock").read_text().startswith("host ")  # the stale file of a killed job ...
+    lock = lock_run_folder(tmp_path)  # ... holds no lock
+    assert f"pid {os.getpid()}," in (tmp_path / ".lock").read_text()
+    lock.close()

@@ -1,0 +1,89 @@
+"""Checkpoint save and load time and size, against torch.save/torch.load of the same model, in the same run.
+
+    python bench/checkpoint.py --config configs/tiny.yaml [--rounds 5] [overrides...]
+
+One process. lm2's save (DeepSpeed shards, RNG state, manifest with sha256 of every file, `latest`) and load
+(DeepSpeed load with optimizer and schedule, RNG state) of an engine after one step alternate with a plain
+reference: torch.save / torch.load + load_state_dict of an LM2Model and its torch AdamW after one step. Bytes are
+compared with the analytic size: weights plus AdamW's two moments (fp32: 4 + 8 bytes per parameter).
+Prints one JSON line, then a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lm2.model.accounting import parameter_counts
+from lm2.pipeline.checkpoint.format import Manifest
+from lm2.pipeline.checkpoint.resume import load
+from lm2.pipeline.checkpoint.save import save
+from lm2.pipeline.config import load_config
+from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.train.engine import build_engine
+from lm2.pipeline.train.step import train_step
+from measure import interleaved, median_ratio
+from train_step import batches, plain_model, plain_step
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    run = load_config(args.config, args.overrides)
+    engine = build_engine(run, init_distributed())
+    micro_batches = batches(run, engine.grad_accum)
+    train_step(engine, micro_batches)
+    model, optimizer = plain_model(run)
+    plain_step(model, optimizer, run.optim.grad_clip, micro_batches)()
+    steps = itertools.count(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root, reference = Path(tmp) / "checkpoints", Path(tmp) / "reference.pt"
+        saved: list[Path] = []
+
+        def lm2_save():
+            manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
+            saved.append(save(engine.deepspeed, root, {"lm2": {"world_size": 1}}, manifest, keep=1))
+
+        def plain_save():
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, reference)
+
+        def plain_load():
+            state = torch.load(reference, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+
+        seconds = interleaved({"lm2_save": lm2_save, "plain_save": plain_save}, args.rounds)
+        seconds |= interleaved({"lm2_load": lambda: load(engine.deepspeed, saved[-1]), "plain_load": plain_load},
+                               args.rounds)
+        lm2_bytes, plain_bytes = folder_bytes(saved[-1]), reference.stat().st_size
+    parameters = parameter_counts(run.model).total
+    analytic = parameters * (4 + 8)
+    result = {"bench": "checkpoint", "config": args.config, "overrides": args.overrides, "rounds": args.rounds,
+              "zero_stage": run.parallel.zero_stage, "parameters": parameters,
+              "seconds": {name: statistics.median(s) for name, s in seconds.items()},
+              "save_ratio": median_ratio(seconds["lm2_save"], seconds["plain_save"]),
+              "load_ratio": median_ratio(seconds["lm2_load"], seconds["plain_load"]),
+              "bytes": {"lm2": lm2_bytes, "plain": plain_bytes, "analytic": analytic},
+              "bytes_over_analytic": {"lm2": lm2_bytes / analytic, "plain": plain_bytes / analytic}}
+    print(json.dumps(result))
+    s = result["seconds"]
+    print(f"save {s['lm2_save']:.3f} s (x{result['save_ratio']:.2f} torch.save), load {s['lm2_load']:.3f} s "
+          f"(x{result['load_ratio']:.2f} torch.load); {lm2_bytes / 1e6:.1f} MB = x{lm2_bytes / analytic:.2f} the "
+          f"analytic {analytic / 1e6:.1f} MB (torch.save x{plain_bytes / analytic:.2f})")
+
+
+if __name__ == "__main__":
+    main()

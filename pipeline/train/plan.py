@@ -1,0 +1,84 @@
+"""Per-device memory and throughput estimates of a run config, before anything is built (`lm2 info`).
+
+Memory follows what DeepSpeed allocates for torch AdamW: weights and gradients in the params dtype; with ZeRO >= 1
+(or bf16) an fp32 master copy and its fp32 gradient next to AdamW's two fp32 moments, partitioned over data-parallel
+ranks from ZeRO-1 on; gradients partitioned from ZeRO-2, weights from ZeRO-3. Activations are element counts per
+token of the tensors autograd saves for backward (weights excluded), fitted to saved_tensors_hooks counts of
+configs/tiny.yaml and tests/pipeline/tiny_train.yaml (the test checks other shapes too), scaled by the tokens of one
+micro-batch; megatron-core's vocab-parallel cross-entropy keeps its softmax in fp32. Activation checkpointing keeps each block's input plus one
+block's activations during its recompute. Estimates are of allocated tensors, not of the allocator's caching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lm2.model.accounting import forward_flops_per_token, parameter_counts
+from lm2.pipeline.config import RunConfig
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    """fp32 master copy and its gradient (ZeRO >= 1 or bf16) plus AdamW's two moments."""
+    activations: int
+    """Saved for backward, one micro-batch (times the micro-batches 1F1B keeps in flight on the first stage)."""
+    activations_checkpointed: int
+    """The same with train.activation_checkpointing."""
+    memory_state: int
+    """The memory banks' states across segments, one micro-batch; part of `activations`."""
+    activation_checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        acts = self.activations_checkpointed if self.activation_checkpointing else self.activations
+        return self.weights + self.gradients + self.optimizer + acts
+
+
+def _layer_elements_per_token(run: RunConfig, memory: bool) -> float:
+    """Elements autograd saves per token in one block on one TP rank (norm inputs, residuals and column-parallel
+    inputs are replicated; q/k/v, attention output, the MLP's four ffn-wide tensors and the memory are split).
+    Without TP a vanilla block saves 8d + 2 kv + 4 ffn per token."""
+    m, tp = run.model, run.parallel.tp
+    kv = m.num_kv_heads * m.head_dim
+    elements = 4 * m.hidden_size + (4 * m.hidden_size + 2 * kv + 4 * m.ffn_hidden_size) / tp
+    if memory:  # token projections and gates, plus the per-segment states shared by the segment's tokens
+        d_m, slots = m.memory_dim, m.memory.slots
+        elements += (6 * d_m + 9 * slots * d_m / m.segment_length) / tp
+    return elements
+
+
+def memory_estimate(run: RunConfig, dp: int, params_bytes: int) -> MemoryEstimate:
+    """Bytes on the busiest device (the first pipeline stage, which also holds the embedding) at data-parallel size
+    `dp`; params_bytes is 2 for bf16, 4 for fp32."""
+    m, par, train = run.model, run.parallel, run.train
+    counts = parameter_counts(m, m.padded_vocab_size(par.tp))
+    layers_here = -(-m.num_layers // par.pp)
+    params = (counts.embedding // (1 if m.tie_embeddings else 2)
+              + (counts.backbone + counts.memory) * layers_here // m.num_layers) / par.tp
+    zero = par.zero_stage
+    weights = params * params_bytes / (dp if zero == 3 else 1)
+    gradients = params * params_bytes / (dp if zero >= 2 else 1)
+    master = 8 if (zero >= 1 or params_bytes == 2) else 0  # fp32 copy and its gradient
+    optimizer = params * (8 + master) / (dp if zero >= 1 else 1)
+
+    tokens = train.micro_batch * m.row_length
+    accum = train.grad_accum(dp)  # also refuses a batch that does not split over dp
+    in_flight = min(par.pp, accum) if par.pp > 1 else 1  # 1F1B: the first stage holds up to pp micro-batches
+    layers = [_layer_elements_per_token(run, m.has_memory(i)) for i in range(layers_here)]
+    head = m.padded_vocab_size(par.tp) / par.tp * 4 + 3.4 * m.hidden_size * params_bytes  # fp32 softmax; final norm
+    activations = tokens * in_flight * (sum(layers) * params_bytes + head)
+    checkpointed = tokens * in_flight * (layers_here * m.hidden_size * params_bytes + head) \
+        + tokens * max(layers) * params_bytes
+    memory_layers = sum(m.has_memory(i) for i in range(layers_here))
+    state = (memory_layers * train.micro_batch * in_flight * (m.num_segments + 1) * m.memory.slots * m.memory_dim
+             / par.tp * params_bytes)
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(checkpointed),
+                          int(state), train.activation_checkpointing)
+
+
+def tokens_per_s_per_device(run: RunConfig, mfu: float, peak_tflops: float) -> float:
+    """Tokens/s each device reaches at model FLOPs utilisation `mfu` of peak_tflops (training = 3 x forward)."""
+    return mfu * peak_tflops * 1e12 / (3 * forward_flops_per_token(run.model))

@@ -1,0 +1,69 @@
+"""The GPU path: nccl, bf16 weights, SDPA's flash kernel, the same training as on CPU. `make test-gpu` runs
+these on a machine with a CUDA device; without one they skip (CI runs `-m "not gpu"`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+from tests.pipeline.test_train_run import CONFIG  # noqa: E402  (after the skip marks: import is cheap anyway)
+
+STEPS = 4
+
+
+def train(run_dir, overrides, cuda: bool) -> list[float]:
+    env = dict(os.environ, **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""}))
+    result = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+                             f"logging.run_dir={run_dir}", *overrides], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_gpu_trains_in_bf16_like_the_cpu_in_fp32(train_data, tmp_path):
+    common = train_data + [f"train.steps={STEPS}", "train.log_every=1", "logging.wandb=disabled",
+                           f"checkpoint.every={STEPS}"]
+    gpu = train(tmp_path / "gpu", common, cuda=True)  # precision auto: bf16, nccl
+    cpu = train(tmp_path / "cpu", common, cuda=False)  # precision auto: fp32, gloo
+    assert gpu == pytest.approx(cpu, rel=2e-2)
+    module = torch.load(tmp_path / "gpu" / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert {v.dtype for v in module.values() if isinstance(v, torch.Tensor) and v.is_floating_point()} == {
+        torch.bfloat16}
+
+
+def test_model_runs_on_the_flash_kernel_and_agrees_with_the_math_kernel(single_process):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lm2.model.lm import LM2Model
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.mpu import tensor_parallel
+
+    assert torch.distributed.get_backend() == "nccl"
+    cfg = load_config(CONFIG).model
+    model = LM2Model(cfg, tensor_parallel(torch.bfloat16)).cuda()
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.row_length), device="cuda")
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if flash cannot take these inputs
+            flash = model(tokens).float()
+        with sdpa_kernel([SDPBackend.MATH]):
+            math = model(tokens).float()
+    assert flash.isfinite().all()
+    torch.testing.assert_close(flash, math, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_parallel_over_nccl_matches_one_gpu(train_data, tmp_path):
+    from tests.pipeline.test_checkpoint_resume import finish, launch
+
+    common = train_data + [f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=0"]
+    finish(launch(tmp_path / "tp1", 1, common), tmp_path / "tp1")
+    finish(launch(tmp_path / "tp2", 2, common + ["parallel.tp=2"]), tmp_path / "tp2")
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("tp1", "tp2")}
+    assert losses["tp2"] == pytest.approx(losses["tp1"], rel=2e-2)

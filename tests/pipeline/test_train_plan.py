@@ -1,0 +1,108 @@
+"""The memory estimate of `lm2 info` against what a real run holds on CPU (fp32).
+
+Activations are compared with the bytes autograd saves for backward (counted with saved_tensors_hooks), on shapes
+other than the tiny config they were counted on, within 10 %. The whole estimate (weights, gradients, ZeRO-1
+optimizer state, activations) is compared with the peak resident memory a DeepSpeed training step adds to its
+process, within 25 %: RSS also holds the allocator's slack and libraries' buffers, so this is the honest bound.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.measure import saved_activation_bytes
+from lm2.model.accounting import forward_flops_per_token
+from lm2.pipeline.config import load_config
+from lm2.pipeline.train.plan import memory_estimate, tokens_per_s_per_device
+from tests.distributed import run_distributed
+
+TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+TEST_CONFIG = Path(__file__).parent / "tiny_train.yaml"
+
+
+@pytest.mark.parametrize("config, overrides", [
+    (TEST_CONFIG, []),
+    (TEST_CONFIG, ["model.memory.enabled=false"]),
+    (TINY, ["model.hidden_size=256", "model.ffn_hidden_size=512", "model.memory.slots=32", "train.micro_batch=2"]),
+    (TINY, ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"]),
+])
+def test_activation_estimate_matches_what_autograd_saves(single_process, config, overrides):
+    from lm2.model.lm import LM2Model, mean_loss
+    from lm2.pipeline.parallel.mpu import tensor_parallel
+
+    run = load_config(config, overrides + ["train.global_batch=16"])
+    model = LM2Model(run.model, tensor_parallel())
+    tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length))
+    measured = saved_activation_bytes(model, lambda: mean_loss(model(tokens), tokens))
+    estimate = memory_estimate(run, dp=1, params_bytes=4).activations
+    assert estimate == pytest.approx(measured, rel=0.10)
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _measure_training_peak(overrides: list[str], out: str) -> None:
+    import gc
+
+    from lm2.pipeline.parallel.init import init_distributed
+    from lm2.pipeline.train.engine import build_engine
+    from lm2.pipeline.train.step import train_step
+
+    run = load_config(TINY, overrides)
+    dims = init_distributed()
+    rows = torch.randint(0, run.model.vocab_size, (run.train.global_batch, run.model.row_length + 1))
+    micro_batches = [(r[:, :-1], r[:, 1:]) for r in rows.split(run.train.micro_batch)]
+    gc.collect()
+    before, high_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    engine = build_engine(run, dims)
+    for _ in range(2):
+        train_step(engine, micro_batches)
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(out).write_text(json.dumps({"peak": high - before, "high_before": high_before, "before": before,
+                                     "high": high}))
+
+
+def test_memory_estimate_matches_the_peak_memory_of_a_training_step(tmp_path, monkeypatch):
+    # glibc returns big freed blocks to the kernel at once, so RSS follows the tensors' bytes.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    overrides = ["model.hidden_size=256", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
+                 "parallel.zero_stage=1", "train.precision=fp32"]
+    out = tmp_path / "peak.json"
+    run_distributed(_measure_training_peak, world_size=1, args=(overrides, str(out)))
+    measured = json.loads(out.read_text())
+    assert measured["high"] > measured["high_before"]  # the peak happened during training, not before
+    estimate = memory_estimate(load_config(TINY, overrides), dp=1, params_bytes=4)
+    assert estimate.total == pytest.approx(measured["peak"], rel=0.25), (estimate, measured)
+
+
+def test_zero_stages_partition_what_they_should():
+    run = load_config(TINY, ["parallel.zero_stage=0", "train.global_batch=64"])
+    stages = {zero: memory_estimate(load_config(TINY, [f"parallel.zero_stage={zero}", "train.global_batch=64"]),
+                                    dp=4, params_bytes=2) for zero in (0, 1, 2, 3)}
+    assert stages[1].optimizer * 4 == pytest.approx(stages[0].optimizer, rel=1e-6)  # 16 bytes/param, split in 4
+    assert stages[2].gradients * 4 == pytest.approx(stages[1].gradients, rel=1e-6)
+    assert stages[3].weights * 4 == pytest.approx(stages[2].weights, rel=1e-6)
+    assert stages[0].activations == stages[3].activations
+    assert tokens_per_s_per_device(run, mfu=0.5, peak_tflops=2.0) == pytest.approx(
+        0.5 * 2e12 / (3 * forward_flops_per_token(run.model)))
+
+
+def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
+    overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100"]
+    out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), *overrides,
+                          "--world-size", "2", "--mfu", "0.5"], capture_output=True, text=True, check=True).stdout
+    run = load_config(TINY, overrides)
+    total = memory_estimate(run, dp=2, params_bytes=2).total
+    assert f"total           {total / 2**20:.1f} MiB" in out and "ZeRO-2" in out and "bf16" in out
+    assert f"{tokens_per_s_per_device(run, 0.5, 100):,.0f} at MFU 50%" in out
+    bad = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), "--world-size", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "global_batch=16 must be a multiple" in bad.stderr and "Traceback" not in bad.stderr
