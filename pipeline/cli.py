@@ -89,41 +89,70 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     """Tokenizes, packs and shards the inputs into an MDS dataset folder."""
+    from lm2.pipeline.data.parts import Part
     from lm2.pipeline.data.prepare import prepare
 
+    if (args.num_shards is None) != (args.shard_index is None):
+        raise DataError("give --num-shards and --shard-index together")
+    part = Part(args.shard_index, args.num_shards) if args.num_shards is not None else Part.from_environment()
     metadata = prepare(args.inputs, args.output, args.tokenizer, row_length=args.row_length,
                        model=_model_config(args.config), workers=args.workers, val_fraction=args.val_fraction,
-                       text_field=args.text_field, packing=args.packing)
+                       text_field=args.text_field, packing=args.packing, part=part)
+    _print_counts(metadata)
+    print(f"wrote {args.output}" + (f" {part.name}: run `lm2 data merge {args.output}` once every part is written"
+                                    if part else ""))
+
+
+def _print_counts(metadata: dict) -> None:
     for name, counts in metadata["splits"].items():
         print(f"{name:6s} {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['rows']:,} rows "
               f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding)")
-    print(f"wrote {args.output}")
+
+
+def cmd_data_merge(args: argparse.Namespace) -> None:
+    """Joins the parts of a distributed prepare into one dataset (index.json per split, lm2_data.json)."""
+    from lm2.pipeline.data.parts import merge
+
+    metadata = merge(args.output)
+    _print_counts(metadata)
+    print(f"wrote {args.output} from {metadata['parts']} parts")
+
+
+INPUTS_HELP = (".txt/.jsonl files (optionally .gz or .zst), .parquet files, Hugging Face datasets saved with "
+               "save_to_disk, or folders of them")
 
 
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="train a tokenizer and write training shards")
     jobs = data.add_subparsers(dest="data_command", required=True)
     tokenizer = jobs.add_parser("tokenizer", help="train a sentencepiece tokenizer")
-    tokenizer.add_argument("inputs", nargs="+", help=".txt/.jsonl files (optionally .gz) or folders of them")
+    tokenizer.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     tokenizer.add_argument("--output", required=True, help="the .model file to write")
     tokenizer.add_argument("--vocab-size", type=int, help="pieces in the vocabulary (default: model.vocab_size)")
     tokenizer.add_argument("--config", help="run YAML whose model.vocab_size bounds the vocabulary")
     tokenizer.add_argument("--type", default="bpe", choices=("bpe", "unigram"), help="sentencepiece model type")
-    tokenizer.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    tokenizer.add_argument("--text-field", default="text", help="JSONL field or parquet/dataset column holding the text")
     tokenizer.set_defaults(run=cmd_data_tokenizer)
     prepare = jobs.add_parser("prepare", help="tokenize, pack into rows and write MDS shards")
-    prepare.add_argument("inputs", nargs="+", help=".txt/.jsonl files (optionally .gz) or folders of them")
+    prepare.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     prepare.add_argument("--tokenizer", required=True, help="sentencepiece .model from `lm2 data tokenizer`")
-    prepare.add_argument("--output", required=True, help="dataset folder to create (must not exist)")
+    prepare.add_argument("--output", required=True,
+                         help="dataset folder to create (must not exist), or a remote URL such as s3://bucket/prefix")
     prepare.add_argument("--config", help="run YAML: rows get model.row_length; the vocabulary must fit")
     prepare.add_argument("--row-length", type=int, help="tokens per training row (default: model.row_length)")
     prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     prepare.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split")
-    prepare.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    prepare.add_argument("--text-field", default="text", help="JSONL field or parquet/dataset column holding the text")
     prepare.add_argument("--packing", default="concat", choices=("concat", "whole"),
                          help="concat: cut the document stream anywhere; whole: a document that fits in a row "
                               "starts a new row rather than straddle two (the rest of the row is PAD)")
+    prepare.add_argument("--num-shards", type=int, help="prepare one of this many parts of the inputs (with "
+                         "--shard-index; default in a SLURM array job: its task count), then `lm2 data merge`")
+    prepare.add_argument("--shard-index", type=int, help="which part, from 0 (default: the SLURM array task)")
     prepare.set_defaults(run=cmd_data_prepare)
+    merge = jobs.add_parser("merge", help="join the parts of `prepare --num-shards` into one dataset")
+    merge.add_argument("output", help="the --output the parts were prepared into")
+    merge.set_defaults(run=cmd_data_merge)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

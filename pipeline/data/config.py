@@ -42,6 +42,9 @@ class DataConfig:
     """The sentencepiece .model the run uses; its sha256 must match the shards'. None skips that check."""
     cache_dir: str = "runs/cache/streaming"
     """Local cache for remote streams (one sub-folder per stream); local streams are read in place."""
+    cache_limit: str | None = None
+    """Most bytes of remote shards kept in cache_dir (e.g. "10gb"); streaming evicts the least recently used
+    shards past it. None keeps every shard. It must hold a few shards per rank of a node."""
     shuffle: bool = True
     """Shuffle rows (seeded, so the order is reproducible)."""
     shuffle_seed: int = 1234

@@ -51,12 +51,12 @@ def check_data_compatible(metadata: dict[str, Any], model: ModelConfig, tokenize
 def read_metadata(path: str, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Reads `<path>/lm2_data.json`; a remote path (s3://, gs://, ...) is downloaded into `cache_dir` first."""
     if "://" in path:
-        from streaming.base.storage import download_file
+        from streaming.base.storage import CloudDownloader
 
         local = Path(cache_dir or ".") / METADATA_FILE
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
-            download_file(f"{path.rstrip('/')}/{METADATA_FILE}", str(local), 60)
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{METADATA_FILE}", str(local), 60)
         except Exception as error:  # every storage backend raises its own types
             raise DataError(f"cannot fetch {path}/{METADATA_FILE} ({error}); check the URL and credentials") \
                 from None

@@ -10,17 +10,20 @@ haystacks) need that; a books-only corpus loses nothing with the default "concat
     <output>/train/          MDS shards (zstd, xxh64 per shard) + index.json, read by streaming.py
     <output>/val/            the same for the validation documents, when val_fraction > 0
 
-Everything is written to a hidden temporary folder next to <output> and renamed at the end, so an
-interrupted or failed run leaves no folder that looks complete. The same inputs, tokenizer and options give
-byte-identical output: documents are encoded in parallel but consumed in input order.
+Locally, everything is written to a hidden temporary folder next to <output> and renamed at the end, so an
+interrupted or failed run leaves no folder that looks complete. A remote <output> (s3://bucket/prefix, ...)
+receives each shard as soon as it is written (streaming's MDSWriter uploads it and deletes the local copy) and
+lm2_data.json last, so only a finished dataset has one. The same inputs, tokenizer and options give
+byte-identical output: documents are encoded in parallel but consumed in input order. Many machines can
+prepare one dataset together: see parts.py.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +34,10 @@ from tqdm import tqdm
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
-from lm2.pipeline.data.metadata import FORMAT, METADATA_FILE, VAL_ID_OFFSET, check_vocab_fits
-from lm2.pipeline.data.sources import find_input_files, read_all
+from lm2.pipeline.data.metadata import FORMAT, METADATA_FILE, check_vocab_fits
+from lm2.pipeline.data.parts import Part, pieces_of_part, write_json
+from lm2.pipeline.data.sources import Piece, find_input_files, list_pieces, read_piece
+from lm2.pipeline.data.storage import Location
 from lm2.pipeline.data.tokenizer import Tokenizer
 
 # Documents are sent to workers in batches of about this many characters: large enough to amortise the
@@ -87,13 +92,18 @@ class RowPacker:
 class _SplitWriter:
     """One split's packer, MDS writer and counts."""
 
-    def __init__(self, folder: Path, packer: RowPacker, first_id: int, size_limit: int) -> None:
+    def __init__(self, folder: Path, remote: str | None, packer: RowPacker, first_id: int, size_limit: int) -> None:
         from streaming import MDSWriter  # streaming imports torch: keep `lm2 data` startup light until here
 
-        self.packer = packer
+        self.packer, self.remote = packer, remote
         self.counts = SplitCounts(first_id=first_id)
-        self.writer = MDSWriter(out=str(folder), compression="zstd", hashes=["xxh64"], size_limit=size_limit,
-                                columns={"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"})
+        try:
+            self.writer = MDSWriter(out=(str(folder), remote) if remote else str(folder), compression="zstd",
+                                    hashes=["xxh64"], size_limit=size_limit, keep_local=False,
+                                    columns={"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"})
+        except Exception as error:  # every storage backend raises its own types
+            raise DataError(f"cannot write to {remote} ({error}); check the URL, the bucket and the credentials "
+                            "(S3_ENDPOINT_URL for S3-compatible stores)") from None
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.counts.documents += 1
@@ -103,12 +113,22 @@ class _SplitWriter:
     def close(self) -> None:
         self._write(self.packer.finish())
         self.counts.padding = self.packer.padding
-        self.writer.finish()
+        self._uploading(self.writer.finish)
 
     def _write(self, rows: np.ndarray) -> None:
         for row in rows:
-            self.writer.write({"tokens": row, "id": self.counts.first_id + self.counts.rows})
+            self._uploading(self.writer.write, {"tokens": row, "id": self.counts.first_id + self.counts.rows})
             self.counts.rows += 1
+
+    def _uploading(self, call, *args) -> None:
+        try:
+            call(*args)
+        except Exception as error:
+            # MDSWriter reports a failed upload (in its threads) as a bare Exception on the next call.
+            if not self.remote or "threads failed" not in str(error):
+                raise
+            raise DataError(f"uploading shards to {self.remote} failed (see the log above); the output is "
+                            "incomplete (no lm2_data.json): remove it and run again") from None
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -168,32 +188,26 @@ def _resolve_row_length(row_length: int | None, model: ModelConfig | None) -> in
     return resolved
 
 
-def _check_output(output: Path) -> None:
-    if output.exists():
-        raise DataError(f"{output} already exists: delete it or choose another --output "
-                        "(prepare never overwrites shards)")
-
-
 def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: str | Path, *,
             row_length: int | None = None, model: ModelConfig | None = None, workers: int = 1,
             val_fraction: float = 0.0, text_field: str = "text", packing: str = "concat",
-            shard_size_limit: int = 1 << 26, progress: bool = True) -> dict:
+            shard_size_limit: int = 1 << 26, part: Part | None = None, progress: bool = True) -> dict:
     """Tokenizes, packs and shards `inputs` into `output`; returns the metadata written to lm2_data.json.
 
     Args:
         inputs: files and folders (see sources.py for what counts as a document).
-        output: the dataset folder to create; it must not exist yet.
+        output: the dataset folder to create (it must not exist yet), or a remote URL (s3://bucket/prefix).
         tokenizer_path: the sentencepiece .model to encode with.
         row_length: tokens per training row; rows hold row_length + 1 tokens. Defaults to model.row_length.
         model: if given, the tokenizer must fit its embedding and row_length must match it.
         workers: encoding processes.
         val_fraction: share of documents (every 1/val_fraction-th) written to the val split.
-        text_field: the JSONL field holding the text.
+        text_field: the JSONL field or parquet/dataset column holding the text.
         packing: "concat" cuts the document stream anywhere; "whole" keeps documents that fit in a row whole.
         shard_size_limit: bytes of uncompressed rows per shard.
-        progress: show a progress bar on stderr.
+        part: write only this part of the inputs, into output's part folders (parts.py); merge them after.
+        progress: show progress (input bytes, MB/s, ETA, documents, tokens) on stderr.
     """
-    output = Path(output)
     row_length = _resolve_row_length(row_length, model)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -205,47 +219,108 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
     if model is not None:
         check_vocab_fits(tokenizer.vocab_size, model, f"tokenizer {tokenizer.path}")
     files = find_input_files(inputs)
-    _check_output(output)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
+    pieces = list_pieces(files)
+    if part is not None:
+        pieces = pieces_of_part(pieces, part)
+    location = Location(output)
+    _check_output(location, part)
+    staging = Path(tempfile.mkdtemp(prefix=".lm2-prepare-", dir=_staging_parent(location)))
     try:
-        counts = _write_splits(files, temporary, tokenizer, row_length, workers, val_fraction, text_field,
-                               packing == "whole", shard_size_limit, progress)
+        counts = _write_splits(pieces, staging, location, part, tokenizer, row_length, workers, val_fraction,
+                               text_field, packing == "whole", shard_size_limit, progress)
         metadata = {"format": FORMAT, "tokenizer": tokenizer.describe(), "row_length": row_length,
                     "dtype": _row_dtype(tokenizer).name, "val_fraction": val_fraction, "text_field": text_field,
-                    "packing": packing, "inputs": [str(f) for f in files], "splits": {k: asdict(v) for k, v in counts.items()}}
-        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _check_output(output)
-        os.rename(temporary, output)
+                    "packing": packing, "splits": {k: asdict(v) for k, v in counts.items()},
+                    "inputs": [str(f) for f in files] if part is None else [str(p) for p in pieces]}
+        if part is not None:
+            metadata["part"] = {"index": part.index, "count": part.count}
+        _publish(location, part, staging, metadata)
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return metadata
+
+
+def _staging_parent(location: Location) -> str | None:
+    """Local outputs are staged next to their final place (same file system: renames), remote ones in /tmp."""
+    if location.remote:
+        return None
+    parent = Path(location.url).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return str(parent)
+
+
+def _check_output(location: Location, part: Part | None) -> None:
+    if part is None:
+        if Path(location.url).exists() if not location.remote else location.holds_anything():
+            raise DataError(f"{location.url} already exists: delete it or choose another --output "
+                            "(prepare never overwrites shards)")
+        return
+    if location.read_json(part.metadata_name) is not None:
+        raise DataError(f"{location.join(part.metadata_name)} exists: {part.name} is already prepared")
+    for split in ("train", "val"):
+        if not location.holds_anything(f"{split}/{part.name}"):
+            continue
+        if location.remote:
+            raise DataError(f"{location.join(split, part.name)} holds objects of an unfinished run: delete them "
+                            "and run this part again")
+        shutil.rmtree(location.join(split, part.name))  # an interrupted run's: local parts are renamed in last
+
+
+def _split_places(location: Location, part: Part | None, staging: Path, split: str) -> tuple[Path, str | None]:
+    """Where a split's shards are written: a local folder, and the remote folder they are uploaded to."""
+    remote = location.join(split, *([part.name] if part else [])) if location.remote else None
+    return staging / split, remote
+
+
+def _publish(location: Location, part: Part | None, staging: Path, metadata: dict) -> None:
+    """Makes the written splits visible (local: renames) and writes lm2_data.json last."""
+    name = part.metadata_name if part else METADATA_FILE
+    if location.remote:
+        write_json(location, name, metadata)
+    elif part is None:
+        write_json(Location(staging), METADATA_FILE, metadata)
+        if Path(location.url).exists():
+            raise DataError(f"{location.url} appeared while preparing: delete it or choose another --output")
+        os.rename(staging, location.url)
+    else:
+        for split in metadata["splits"]:
+            target = Path(location.join(split, part.name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging / split, target)
+        write_json(location, name, metadata)
 
 
 def _row_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
 
-def _write_splits(files: list[Path], folder: Path, tokenizer: Tokenizer, row_length: int, workers: int,
-                  val_fraction: float, text_field: str, whole: bool, size_limit: int,
-                  progress: bool) -> dict[str, SplitCounts]:
-    def packer() -> RowPacker:
-        return RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole)
+def _documents(pieces: list[Piece], text_field: str, bar: tqdm) -> Iterator[str]:
+    for piece in pieces:
+        yield from read_piece(piece, text_field)
+        bar.update(piece.size)
 
-    splits = {"train": _SplitWriter(folder / "train", packer(), 0, size_limit)}
-    if val_fraction:
-        splits["val"] = _SplitWriter(folder / "val", packer(), VAL_ID_OFFSET, size_limit)
-    index = 0
-    with tqdm(desc="tokenizing", unit=" docs", disable=not progress) as bar:
-        for encoded in encode_in_order(_batches(read_all(files, text_field)), str(tokenizer.path), workers):
-            for tokens in encoded:
-                splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(tokens)
+
+def _write_splits(pieces: list[Piece], staging: Path, location: Location, part: Part | None, tokenizer: Tokenizer,
+                  row_length: int, workers: int, val_fraction: float, text_field: str, whole: bool,
+                  size_limit: int, progress: bool) -> dict[str, SplitCounts]:
+    numbering = part or Part(0, 1)
+    names = ["train", "val"] if val_fraction else ["train"]
+    splits = {name: _SplitWriter(*_split_places(location, part, staging, name),
+                                 RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole),
+                                 numbering.first_id(name), size_limit) for name in names}
+    index = tokens = 0
+    with tqdm(desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for encoded in encode_in_order(_batches(_documents(pieces, text_field, bar)), str(tokenizer.path), workers):
+            for document in encoded:
+                splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(document)
                 index += 1
-            bar.update(len(encoded))
+                tokens += len(document)
+            bar.set_postfix(documents=f"{index:,}", tokens=f"{tokens:,}", refresh=False)
     for writer in splits.values():
         writer.close()
     if not index:
-        raise DataError(f"no documents in {len(files)} input file(s): every file is empty or whitespace")
+        raise DataError(f"no documents in {len(pieces)} input piece(s): every one is empty or whitespace")
     if val_fraction and not splits["val"].counts.documents:
         raise DataError(f"--val-fraction {val_fraction} of {index} document(s) selects none: raise it, or give "
                         "more (smaller) documents")

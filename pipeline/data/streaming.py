@@ -102,6 +102,8 @@ def _streams(cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None
     for stream in cfg.streams:
         local = _cache_folder(cfg, stream) if stream.is_remote else stream.path
         metadata = read_metadata(stream.path, local)
+        # Without data.tokenizer, the first stream's tokenizer is the run's: every stream must share it.
+        tokenizer_checksum = tokenizer_checksum or metadata.get("tokenizer", {}).get("sha256")
         check_data_compatible(metadata, model, tokenizer_checksum, where=stream.path)
         if stream.split not in metadata["splits"]:
             raise DataError(f"{stream.path} has no {stream.split} split (it has {', '.join(metadata['splits'])})")
@@ -229,8 +231,14 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
     if dist.is_initialized():
         dist.barrier()
     _, dp_rank, _ = dims.coords(rank)
-    dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
-                              shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
-                              num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
-                              validate_hash="xxh64" if cfg.validate_hash else None)
+    try:
+        dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
+                                  shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
+                                  num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
+                                  cache_limit=cfg.cache_limit,
+                                  validate_hash="xxh64" if cfg.validate_hash else None)
+    except ValueError as error:
+        if "Cache limit" not in str(error):
+            raise
+        raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
     return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)

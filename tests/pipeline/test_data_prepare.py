@@ -26,7 +26,9 @@ def read_rows(split_folder: Path) -> tuple[np.ndarray, np.ndarray]:
     raw_folder = Path(tempfile.mkdtemp())
     for shard_info in index["shards"]:
         zipped = (split_folder / shard_info["zip_data"]["basename"]).read_bytes()
-        (raw_folder / shard_info["raw_data"]["basename"]).write_bytes(decompress("zstd", zipped))
+        raw = raw_folder / shard_info["raw_data"]["basename"]  # merged parts: part-*/shard.*.mds
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_bytes(decompress("zstd", zipped))
         shard = reader_from_json(str(raw_folder), None, shard_info)
         shard.validate(allow_unsafe_types=False)
         for i in range(shard.samples):
@@ -148,7 +150,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, tokenizer_path, nam
 def test_missing_inputs_and_existing_output_are_refused(tmp_path, tokenizer_path, text_inputs):
     with pytest.raises(DataError, match="does not exist"):
         prepare([tmp_path / "nothere"], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
-    with pytest.raises(DataError, match="no input files"):
+    with pytest.raises(DataError, match="no inputs"):
         prepare([write(tmp_path / "other", "notes.md", b"x")], tmp_path / "out", tokenizer_path, row_length=16)
     (tmp_path / "out").mkdir()
     with pytest.raises(DataError, match="already exists"):

@@ -1,0 +1,163 @@
+"""Remote datasets against a real S3 API (moto's server on localhost, reached through S3_ENDPOINT_URL as
+streaming supports): parts prepared into s3:// and merged there, then read by 2 ranks through a bounded cache,
+stopped and resumed with every row read exactly once."""
+
+import json
+import os
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from lm2.model.errors import DataError
+from lm2.pipeline.data.config import DataConfig, StreamConfig
+from lm2.pipeline.data.parts import Part, merge
+from lm2.pipeline.data.prepare import prepare
+from tests.distributed import free_port, run_distributed
+from tests.pipeline.data_fixtures import tiny_model_config, write_mixed_inputs
+
+BUCKET = "lm2-data"
+# bytes: streaming counts index.json (~26 KB for these 55 shards) and needs room for at least one shard's zip and
+# raw forms (~1.7 KB); 4 x that is its minimum. This leaves room for ~8 shards of 55.
+CACHE_LIMIT = 40_000
+# streaming evicts before a shard's download until its committed cache usage plus that shard's full size
+# (zip + raw) fits data.cache_limit, but a download counts only once it completes: downloads running at the same
+# time on one node do not see each other. Each rank has three threads that can start one (its download thread,
+# its ready thread and its main thread, the last two for a shard evicted under them), so with 2 ranks the cache
+# can exceed the limit by up to 2 x 3 - 1 shards; it did by 3 (with 4 in flight) when this was measured.
+CONCURRENT_DOWNLOADS = 2 * 3
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on localhost with one bucket; a boto3 client on it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the spawned ranks inherit it
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def keys(client, prefix: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {o["Key"][len(prefix):]: client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
+
+
+@pytest.fixture(scope="module")
+def remote_dataset(s3, tokenizer_path, tmp_path_factory):
+    """The mixed inputs prepared as 2 parts into S3 and merged there, and the same locally."""
+    folder = tmp_path_factory.mktemp("remote")
+    write_mixed_inputs(folder / "in")
+    url = f"s3://{BUCKET}/mixed"
+    for output in (url, folder / "local"):
+        for index in range(2):
+            prepare([folder / "in"], output, tokenizer_path, row_length=16, part=Part(index, 2),
+                    shard_size_limit=1 << 10, progress=False)
+        merge(output)
+    return url, folder / "local"
+
+
+def test_parts_prepared_into_s3_and_merged_there_equal_a_local_prepare(s3, remote_dataset, tokenizer_path,
+                                                                       tmp_path):
+    url, local = remote_dataset
+    remote_files = keys(s3, "mixed/")
+    local_files = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert sorted(remote_files) == sorted(local_files)
+    assert len([name for name in remote_files if name.endswith(".mds.zstd")]) > 4
+    for name, data in local_files.items():
+        if name.endswith(".mds.zstd") or name == "lm2_data.json" or name.startswith("parts/"):
+            assert remote_files[name] == data, name  # shards byte-identical, the same counts
+        else:  # index.json: streaming writes the same shards, formatted differently for a merged upload
+            assert json.loads(remote_files[name])["shards"] == json.loads(data)["shards"], name
+    inputs = local.parent / "in"
+    with pytest.raises(DataError, match="part-00000-of-00002 is already prepared"):
+        prepare([inputs], url, tokenizer_path, row_length=16, part=Part(0, 2), progress=False)
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/mixed already exists"):
+        prepare([inputs], url, tokenizer_path, row_length=16, progress=False)
+    with pytest.raises(DataError, match="already a complete dataset"):
+        merge(url)
+
+
+def _read_remote(url: str, cache: str, out: str) -> None:
+    """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state.
+    Each read has its own cache folder (a fresh node's) and records the most bytes its cache held."""
+    import torch.distributed as dist
+    from streaming.base.util import clean_stale_shared_memory
+
+    from lm2.pipeline.data.streaming import build_train_loader
+    from lm2.pipeline.parallel.init import init_distributed
+
+    dims = init_distributed()
+    clean_stale_shared_memory()
+
+    def read(tag: str, batches: int | None = None, state: dict | None = None) -> dict:
+        folder = Path(cache, tag)
+        cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=str(folder), cache_limit=str(CACHE_LIMIT))
+        loader = build_train_loader(cfg, dims, dist.get_rank(), 2, tiny_model_config())
+        if state:
+            loader.load_state_dict(state)
+        ids, on_disk, usage = [], 0, 0
+        for batch in islice(loader, batches):
+            ids += batch["id"].tolist()
+            on_disk = max(on_disk, _cached_bytes(folder))
+            usage = max(usage, loader.dataset.cache_usage)  # streaming's own count: shards and index.json
+        largest = max(shard.get_max_size() for shard in loader.dataset.shards)
+        return {"ids": ids, "state": loader.state_dict(), "on_disk": on_disk, "usage": usage, "largest": largest,
+                "index": loader.dataset.streams[0].get_index_size()}
+
+    first = read("first", batches=5)
+    record = {"whole": read("whole"), "first": first, "rest": read("rest", state=first["state"])}
+    Path(out, f"remote-{dist.get_rank()}.json").write_text(json.dumps(record))
+
+
+def _cached_bytes(cache: Path) -> int:
+    """Bytes of shards in the cache now; the other rank may evict a listed one before its size is read."""
+    total = 0
+    for path in cache.rglob("*.mds*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _run(url, tmp_path) -> dict[str, list[dict]]:
+    """{"whole" | "first" | "rest": [rank 0's record, rank 1's record]}."""
+    run_distributed(_read_remote, 2, (url, str(tmp_path / "cache"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"remote-{rank}.json").read_text()) for rank in range(2)]
+    return {part: [r[part] for r in ranks] for part in ranks[0]}
+
+
+def test_two_ranks_stream_from_s3_within_the_cache_limit_and_resume_exactly_once(remote_dataset, tmp_path):
+    url, local = remote_dataset
+    runs = _run(url, tmp_path)
+    whole, first, rest = runs["whole"], runs["first"], runs["rest"]
+    uninterrupted = Counter(i for record in whole for i in record["ids"])
+    rows = json.loads((local / "lm2_data.json").read_text())["splits"]["train"]["rows"]
+    assert max(uninterrupted.values()) == 1 and rows - 4 < len(uninterrupted) <= rows
+    assert first[0]["state"] == first[1]["state"] and first[0]["state"]["sample_in_epoch"] == 5 * 2 * 2
+    resumed = Counter(i for record in first + rest for i in record["ids"])
+    assert resumed == uninterrupted and max(resumed.values()) == 1
+    shards = json.loads((local / "train" / "index.json").read_text())["shards"]
+    largest = max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards)
+    bound = CACHE_LIMIT + (CONCURRENT_DOWNLOADS - 1) * largest  # streaming's usage: index.json and shards
+    for record in whole + first + rest:
+        assert record["largest"] == largest and record["usage"] <= bound, record
+        shard_bound = bound - record["index"]
+        assert 0 < record["on_disk"] <= shard_bound, record  # shard files, downloads in flight included
+        assert shard_bound < sum(s["raw_data"]["bytes"] for s in shards) / 2  # far from caching every shard
