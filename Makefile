@@ -50,7 +50,7 @@ babilong:
 	@echo "BABILong table: $(RUN)/babilong/results.md, heatmap: $(RUN)/babilong/heatmap.png"
 
 # The LM2-vs-vanilla experiment (README, Evaluation): one mixture, two models of one backbone and token budget,
-# BABILong qa1-qa5 at 0k-8k. About an hour per model on two cores. SHARED holds the books and bAbI files.
+# BABILong qa1-qa5 at 0k-8k. About 35 minutes of training per model on two idle cores (docs/experiment/). SHARED holds the books and bAbI files.
 SHARED ?= ../shared
 EXP := runs/babilong
 # Books of ../shared/data/text that are not in corpus/ (the evaluation's haystack); chesterton-ball.txt and

@@ -55,17 +55,22 @@ def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
     SLURM variables, or a world of one."""
     if "WORLD_SIZE" in env:
         return {}
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun task (the batch script itself has no step)
+    if _is_srun_task(env):
         return slurm.distributed_environment(env)
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_free_port())}
+
+
+def _is_srun_task(env: Mapping[str, str]) -> bool:
+    """An srun task has a step id and a rank; the batch script itself has no step."""
+    return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
 
 
 def launched_rank(env: Mapping[str, str]) -> int:
     """This process's global rank as its launcher set it (torchrun, local.sh, deepspeed, an srun task); 0 alone."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"])
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+    if _is_srun_task(env):
         return int(env["SLURM_PROCID"])
     return 0
 
@@ -74,7 +79,7 @@ def launched_world_size(env: Mapping[str, str]) -> int:
     """The number of ranks of this job as its launcher set it; 1 alone."""
     if "WORLD_SIZE" in env:
         return int(env["WORLD_SIZE"])
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+    if _is_srun_task(env):
         return int(env["SLURM_NTASKS"])
     return 1
 

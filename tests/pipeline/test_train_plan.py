@@ -65,7 +65,12 @@ def _measure_training_peak(overrides: list[str], out: str) -> None:
     # The process's high-water mark (ru_maxrss) may come from start-up, before the engine exists: sample the RSS
     # of the engine's build and steps instead.
     samples, done = [before], threading.Event()
-    sampler = threading.Thread(target=lambda: [samples.append(_rss_bytes()) for _ in iter(lambda: done.wait(0.001), True)])
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            samples.append(_rss_bytes())
+
+    sampler = threading.Thread(target=sample)
     sampler.start()
     try:
         engine = build_engine(run, dims)
