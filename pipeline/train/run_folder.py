@@ -13,7 +13,7 @@ from typing import IO
 import torch.distributed as dist
 
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.checkpoint.format import checkpoint_root, read_manifest, step_folders
+from lm2.pipeline.checkpoint.format import checkpoint_root, read_manifest, step_folders, tag_for
 from lm2.pipeline.checkpoint.resume import named_checkpoint
 from lm2.pipeline.config import RunConfig
 
@@ -53,7 +53,7 @@ def check_start(run_dir: Path, checkpoints: Path, resume: str) -> None:
     if resume == "auto":  # continues the newest complete checkpoint, or starts the folder's first run
         return
     start = 0 if resume == "none" else read_manifest(named_checkpoint(resume)).step
-    newer = [folder for folder in step_folders(checkpoints) if int(folder.name.split("_")[1]) > start]
+    newer = [folder for folder in step_folders(checkpoints) if folder.name > tag_for(start)]  # zero-padded names
     if not newer:
         return
     if resume == "none":
