@@ -113,6 +113,9 @@ def merge(output: str | Path) -> dict:
         splits[split] = {key: sum(part["splits"][split][key] for part in parts)
                          for key in ("documents", "tokens", "rows", "padding")}
         splits[split]["first_id"] = Part(0, 1).first_id(split)
+    if "val" in splits and not splits["val"]["documents"]:
+        raise DataError(f"{output}: --val-fraction {parts[0]['val_fraction']} selects no document in any of the "
+                        f"{count} parts: raise it, or give more (smaller) documents")
     metadata = {key: value for key, value in parts[0].items() if key not in ("part", "inputs", "splits")}
     metadata.update(parts=count, splits=splits, inputs=[item for part in parts for item in part["inputs"]])
     write_json(location, METADATA_FILE, metadata)

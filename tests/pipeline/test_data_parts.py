@@ -87,8 +87,6 @@ def test_merged_parts_hold_the_single_process_documents_in_order(tmp_path, token
 
 
 def test_a_merged_dataset_with_val_is_read_by_the_loader(tmp_path, tokenizer_path):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.config import DataConfig, StreamConfig
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
@@ -102,12 +100,35 @@ def test_a_merged_dataset_with_val_is_read_by_the_loader(tmp_path, tokenizer_pat
         rows, ids = read_rows(tmp_path / "dist" / split)
         assert len(rows) == merged["splits"][split]["rows"] == sum(p["splits"][split]["rows"] for p in parts)
         assert len(set(ids.tolist())) == len(ids) and (ids >= VAL_ID_OFFSET).all() == (split == "val")
-    clean_stale_shared_memory()
     loader = build_train_loader(DataConfig(streams=[StreamConfig(str(tmp_path / "dist"))]), ParallelDims(1), 0, 4,
                                 tiny_model_config())
     read = [i for batch in loader for i in batch["id"].tolist()]
     _, ids = read_rows(tmp_path / "dist" / "train")
     assert len(read) == len(set(read)) == len(ids) // 4 * 4 and set(read) <= set(ids.tolist())
+
+
+def test_a_part_too_small_for_a_val_document_merges_and_the_total_is_checked(tmp_path, tokenizer_path):
+    """Every 4th document of a part goes to val (counted within the part): a one-document part has none."""
+    def prepare_parts(inputs, output):
+        return [prepare([inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, part=Part(i, 2),
+                        progress=False) for i in range(2)]
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": f"Document {i} of many."}) + "\n"
+                                                     for i in range(8)))
+    (tmp_path / "in" / "b.txt").write_text("The only document of the small file.\n")
+    parts = prepare_parts(tmp_path / "in", tmp_path / "dist")
+    assert [p["splits"]["val"]["documents"] for p in parts] == [2, 0]
+    merged = merge(tmp_path / "dist")
+    assert merged["splits"]["val"]["documents"] == 2 and merged["splits"]["train"]["documents"] == 7
+    rows, _ = read_rows(tmp_path / "dist" / "val")
+    assert len(rows) == merged["splits"]["val"]["rows"] == parts[0]["splits"]["val"]["rows"] > 0
+
+    (tmp_path / "in" / "a.jsonl").unlink()
+    (tmp_path / "in" / "c.txt").write_text("Another single document.\n")
+    prepare_parts(tmp_path / "in", tmp_path / "none")
+    with pytest.raises(DataError, match="--val-fraction 0.25 selects no document in any of the 2 parts"):
+        merge(tmp_path / "none")
 
 
 def test_incomplete_or_disagreeing_parts_are_not_merged(tmp_path, tokenizer_path, text_inputs):
