@@ -60,9 +60,6 @@ def main() -> None:
     cfg = load_config(args.config)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=[StreamConfig(args.data)]))
     dims = init_distributed()
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     rows_per_s, rows = loader_rate(cfg, dims, args.micro_batch)
     train_rows_per_s = training_rate(cfg, args.micro_batch, args.steps)
     length = cfg.model.row_length

@@ -22,13 +22,11 @@ PROPORTIONS = (0.7, 0.3)
 def _read_mixture(paths: list[str], out: str) -> None:
     """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state."""
     import torch.distributed as dist
-    from streaming.base.util import clean_stale_shared_memory
 
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.init import init_distributed
 
     dims = init_distributed()
-    clean_stale_shared_memory()
     cfg = DataConfig(streams=[StreamConfig(p, proportion=w) for p, w in zip(paths, PROPORTIONS)])
 
     def read(batches: int | None = None, state: dict | None = None) -> dict:
@@ -101,8 +99,6 @@ def test_rows_are_drawn_in_proportion_and_a_resume_keeps_the_mixture(two_streams
 
 
 def test_a_stream_that_does_not_fit_the_run_is_refused_by_name(two_streams, text_inputs, tokenizer_path, tmp_path):
-    from streaming.base.util import clean_stale_shared_memory
-
     from lm2.pipeline.data.sources import find_input_files, read_all
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.data.tokenizer import train_tokenizer
@@ -118,7 +114,6 @@ def test_a_stream_that_does_not_fit_the_run_is_refused_by_name(two_streams, text
     assert two_streams[0].parent == two_streams[1].parent
 
     def build(second: Path, model=None, **data) -> None:
-        clean_stale_shared_memory()
         streams = [StreamConfig(good, proportion=0.5), StreamConfig(str(second), proportion=0.5)]
         build_train_loader(DataConfig(streams=streams, **data), ParallelDims(1), 0, 4, model or tiny_model_config())
 

@@ -97,13 +97,11 @@ def _read_remote(url: str, cache: str, out: str) -> None:
     """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state.
     Each read has its own cache folder (a fresh node's) and records the most bytes its cache held."""
     import torch.distributed as dist
-    from streaming.base.util import clean_stale_shared_memory
 
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.init import init_distributed
 
     dims = init_distributed()
-    clean_stale_shared_memory()
 
     def read(tag: str, batches: int | None = None, state: dict | None = None) -> dict:
         folder = Path(cache, tag)
