@@ -1,6 +1,7 @@
 """launch/slurm/*.sbatch on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and two slurmd "nodes" here).
 
-Unmodified scripts: prepare.sbatch writes the same dataset as `prepare()`; train.sbatch on 2 nodes trains exactly like
+Unmodified scripts: prepare.sbatch writes the same dataset as `prepare()`, as one job or as an array job of parts with
+a dependent merge; train.sbatch on 2 nodes trains exactly like
 torchrun; a signalled job saves, requeues itself and ends bitwise where an uninterrupted run ends, no step repeated
 or skipped, the same wandb run continued; a crashing rank fails the job without requeue and leaves no process.
 """
@@ -105,6 +106,34 @@ def torchrun_reference(tmp_path_factory, train_data):
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **job_environment()})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared_parts(cluster, tmp_path, text_inputs,
+                                                                                      train_data):
+    from lm2.pipeline.data.parts import Part, merge
+    from lm2.pipeline.data.prepare import prepare
+
+    tokenizer = Path(train_data[1].split("=", 1)[1])  # an array job needs its tokenizer up front
+    config = yaml.safe_load(CONFIG.read_text())
+    config["data"] = {"tokenizer": str(tokenizer)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    array = submit(cluster, "prepare.sbatch", str(tmp_path / "run.yaml"), str(tmp_path / "data"), str(text_inputs),
+                   options=("--array=0-1", "--cpus-per-task=1"), output=tmp_path / "part-%a.out",
+                   env={"VAL_FRACTION": "0.25"})
+    merged = submit(cluster, "prepare.sbatch", "--merge", str(tmp_path / "data"),
+                    options=(f"--dependency=afterok:{array}",), output=tmp_path / "merge.out")
+    fields = wait_for_job(cluster, merged)
+    logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.out")))
+    assert fields["JobState"] == "COMPLETED", logs
+    for index in range(2):
+        prepare([text_inputs], tmp_path / "reference", tokenizer, row_length=32, val_fraction=0.25,
+                part=Part(index, 2), progress=False)
+    reference = merge(tmp_path / "reference")
+    ours = json.loads((tmp_path / "data" / "lm2_data.json").read_text())
+    assert ours["parts"] == 2 and ours["splits"] == reference["splits"]
+    for split in ("train", "val"):
+        index = json.loads((tmp_path / "data" / split / "index.json").read_text())["shards"]
+        assert index == json.loads((tmp_path / "reference" / split / "index.json").read_text())["shards"]
 
 
 def test_srun_tasks_get_ranks_and_a_rendezvous_from_the_allocation(cluster):
