@@ -41,6 +41,7 @@ import torch.distributed as dist
 from streaming import Stream, StreamingDataset
 from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
+from streaming.base.format import get_index_basename
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
@@ -209,6 +210,22 @@ class RowLoader:
         self.dataset.load_state_dict(self._resumed)
 
 
+def _remove_cut_short_files(dataset: StreamingDataset) -> None:
+    """Removes the files in remote streams' cache folders that the index does not name: downloads and
+    decompressions a killed run cut short (boto3 writes `<shard>.<8 hex digits>`, streaming `<shard>.tmp`, each
+    renamed once complete). streaming neither counts nor removes them: each kill would grow the cache past
+    data.cache_limit for good."""
+    for stream, begin, count in zip(dataset.streams, dataset.shard_offset_per_stream, dataset.shards_per_stream):
+        if stream.remote is None:  # the user's dataset folder, not a cache
+            continue
+        folder = Path(stream.local, stream.split)
+        named = {get_index_basename()} | {info.basename for shard in dataset.shards[begin:begin + count]
+                                          for pair in shard.file_pairs for info in pair if info}
+        for path in folder.rglob("*"):
+            if path.is_file() and str(path.relative_to(folder)) not in named:
+                path.unlink(missing_ok=True)
+
+
 def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int,
                        model: ModelConfig) -> RowLoader:
     """The loader of rank `rank`; every rank must call it (streaming synchronises them while building).
@@ -241,4 +258,8 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
         if "Cache limit" not in str(error):
             raise
         raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # streaming has just refused any cache folder a live job reads
+        _remove_cut_short_files(dataset)
+    if dist.is_initialized():
+        dist.barrier()  # before any rank downloads
     return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
