@@ -73,12 +73,16 @@ experiment-lm2 experiment-vanilla: experiment-%: setup
 	$(BIN)/lm2 export hf runs/babilong-$*/checkpoints runs/babilong-$*/hf --force --verify
 	$(BIN)/lm2 eval babilong --model runs/babilong-$*/hf $(EXP_EVAL) --output runs/babilong-$*/babilong
 
-test: setup
-	$(BIN)/python -m pytest -m "not gpu and not slow" -q -p no:cacheprovider
+# Tests run on 2 pytest-xdist workers; a module whose tests share a cluster, a server or trained runs stays on one
+# (xdist_group). make test: every feature once, under 4 minutes on 2 cores. make test-all (CI): also the tests
+# marked slow, i.e. the other layouts and launchers of the same features, and the real SLURM cluster.
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
-# Also the slow tests (layout changes through universal checkpoints: TP and PP).
+test: setup
+	$(PYTEST) -m "not gpu and not slow"
+
 test-all: setup
-	$(BIN)/python -m pytest -m "not gpu" -q -p no:cacheprovider
+	$(PYTEST) -m "not gpu"
 
 # The GPU path (nccl, bf16, flash attention) on a machine with CUDA devices; skipped without one.
 test-gpu: setup

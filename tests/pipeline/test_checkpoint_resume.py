@@ -18,6 +18,8 @@ from lm2.pipeline.checkpoint.resume import inspect
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE
 from tests.distributed import free_port
 
+# The module stays on one pytest-xdist worker: its tests share the reference runs.
+pytestmark = pytest.mark.xdist_group("kill-resume")
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 STEPS = 8
 
@@ -92,17 +94,41 @@ def wait_for_kill_point(process: subprocess.Popen, run_dir: Path, during_save: b
     return f"step {kill_after + 1}"
 
 
-@pytest.mark.parametrize("world_size,layout", [
-    (1, []),
-    (2, ["parallel.tp=2"]),
-    (2, ["parallel.pp=2"]),
-    (2, ["parallel.zero_stage=2"]),
-], ids=["single", "tp2", "pp2", "dp2-zero2"])
-@pytest.mark.parametrize("during_save", [False, True], ids=["between-checkpoints", "during-save"])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, world_size, layout, during_save):
-    overrides = train_data + layout + ["checkpoint.every=3"]
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    finish(launch(reference, world_size, overrides), reference)
+LAYOUTS = {"single": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
+           "dp2-zero2": (2, ["parallel.zero_stage=2"])}
+
+
+@pytest.fixture(scope="module")
+def references(train_data, tmp_path_factory):
+    """layout -> the run folder of its uninterrupted run, trained once for both kill points."""
+    folders = {}
+
+    def reference(layout: str) -> Path:
+        if layout not in folders:
+            world_size, overrides = LAYOUTS[layout]
+            folders[layout] = tmp_path_factory.mktemp(f"reference-{layout}") / "run"
+            finish(launch(folders[layout], world_size, train_data + overrides + ["checkpoint.every=3"]),
+                   folders[layout])
+        return folders[layout]
+
+    return reference
+
+
+# make test: one process, killed between checkpoints; make test-all: every layout at both kill points.
+@pytest.mark.parametrize("layout,during_save", [
+    ("single", False),
+    pytest.param("dp2-zero2", True, marks=pytest.mark.slow),
+    pytest.param("single", True, marks=pytest.mark.slow),
+    pytest.param("dp2-zero2", False, marks=pytest.mark.slow),
+    pytest.param("tp2", False, marks=pytest.mark.slow),
+    pytest.param("tp2", True, marks=pytest.mark.slow),
+    pytest.param("pp2", False, marks=pytest.mark.slow),
+    pytest.param("pp2", True, marks=pytest.mark.slow),
+], ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value))
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, references, layout, during_save):
+    world_size, overrides = LAYOUTS[layout]
+    overrides = train_data + overrides + ["checkpoint.every=3"]
+    reference, interrupted = references(layout), tmp_path / "interrupted"
 
     process = launch(interrupted, world_size, overrides)
     killed_in = wait_for_kill_point(process, interrupted, during_save)
@@ -154,6 +180,7 @@ def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
     assert "step=2  complete  tp=1 pp=1 dp=1 zero=1" in lines[1] and "<- latest" in lines[1]
 
 
+@pytest.mark.slow
 def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_path, train_data):
     """DP=2 (ZeRO-1, micro-batch 2) killed after its step-3 checkpoint, resumed by one process (micro-batch 4: the
     same global batches) through a universal checkpoint: the losses of all steps match a one-process run."""
@@ -218,6 +245,7 @@ def _shared_memory_of(folder: Path) -> dict[str, int]:
     return files
 
 
+@pytest.mark.slow
 def test_the_shared_memory_of_a_killed_run_is_removed_by_the_next_run(tmp_path, train_data):
     run_dir = tmp_path / "run"
     data = Path(train_data[0].split("path: ")[1].rstrip("}]")) / "train"

@@ -51,7 +51,8 @@ def train_rows(prepared) -> int:
     return json.loads((prepared / "lm2_data.json").read_text())["splits"]["train"]["rows"]
 
 
-@pytest.mark.parametrize("world_size, tp, pp", [(2, 2, 1), (4, 1, 2)], ids=["tp2-dp1", "pp2-dp2"])
+@pytest.mark.parametrize("world_size, tp, pp", [(2, 2, 1), pytest.param(4, 1, 2, marks=pytest.mark.slow)],
+                         ids=["tp2-dp1", "pp2-dp2"])
 def test_ranks_of_a_replica_read_the_same_rows_and_replicas_are_disjoint(prepared, tmp_path, world_size, tp, pp):
     by_dp = replicas(run(prepared, tmp_path, "epoch", world_size, tp=tp, pp=pp))
     dp = world_size // (tp * pp)
@@ -64,6 +65,7 @@ def test_ranks_of_a_replica_read_the_same_rows_and_replicas_are_disjoint(prepare
     assert total - 2 * dp < len(union) <= total and set(union) <= set(range(total))
 
 
+@pytest.mark.slow
 def test_resume_reads_every_row_once_with_the_same_or_another_dp_size(prepared, tmp_path):
     whole = replicas(run(prepared, tmp_path, "whole", 2))
     assert whole[0][0] != whole[1][0]

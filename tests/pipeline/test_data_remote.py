@@ -24,6 +24,9 @@ from tests.pipeline.test_checkpoint_resume import (STEPS, _shared_memory_of, che
                                                    logged_losses, wait_for_kill_point)
 from tests.pipeline.test_launch_local import start_local
 
+# The module stays on one pytest-xdist worker: its tests share one S3 server and dataset.
+pytestmark = pytest.mark.xdist_group("s3")
+
 BUCKET = "lm2-data"
 # bytes: streaming counts index.json (~26 KB for these 55 shards) and needs room for at least one shard's zip and
 # raw forms (~1.7 KB); 4 x that is its minimum. This leaves room for ~8 shards of 55.
@@ -168,6 +171,7 @@ def test_two_ranks_stream_from_s3_within_the_cache_limit_and_resume_exactly_once
         assert shard_bound < sum(s["raw_data"]["bytes"] for s in shards) / 2  # far from caching every shard
 
 
+@pytest.mark.slow
 def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_ends(remote_dataset, tokenizer_path,
                                                                                    tmp_path):
     """Real `lm2 train` jobs (launch/local.sh, 2 gloo ranks, the tiny model on rows of 16): one reads a local copy of

@@ -52,6 +52,7 @@ def choice_logliks(model, tokenizer, doc) -> list[float]:
     return result
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_runs_the_exported_lm2_model(hf_lm2, local_task, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

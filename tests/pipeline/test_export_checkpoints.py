@@ -18,6 +18,8 @@ from lm2.pipeline.export.reader import ExportError, model_config, read_full_stat
 from lm2.pipeline.export.verify import lm2_logits, verification_tokens, verify_export
 from tests.distributed import free_port
 
+# The module stays on one pytest-xdist worker: its tests share the trained runs.
+pytestmark = pytest.mark.xdist_group("export-runs")
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 LAYOUTS = {  # name -> (processes, overrides)
     "single": (1, []),
@@ -54,7 +56,8 @@ def merged(checkpoints_folder: Path) -> dict[str, torch.Tensor]:
     return read_full_state(folder, verified_manifest(folder))
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "zero3-dp2"])
+@pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "pp2",
+                                    pytest.param("zero3-dp2", marks=pytest.mark.slow)])
 def test_export_of_a_parallel_checkpoint_is_verified(checkpoints, tmp_path, layout):
     """The shards merge into the weights one process trains (same seed and data: equal up to float reduction
     order; a wrong split would be off by the weights' scale), and the exported model gives lm2's logits."""
@@ -102,6 +105,7 @@ import sys
 sys.modules["lm2"] = None  # any import of lm2 fails: the folder must stand alone
 import torch
 from transformers import AutoModelForCausalLM
+
 folder, tokens_file, out_file = sys.argv[1:]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 tokens = torch.load(tokens_file)

@@ -64,6 +64,7 @@ def assert_backbone_equal_and_memory_fresh(llama: dict, back: dict, run: list[st
         assert torch.equal(memory[name], tensor), name
 
 
+@pytest.mark.slow
 def test_import_at_tp2_exports_back_equal_and_resumes(train_data, tmp_path):
     run = [*train_data, *TINY_LR, "parallel.tp=2", "logging.wandb=disabled"]
     llama, back, imported = import_and_export(tmp_path, run)

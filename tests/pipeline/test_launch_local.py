@@ -34,7 +34,8 @@ def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["sigterm", "sigusr1"])
 def test_signal_to_the_launcher_saves_and_exits_for_requeue(tmp_path, train_data, signum):
     run_dir = tmp_path / "run"
     launcher = start_local(run_dir, train_data, "train.steps=1000")
@@ -54,6 +55,7 @@ def test_signal_to_the_launcher_saves_and_exits_for_requeue(tmp_path, train_data
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job_with_its_exit_code(tmp_path, train_data):
     run_dir = tmp_path / "run"
     launcher = start_local(run_dir, train_data, "train.steps=1000")

@@ -23,7 +23,8 @@ from tests import slurm_cluster
 from tests.distributed import free_port
 from tests.pipeline.test_checkpoint_resume import checkpoint_tensors
 
-pytestmark = pytest.mark.slurm
+# One cluster per worker process: the module stays on one pytest-xdist worker. make test-all and CI run it.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
@@ -121,7 +122,7 @@ def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared
                    options=("--array=0-1", "--cpus-per-task=1"), output=tmp_path / "part-%a.out",
                    env={"VAL_FRACTION": "0.25"})
     merged = submit(cluster, "prepare.sbatch", "--merge", str(tmp_path / "data"),
-                    options=(f"--dependency=afterok:{array}",), output=tmp_path / "merge.out")
+                    options=(f"--dependency=afterok:{array}", "--cpus-per-task=1"), output=tmp_path / "merge.out")
     fields = wait_for_job(cluster, merged)
     logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.out")))
     assert fields["JobState"] == "COMPLETED", logs

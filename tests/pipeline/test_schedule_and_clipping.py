@@ -35,6 +35,7 @@ def logged_lrs(run_dir):
     return {e["step"]: e["lr"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_schedule_and_follows_the_config_with_override(train_data, tmp_path):
     first = train_cli(tmp_path, train_data + SIGN_ADAM + EVERY_STEP + ["train.steps=4", "optim.lr=0.003"])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -67,7 +68,7 @@ def optimizer_first_moment_norm(run_dir, step):
     return torch.sqrt(sum((t.double() ** 2).sum() for t in moments)).item()
 
 
-@pytest.mark.parametrize("clip", [1e-3, 0.0])
+@pytest.mark.parametrize("clip", [1e-3, pytest.param(0.0, marks=pytest.mark.slow)])
 def test_the_optimizer_consumes_the_clipped_gradient(train_data, tmp_path, clip):
     """One step whose gradient norm is far above optim.grad_clip: Adam's first moment holds exactly the clipped
     gradient, (1 - beta1) * grad_clip in norm; with clipping off it holds the logged (pre-clip) norm."""

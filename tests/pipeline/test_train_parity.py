@@ -13,6 +13,9 @@ from lm2.pipeline.train.engine import build_engine, full_model_state
 from lm2.pipeline.train.step import train_step
 from tests.distributed import run_distributed
 
+# The module stays on one pytest-xdist worker: its tests share the one-process reference run.
+pytestmark = pytest.mark.xdist_group("parity")
+
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 
 
@@ -67,20 +70,22 @@ def reference(tmp_path_factory):
     return result
 
 
+# make test: TP and PP; make test-all: every layout (DP by ZeRO stage, both together, recomputation).
 @pytest.mark.parametrize("world_size,overrides", [
     (2, ["parallel.tp=2"]),
     (2, ["parallel.pp=2"]),
-    (2, ["parallel.zero_stage=1"]),
-    (2, ["parallel.zero_stage=2"]),
-    (2, ["parallel.zero_stage=3"]),
-    (4, ["parallel.tp=2", "parallel.pp=2"]),
-    (1, ["parallel.zero_stage=0", "train.activation_checkpointing=true"]),
-    (2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
+    pytest.param(2, ["parallel.zero_stage=1"], marks=pytest.mark.slow),
+    pytest.param(2, ["parallel.zero_stage=2"], marks=pytest.mark.slow),
+    pytest.param(2, ["parallel.zero_stage=3"], marks=pytest.mark.slow),
+    pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
+    pytest.param(1, ["parallel.zero_stage=0", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
+    pytest.param(2, ["parallel.pp=2", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
 ], ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2xpp2", "recompute", "pp2-recompute"])
 def test_parallel_layout_matches_single_process(tmp_path, reference, world_size, overrides):
     assert_same_training(train(tmp_path, world_size, overrides), reference)
 
 
+@pytest.mark.slow
 def test_untied_embeddings_pipeline_matches_single_process(tmp_path):
     untied = ["model.tie_embeddings=false"]
     assert_same_training(train(tmp_path, 2, untied + ["parallel.pp=2"]), train(tmp_path, 1, untied))

@@ -64,12 +64,22 @@ def train_cli(run_dir, overrides):
                            f"logging.run_dir={run_dir}", *overrides], capture_output=True, text=True, timeout=600)
 
 
-def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, tmp_path):
-    overrides = train_data + ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.peak_tflops=1.0",
-                              "logging.wandb=offline"]
-    result = train_cli(tmp_path, overrides)
+LOGGED = ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.peak_tflops=1.0", "checkpoint.every=2",
+          "logging.wandb=offline"]
+
+
+@pytest.fixture(scope="module")
+def logged_run(train_data, tmp_path_factory):
+    """One 4-step run that logs, evaluates and saves every 2 steps to the console, metrics.jsonl and offline wandb."""
+    run_dir = tmp_path_factory.mktemp("logged_run")
+    result = train_cli(run_dir, train_data + LOGGED)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = load_config(CONFIG, [f"logging.run_dir={tmp_path}", *overrides])
+    return run_dir, result
+
+
+def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, logged_run):
+    tmp_path, result = logged_run
+    run = load_config(CONFIG, [f"logging.run_dir={tmp_path}", *train_data, *LOGGED])
     entries = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries] == [2, 4]
     flops_per_token = 3 * forward_flops_per_token(run.model)
@@ -91,12 +101,10 @@ def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, tmp_path):
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
-def test_console_shows_what_a_user_reads(train_data, tmp_path):
+def test_console_shows_what_a_user_reads(train_data, logged_run, tmp_path):
     """One startup summary, one line per log step, one per checkpoint, an end line; no library notices (offline
     wandb included) unless --verbose."""
-    result = train_cli(tmp_path, train_data + ["train.steps=4", "train.log_every=2", "checkpoint.every=2",
-                                               "logging.wandb=offline"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    _, result = logged_run
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[:5]] == ["model", "layout", "data", "run", "start"], lines
     assert "tp=1 pp=1 dp=1" in lines[1] and "fresh run from step 0" in lines[4]
@@ -116,6 +124,7 @@ def test_non_finite_loss_stops_with_a_clear_message(train_data, tmp_path):
     assert all(int(name.split("_")[1]) < failed_step for name in saved)
 
 
+@pytest.mark.slow
 def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
     """The pipeline engine's eval_batch reports what the plain forward reports, on the same val rows."""
     from tests.pipeline.test_checkpoint_resume import finish, launch
@@ -130,6 +139,7 @@ def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
     assert len(runs[1]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(train_data, tmp_path):
     base = train_data + ["logging.wandb=disabled", "checkpoint.every=1", "checkpoint.keep=3"]
     assert train_cli(tmp_path, base + ["train.steps=2"]).returncode == 0
