@@ -1,6 +1,6 @@
 """Rows/s and tokens/s of the training loader against the tiny model's training consumption.
 
-    python bench/loader_throughput.py --config configs/tiny.yaml --data runs/tiny/shards [--micro-batch 8]
+    python bench/loader_throughput.py --config configs/tiny.yaml --data runs/tiny/data [--micro-batch 8]
 
 Times one epoch of the loader (single process), then forward + backward + AdamW steps of the model on one
 batch. Prints one JSON line; `loader_headroom` > 1 means the loader outpaces training.
@@ -53,7 +53,7 @@ def training_rate(cfg, micro_batch: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--data", default="runs/tiny/shards")
+    parser.add_argument("--data", default="runs/tiny/data")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
