@@ -9,9 +9,12 @@ only prefixes that list one of our folders and that no process on the node maps 
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from tempfile import gettempdir
+from typing import Iterator
 
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
 from streaming.base.shared.prefix import _unpack_locals
@@ -55,3 +58,20 @@ def clean_stale_shared_memory(local_folders: list[str]) -> list[str]:
             file.unlink(missing_ok=True)
         removed.append(prefix)
     return removed
+
+
+@contextmanager
+def registration_lock(held: bool) -> Iterator[None]:
+    """Held by one process per node (`held`) while its job's ranks build their datasets. streaming picks a free
+    shared-memory prefix by listing /dev/shm, then registers `<prefix>_locals` after a barrier: two jobs starting on
+    one node at once could pick the same prefix, and one would fail with FileExistsError. With this lock the jobs
+    of a user register one after the other. It lives in /dev/shm, beside what it guards (one per node)."""
+    if not held:
+        yield
+        return
+    with open(SHM / f"lm2_streaming_registration_{os.getuid()}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

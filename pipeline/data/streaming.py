@@ -50,7 +50,7 @@ from lm2.model.errors import DataError
 from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
-from lm2.pipeline.data.shared_memory import clean_stale_shared_memory
+from lm2.pipeline.data.shared_memory import clean_stale_shared_memory, registration_lock
 from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.dims import ParallelDims
 
@@ -226,6 +226,18 @@ def _remove_cut_short_files(dataset: StreamingDataset) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _dataset(cfg: DataConfig, streams: list[Stream], dp_rank: int, dp_size: int, micro_batch: int) -> StreamingDataset:
+    try:
+        return _ReplicaDataset(dp_rank=dp_rank, dp_size=dp_size, streams=streams, batch_size=micro_batch,
+                               shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
+                               num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
+                               cache_limit=cfg.cache_limit, validate_hash="xxh64" if cfg.validate_hash else None)
+    except ValueError as error:
+        if "Cache limit" not in str(error):
+            raise
+        raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
+
+
 def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int,
                        model: ModelConfig) -> RowLoader:
     """The loader of rank `rank`; every rank must call it (streaming synchronises them while building).
@@ -243,23 +255,15 @@ def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_bat
     if cfg.tokenizer and checksum is None:
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
     streams, pad_id = _streams(cfg, model, checksum)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per node, before any builds its dataset
-        clean_stale_shared_memory([os.path.join(stream.local, stream.split) for stream in streams])
-    if dist.is_initialized():
-        dist.barrier()
-    _, dp_rank, _ = dims.coords(rank)
-    try:
-        dataset = _ReplicaDataset(dp_rank=dp_rank, dp_size=dims.dp, streams=streams, batch_size=micro_batch,
-                                  shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
-                                  num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
-                                  cache_limit=cfg.cache_limit,
-                                  validate_hash="xxh64" if cfg.validate_hash else None)
-    except ValueError as error:
-        if "Cache limit" not in str(error):
-            raise
-        raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # streaming has just refused any cache folder a live job reads
-        _remove_cut_short_files(dataset)
-    if dist.is_initialized():
-        dist.barrier()  # before any rank downloads
+    leader = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one process per node
+    with registration_lock(leader):
+        if leader:  # before any rank builds its dataset
+            clean_stale_shared_memory([os.path.join(stream.local, stream.split) for stream in streams])
+        if dist.is_initialized():
+            dist.barrier()
+        dataset = _dataset(cfg, streams, dims.coords(rank)[1], dims.dp, micro_batch)
+        if leader:  # streaming has just refused any cache folder a live job reads
+            _remove_cut_short_files(dataset)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has registered; none downloads before the cleanup
     return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)

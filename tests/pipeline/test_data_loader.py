@@ -202,3 +202,39 @@ def test_the_run_tokenizer_must_be_the_one_the_shards_used(prepared, text_inputs
         from lm2.pipeline.parallel.dims import ParallelDims
 
         build_train_loader(DataConfig(), ParallelDims(1), 0, 4, tiny_model_config())
+
+
+def _build_when_released(dataset: str, start, out: str) -> None:
+    """A job of one process: builds its loader as soon as `start` is set, records what happened."""
+    from lm2.pipeline.data.streaming import build_train_loader
+    from lm2.pipeline.parallel.dims import ParallelDims
+
+    start.wait()
+    try:
+        loader = build_train_loader(DataConfig(streams=[StreamConfig(dataset)]), ParallelDims(1), 0, 2,
+                                    tiny_model_config())
+        Path(out).write_text(f"ok {len(next(iter(loader))['id'])}")
+    except Exception as error:  # noqa: BLE001 (the test reports any failure)
+        Path(out).write_text(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.slow
+def test_jobs_starting_on_one_node_at_once_all_get_their_loader(prepared, tmp_path):
+    """streaming picks a free shared-memory prefix by listing /dev/shm, then registers it: without lm2's node lock
+    (shared_memory.registration_lock), jobs starting together can pick the same prefix and fail with
+    FileExistsError (it did here on the first try with the lock off). Six one-process jobs over copies of the
+    dataset start at the same instant."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    copies = [shutil.copytree(prepared, tmp_path / f"copy{i}") for i in range(6)]
+    start = context.Event()
+    outs = [tmp_path / f"out-{i}" for i in range(len(copies))]
+    jobs = [context.Process(target=_build_when_released, args=(str(copy), start, str(out)))
+            for copy, out in zip(copies, outs)]
+    for job in jobs:
+        job.start()
+    start.set()
+    for job in jobs:
+        job.join(timeout=300)
+    assert [out.read_text() for out in outs] == ["ok 2"] * len(copies)
