@@ -76,6 +76,16 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_ends_like(interrupted: Path, reference: Path, killed_in: str) -> None:
+    """The resumed run logged every step's loss as the reference did and ends with a bit-identical checkpoint."""
+    assert logged_losses(interrupted) == logged_losses(reference), f"killed in {killed_in}"
+    final = f"checkpoints/step_{STEPS:08d}"
+    ours, theirs = checkpoint_tensors(interrupted / final), checkpoint_tensors(reference / final)
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), f"{key} differs (killed in {killed_in})"
+
+
 def wait_for_kill_point(process: subprocess.Popen, run_dir: Path, during_save: bool) -> str:
     """Between checkpoints (every 3 steps, so at steps 3 and 6): after a random step 4 or 5, one or two steps past
     the last save. During a save: as soon as step 6's folder exists without its manifest (the shards are being
@@ -139,12 +149,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, reference
 
     log = (tmp_path / "interrupted.log").read_text()
     assert "resumed from step 3" in log or "resumed from step 6" in log, log[-3000:]  # the newest complete one
-    assert logged_losses(interrupted) == logged_losses(reference), f"killed in {killed_in}"
-    final = f"checkpoints/step_{STEPS:08d}"
-    ours, theirs = checkpoint_tensors(interrupted / final), checkpoint_tensors(reference / final)
-    assert ours.keys() == theirs.keys()
-    for key, tensor in theirs.items():
-        assert torch.equal(ours[key], tensor), f"{key} differs (killed in {killed_in})"
+    assert_ends_like(interrupted, reference, killed_in)
     complete = [row for row in inspect(interrupted / "checkpoints") if row["complete"]]
     assert [row["step"] for row in complete] == [3, 6, STEPS]  # keep=3; a half-written step 6 was redone
 

@@ -11,7 +11,6 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-import torch
 
 from lm2.model.errors import DataError
 from lm2.pipeline.data.config import DataConfig, StreamConfig
@@ -20,8 +19,8 @@ from lm2.pipeline.data.parts import Part, merge
 from lm2.pipeline.data.prepare import prepare
 from tests.distributed import free_port, run_distributed
 from tests.pipeline.data_fixtures import tiny_model_config, write_mixed_inputs
-from tests.pipeline.test_checkpoint_resume import (STEPS, _shared_memory_of, checkpoint_tensors, finish, kill_job,
-                                                   logged_losses, wait_for_kill_point)
+from tests.pipeline.test_checkpoint_resume import (STEPS, _shared_memory_of, assert_ends_like, finish, kill_job,
+                                                   wait_for_kill_point)
 from tests.pipeline.test_launch_local import start_local
 
 # The module stays on one pytest-xdist worker: its tests share one S3 server and dataset.
@@ -200,12 +199,7 @@ def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_en
     finish(start_local(interrupted, [*from_s3, "--resume", "auto"]), interrupted)
 
     assert "resumed from step 3" in (tmp_path / "interrupted.log").read_text()
-    assert logged_losses(interrupted) == logged_losses(reference), f"killed in {killed_in}"
-    final = f"checkpoints/step_{STEPS:08d}"
-    ours, theirs = checkpoint_tensors(interrupted / final), checkpoint_tensors(reference / final)
-    assert ours.keys() == theirs.keys()
-    for key, tensor in theirs.items():
-        assert torch.equal(ours[key], tensor), f"{key} differs (killed in {killed_in})"
+    assert_ends_like(interrupted, reference, killed_in)
 
     assert not _shared_memory_of(split)
     cached = {str(p.relative_to(split)): p.stat().st_size for p in split.rglob("*") if p.is_file()}
