@@ -1,4 +1,4 @@
-# Two entry points (README quickstart): `make quickstart` and `make test`. Both set up .venv first.
+# Two entry points (README quickstart): `make quickstart` and `make test-all` (CI; `make test` is its fast tier). All set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -50,7 +50,8 @@ babilong:
 	@echo "BABILong table: $(RUN)/babilong/results.md, heatmap: $(RUN)/babilong/heatmap.png"
 
 # The LM2-vs-vanilla experiment (README, Evaluation): one mixture, two models of one backbone and token budget,
-# BABILong qa1-qa5 at 0k-8k. About 35 minutes of training per model on two idle cores (docs/experiment/). SHARED holds the books and bAbI files.
+# BABILong qa1-qa5 at 0k-8k. About 35 minutes of training per model on two idle cores (docs/experiment/).
+# SHARED holds the books and bAbI files.
 SHARED ?= ../shared
 EXP := runs/babilong
 # Books of ../shared/data/text that are not in corpus/ (the evaluation's haystack); chesterton-ball.txt and
@@ -74,7 +75,7 @@ experiment-lm2 experiment-vanilla: experiment-%: setup
 	$(BIN)/lm2 eval babilong --model runs/babilong-$*/hf $(EXP_EVAL) --output runs/babilong-$*/babilong
 
 # Tests run on 2 pytest-xdist workers; a module whose tests share a cluster, a server or trained runs stays on one
-# (xdist_group). make test: every feature once, under 4 minutes on 2 cores. make test-all (CI): also the tests
+# (xdist_group). make test: every feature once, about 7 minutes on 2 cores. make test-all (CI): also the tests
 # marked slow, i.e. the other layouts and launchers of the same features, and the real SLURM cluster.
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 

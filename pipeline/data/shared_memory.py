@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from tempfile import gettempdir
@@ -60,6 +61,11 @@ def clean_stale_shared_memory(local_folders: list[str]) -> list[str]:
     return removed
 
 
+# A job spread over nodes holds one lock per node, taken in no fixed order: two such jobs sharing two nodes could
+# each hold one and wait for the other. The wait is bounded so that they fall back to streaming's own (racy) way.
+REGISTRATION_WAIT_S = 120.0
+
+
 @contextmanager
 def registration_lock(held: bool) -> Iterator[None]:
     """Held by one process per node (`held`) while its job's ranks build their datasets. streaming picks a free
@@ -70,7 +76,16 @@ def registration_lock(held: bool) -> Iterator[None]:
         yield
         return
     with open(SHM / f"lm2_streaming_registration_{os.getuid()}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + REGISTRATION_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield  # without the lock, see REGISTRATION_WAIT_S
+                    return
+                time.sleep(0.05)
         try:
             yield
         finally:
