@@ -1,4 +1,5 @@
-# Two entry points (README quickstart): `make quickstart` and `make test-all` (CI; `make test` is its fast tier). All set up .venv first.
+# Entry points (README quickstart): `make quickstart` and `make test-all` (what CI runs; `make test` is its fast
+# tier). All set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
