@@ -6,7 +6,9 @@ d_h columns), so under tensor parallelism a rank holds H_m/tp heads, the matchin
 projection and gate, and the module is sharded exactly like attention: column-parallel in (the token
 projections), row-parallel out (out_proj, one all-reduce), no communication inside the segment scan.
 
-Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h.
+Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. Inside the module everything is head-first
+([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
+(bench/README.md measures why that matters).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sh
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x: [..., Hl, i] @ weight: [Hl, i, j] -> [..., Hl, j], each head with its own matrix."""
-    return torch.einsum("...hi,hij->...hj", x, weight)
+    """x: [Hl, ..., i] @ weight: [Hl, i, j] -> [Hl, ..., j], each head with its own matrix."""
+    return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked multi-head attention on head-last tensors: q [B, Tq, Hl, dh], k/v [B, Tk, Hl, dh] -> [B, Tq, Hl, dh]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    """Unmasked attention, q [Hl, B, Tq, dh] over k/v [Hl, B, Tk, dh], the softmax scale already folded into q
+    or k. On GPU SDPA's fused kernels never build the [Tq, Tk] scores; on CPU, at the memory's sizes (16 slots,
+    64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/README.md)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
 
 
 class LM2Memory(nn.Module):
@@ -68,25 +73,57 @@ class LM2Memory(nn.Module):
         self.in_gate_probe, self.forget_gate_probe, self.out_gate_probe = Probe(), Probe(), Probe()
 
     def initial_state(self, batch: int) -> torch.Tensor:
-        """M_0 for a batch of fresh rows: the learned bank expanded, never a buffer. [B, N, Hl, dh]."""
-        return self.init_bank.view(1, self.slots, self.local_heads, self.head_dim).expand(batch, -1, -1, -1)
+        """M_0 for a batch of fresh rows: the learned bank expanded, never a buffer. [Hl, B, N, dh]."""
+        bank = self.init_bank.view(self.slots, self.local_heads, self.head_dim).transpose(0, 1)
+        return bank.unsqueeze(1).expand(-1, batch, -1, -1)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:-1], self.local_heads, self.head_dim)
+    def _heads(self, y: torch.Tensor) -> torch.Tensor:
+        """A token projection [B, T, Hl*dh] -> head-first [Hl, B, T, dh] (one copy)."""
+        return y.view(*y.shape[:-1], self.local_heads, self.head_dim).permute(2, 0, 1, 3).contiguous()
+
+    def _segments(self, y: torch.Tensor, segment_length: int, keys: bool = False) -> list[torch.Tensor]:
+        """A token projection [B, k*S, Hl*dh] -> k segments [Hl, B, S, dh], made by one copy into [k, Hl, B, S, dh]:
+        segment-major, so that backward joins their gradients with one contiguous cat. Keys are stored transposed
+        ([k, Hl, B, dh, S], returned as transposed views): the attention multiplies by k^T, whose gradient then
+        comes out contiguous (a transposed gradient made that cat 10x slower)."""
+        b, length, _ = y.shape
+        segments = y.view(b, length // segment_length, segment_length, self.local_heads, self.head_dim)
+        if keys:
+            return [k.transpose(-1, -2) for k in segments.permute(1, 3, 0, 4, 2).contiguous().unbind(0)]
+        return list(segments.permute(1, 3, 0, 2, 4).contiguous().unbind(0))
+
+    def _scale(self) -> float:
+        return self.head_dim ** -0.5
 
     def read(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        """Gated read. q: [B, T, Hl, dh] token queries; mem: [B, N, Hl, dh]. Returns [B, T, d] (all-reduced)."""
-        r = _attend(q, _per_head(mem, self.read_k), _per_head(mem, self.read_v))  # [B, T, Hl, dh]
-        gate = self.out_gate_probe(torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias))
-        return self.out_proj((gate * r).flatten(-2))
+        """Gated read. q: [Hl, B, T, dh] token queries; mem: [Hl, B, N, dh]. Returns [B, T, d] (all-reduced)."""
+        keys, values = _per_head(mem, torch.cat((self.read_k * self._scale(), self.read_v), -1)).chunk(2, -1)
+        r = _attend(q, keys, values)  # [Hl, B, T, dh]
+        gate = torch.baddbmm(self.out_gate_bias.unsqueeze(1), r.flatten(1, 2), self.out_gate).view_as(r)
+        gate = self.out_gate_probe(torch.sigmoid(gate))
+        return self.out_proj((gate * r).permute(1, 2, 0, 3).flatten(-2))
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        """One segment's update. k/v: [B, S, Hl, dh] projections of the segment; mem: [B, N, Hl, dh] -> M_{s+1}."""
-        u = _attend(_per_head(mem, self.write_q), k, v)  # [B, N, Hl, dh]
-        both = torch.cat((u, mem), dim=-1)  # [B, N, Hl, 2dh]
-        g_in = self.in_gate_probe(torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias))
-        g_forget = self.forget_gate_probe(torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias))
-        return g_in * torch.tanh(u) + g_forget * mem
+    def write_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The write's head-local weights arranged once per forward for two matmuls per segment: [Hl, dh, 3dh]
+        applied to M_s (the scaled write query, then the M_s rows of the input and forget gates) with its bias
+        [Hl, 1, 3dh], and [Hl, dh, 2dh] applied to u (the u rows of both gates)."""
+        in_u, in_mem = self.in_gate.chunk(2, 1)
+        forget_u, forget_mem = self.forget_gate.chunk(2, 1)
+        from_mem = torch.cat((self.write_q * self._scale(), in_mem, forget_mem), -1)
+        bias = torch.cat((torch.zeros_like(self.in_gate_bias), self.in_gate_bias, self.forget_gate_bias), -1)
+        from_u = torch.cat((in_u, forget_u), -1)
+        return from_mem, bias.unsqueeze(1), from_u
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, mem: torch.Tensor, weights) -> torch.Tensor:
+        """One segment's update. k/v: [Hl, B, S, dh] projections of the segment; mem: [Hl, B, N, dh];
+        weights: write_weights() -> M_{s+1}."""
+        from_mem, bias, from_u = weights
+        dh = self.head_dim
+        q, from_mem_gates = torch.baddbmm(bias, mem.flatten(1, 2), from_mem).split((dh, 2 * dh), -1)
+        u = _attend(q.view(mem.shape), k, v)  # [Hl, B, N, dh]
+        gates = torch.sigmoid(torch.baddbmm(from_mem_gates, u.flatten(1, 2), from_u)).view(*mem.shape[:-1], 2 * dh)
+        g_in, g_forget = gates.chunk(2, -1)
+        return self.in_gate_probe(g_in) * torch.tanh(u) + self.forget_gate_probe(g_forget) * mem
 
     def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
         """Truncated BPTT in windows of bptt_segments segments (RMT's scheme): at the first segment of every
@@ -99,8 +136,8 @@ class LM2Memory(nn.Module):
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
         mem = self.truncate(mem, segment)
         read = self.read(self._heads(self.read_q(xn)), mem)
-        write_k, write_v = self._heads(self.write_k(xn)), self._heads(self.write_v(xn))
-        return read, self.write(write_k, write_v, mem)
+        return read, self.write(self._heads(self.write_k(xn)), self._heads(self.write_v(xn)), mem,
+                                self.write_weights())
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
@@ -110,11 +147,11 @@ class LM2Memory(nn.Module):
         """
         b, length, _ = xn.shape
         k = length // segment_length
-        seg = (b, k, segment_length, self.local_heads, self.head_dim)
-        write_k, write_v = self.write_k(xn).view(seg), self.write_v(xn).view(seg)
-        states = [self.initial_state(b)]
+        write_k = self._segments(self.write_k(xn), segment_length, keys=True)
+        write_v = self._segments(self.write_v(xn), segment_length)
+        weights, states = self.write_weights(), [self.initial_state(b)]
         for s in range(1, k):  # the write after the last segment feeds nothing inside this row
-            states.append(self.truncate(self.write(write_k[:, s - 1], write_v[:, s - 1], states[-1]), s))
-        stacked = torch.stack(states, dim=1).flatten(0, 1)  # [B*k, N, Hl, dh]
-        q = self.read_q(xn).view(b * k, segment_length, self.local_heads, self.head_dim)
+            states.append(self.truncate(self.write(write_k[s - 1], write_v[s - 1], states[-1], weights), s))
+        stacked = torch.stack(states, dim=2).flatten(1, 2)  # [Hl, B*k, N, dh]
+        q = self._heads(self.read_q(xn)).view(self.local_heads, b * k, segment_length, self.head_dim)
         return self.read(q, stacked).view(b, length, -1)
