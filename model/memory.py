@@ -30,8 +30,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention, q [Hl, B, Tq, dh] over k/v [Hl, B, Tk, dh], the softmax scale already folded into q
     or k. On GPU SDPA's fused kernels never build the [Tq, Tk] scores; on CPU, at the memory's sizes (16 slots,
     64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/README.md)."""
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if q.is_cuda:  # fused kernels need the last dim contiguous; the write keys are transposed views (see _segments)
+        return F.scaled_dot_product_attention(q, k.contiguous(), v, scale=1.0)
     return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
 
 
@@ -136,8 +136,9 @@ class LM2Memory(nn.Module):
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
         mem = self.truncate(mem, segment)
         read = self.read(self._heads(self.read_q(xn)), mem)
-        return read, self.write(self._heads(self.write_k(xn)), self._heads(self.write_v(xn)), mem,
-                                self.write_weights())
+        keys = self._segments(self.write_k(xn), xn.shape[1], keys=True)[0]
+        values = self._segments(self.write_v(xn), xn.shape[1])[0]
+        return read, self.write(keys, values, mem, self.write_weights())
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].

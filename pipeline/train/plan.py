@@ -37,22 +37,26 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + acts
 
 
-def _layer_elements_per_token(run: RunConfig, memory: bool) -> float:
+def _layer_elements_per_token(run: RunConfig, memory: bool, device: str) -> float:
     """Elements autograd saves per token in one block on one TP rank (norm inputs, residuals and column-parallel
     inputs are replicated; q/k/v, attention output, the MLP's four ffn-wide tensors and the memory are split).
     Without TP a vanilla block saves 8d + 2 kv + 4 ffn per token."""
     m, tp = run.model, run.parallel.tp
     kv = m.num_kv_heads * m.head_dim
     elements = 4 * m.hidden_size + (4 * m.hidden_size + 2 * kv + 4 * m.ffn_hidden_size) / tp
-    if memory:  # token projections and gates, plus the per-segment states shared by the segment's tokens
+    if memory:  # token projections and gates, the per-segment states and gates
         d_m, slots = m.memory_dim, m.memory.slots
-        elements += (6 * d_m + 9 * slots * d_m / m.segment_length) / tp
+        elements += (6 * d_m + 10 * slots * d_m / m.segment_length) / tp
+        if device == "cpu":  # the explicit softmax (model/memory.py) keeps the read's probabilities (every token
+            # over N slots) and the writes' (N slots over every token but the last segment's)
+            written = (m.num_segments - 1) / m.num_segments
+            elements += m.memory.heads * slots * (1 + written) / tp
     return elements
 
 
-def memory_estimate(run: RunConfig, dp: int, params_bytes: int) -> MemoryEstimate:
+def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "cuda") -> MemoryEstimate:
     """Bytes on the busiest device (the first pipeline stage, which also holds the embedding) at data-parallel size
-    `dp`; params_bytes is 2 for bf16, 4 for fp32."""
+    `dp`; params_bytes is 2 for bf16, 4 for fp32; device "cuda" or "cpu" (the memory's attention differs)."""
     m, par, train = run.model, run.parallel, run.train
     counts = parameter_counts(m, m.padded_vocab_size(par.tp))
     layers_here = -(-m.num_layers // par.pp)
@@ -67,12 +71,14 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int) -> MemoryEstimat
     tokens = train.micro_batch * m.row_length
     accum = train.grad_accum(dp)  # also refuses a batch that does not split over dp
     in_flight = min(par.pp, accum) if par.pp > 1 else 1  # 1F1B: the first stage holds up to pp micro-batches
-    layers = [_layer_elements_per_token(run, m.has_memory(i)) for i in range(layers_here)]
+    layers = [_layer_elements_per_token(run, m.has_memory(i), device) for i in range(layers_here)]
     head = m.padded_vocab_size(par.tp) / par.tp * 4 + 3.4 * m.hidden_size * params_bytes  # fp32 softmax; final norm
-    activations = tokens * in_flight * (sum(layers) * params_bytes + head)
+    memory_layers = sum(m.has_memory(i) for i in range(layers_here))
+    # Each memory block's forward also keeps its head-local weights rearranged for the scan: 7 x d_m x d_h.
+    arranged = memory_layers * in_flight * 7 * m.memory_dim * (m.memory_dim // m.memory.heads) / par.tp * params_bytes
+    activations = tokens * in_flight * (sum(layers) * params_bytes + head) + arranged
     checkpointed = tokens * in_flight * (layers_here * m.hidden_size * params_bytes + head) \
         + tokens * max(layers) * params_bytes
-    memory_layers = sum(m.has_memory(i) for i in range(layers_here))
     state = (memory_layers * train.micro_batch * in_flight * (m.num_segments + 1) * m.memory.slots * m.memory_dim
              / par.tp * params_bytes)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(checkpointed),

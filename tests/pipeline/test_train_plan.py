@@ -39,7 +39,7 @@ def test_activation_estimate_matches_what_autograd_saves(single_process, config,
     model = LM2Model(run.model, tensor_parallel())
     tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length))
     measured = saved_activation_bytes(model, lambda: mean_loss(model(tokens), tokens))
-    estimate = memory_estimate(run, dp=1, params_bytes=4).activations
+    estimate = memory_estimate(run, dp=1, params_bytes=4, device="cpu").activations
     assert estimate == pytest.approx(measured, rel=0.10)
 
 
@@ -91,7 +91,7 @@ def test_memory_estimate_matches_the_peak_memory_of_a_training_step(tmp_path, mo
     run_distributed(_measure_training_peak, world_size=1, args=(overrides, str(out)))
     measured = json.loads(out.read_text())
     assert measured["samples"] > 100  # the sampler saw the build and the steps
-    estimate = memory_estimate(load_config(TINY, overrides), dp=1, params_bytes=4)
+    estimate = memory_estimate(load_config(TINY, overrides), dp=1, params_bytes=4, device="cpu")
     assert estimate.total == pytest.approx(measured["peak"], rel=0.25), (estimate, measured)
 
 
