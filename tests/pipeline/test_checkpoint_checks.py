@@ -2,8 +2,6 @@
 and what the trainer refuses before it starts: data that does not fit the model."""
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from lm2.pipeline.checkpoint.format import MANIFEST, Layout, Manifest, shared_ha
 from lm2.pipeline.checkpoint.resume import find_resume, resume_route
 from lm2.pipeline.checkpoint.save import prune
 from lm2.pipeline.config import load_config
+from tests.distributed import lm2_cli
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 LAYOUT = Layout(tp=1, pp=1, dp=2, zero_stage=1)
@@ -93,10 +92,8 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
 
 
 def test_trainer_refuses_data_of_another_row_length(train_data, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-                             *train_data, "model.row_length=64", "model.segment_length=16",
-                             f"logging.run_dir={tmp_path}", "logging.wandb=disabled"],
-                            capture_output=True, text=True)
+    result = lm2_cli(["train", "--config", str(CONFIG), *train_data, "model.row_length=64",
+                      "model.segment_length=16", f"logging.run_dir={tmp_path}", "logging.wandb=disabled"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "holds rows of 32 tokens but model.row_length is 64" in result.stderr
     assert "Traceback" not in result.stderr

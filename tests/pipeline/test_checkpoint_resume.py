@@ -16,7 +16,7 @@ import torch
 from lm2.pipeline.checkpoint.format import MANIFEST
 from lm2.pipeline.checkpoint.resume import inspect
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE
-from tests.distributed import free_port
+from tests.distributed import free_port, lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the reference runs.
 pytestmark = pytest.mark.xdist_group("kill-resume")
@@ -173,13 +173,13 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
 
 def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.steps=2", "checkpoint.every=1",
-               *train_data]
-    subprocess.run(command, check=True, capture_output=True)
+    trained = lm2_cli(["train", "--config", str(CONFIG), f"logging.run_dir={run_dir}", "logging.wandb=disabled",
+                       "train.steps=2", "checkpoint.every=1", *train_data])
+    assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir / "checkpoints" / "step_00000001" / MANIFEST).unlink()
-    out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "ckpt", "inspect", str(run_dir / "checkpoints")],
-                         check=True, capture_output=True, text=True).stdout
+    inspected = lm2_cli(["ckpt", "inspect", str(run_dir / "checkpoints")])
+    assert inspected.returncode == 0, inspected.stderr[-3000:]
+    out = inspected.stdout
     lines = out.splitlines()
     assert "step=None" in lines[0] and "INCOMPLETE" in lines[0] and "no lm2_manifest.json" in lines[0]
     assert "step=2  complete  tp=1 pp=1 dp=1 zero=1" in lines[1] and "<- latest" in lines[1]
@@ -210,7 +210,7 @@ def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(t
     """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
     (4.6 MB) fits, the second does not."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
-                            "tmpfs", str(tmp_path)], capture_output=True, text=True)
+                            "tmpfs", str(tmp_path)])
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
     disk, copy = tmp_path / "disk", tmp_path / "copy"

@@ -16,7 +16,7 @@ from lm2.pipeline.export.export import export_hf
 from lm2.pipeline.export.names import parameter_splits
 from lm2.pipeline.export.reader import ExportError, model_config, read_full_state, resolve, verified_manifest
 from lm2.pipeline.export.verify import lm2_logits, verification_tokens, verify_export
-from tests.distributed import free_port
+from tests.distributed import free_port, lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the trained runs.
 pytestmark = pytest.mark.xdist_group("export-runs")
@@ -76,8 +76,7 @@ def test_export_of_a_parallel_checkpoint_is_verified(checkpoints, tmp_path, layo
 
 def test_export_command_writes_a_loadable_lm2_folder(checkpoints, tmp_path):
     out = tmp_path / "hf"
-    result = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "export", "hf", str(checkpoints("single")),
-                             str(out), "--verify"], capture_output=True, text=True, timeout=600)
+    result = lm2_cli(["export", "hf", str(checkpoints("single")), str(out), "--verify"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = [line for line in result.stdout.splitlines() if line.startswith("wrote")]  # DeepSpeed prints too
     assert len(summary) == 1 and summary[0].startswith(f"wrote {out}: LM2ForCausalLM") and "verified" in summary[0]
@@ -196,8 +195,7 @@ def test_bad_inputs_fail_with_one_clear_line(checkpoints, tmp_path):
     source = resolve(checkpoints("single"))
     out = tmp_path / "exists"
     out.mkdir()
-    result = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "export", "hf", str(source), str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = lm2_cli(["export", "hf", str(source), str(out)])
     errors = [line for line in result.stderr.splitlines() if line.startswith("lm2 export:")]  # not import warnings
     assert result.returncode == 2 and len(errors) == 1 and "exists" in errors[0] and "--force" in errors[0]
 

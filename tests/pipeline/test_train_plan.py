@@ -88,7 +88,7 @@ def test_memory_estimate_matches_the_peak_memory_of_a_training_step(tmp_path, mo
     overrides = ["model.hidden_size=256", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
                  "parallel.zero_stage=1", "train.precision=fp32"]
     out = tmp_path / "peak.json"
-    run_distributed(_measure_training_peak, world_size=1, args=(overrides, str(out)))
+    run_distributed(_measure_training_peak, world_size=1, args=(overrides, str(out)), fresh=True)
     measured = json.loads(out.read_text())
     assert measured["samples"] > 100  # the sampler saw the build and the steps
     estimate = memory_estimate(load_config(TINY, overrides), dp=1, params_bytes=4, device="cpu")

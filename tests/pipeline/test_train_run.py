@@ -15,6 +15,7 @@ from lm2.model.errors import ConfigError
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.train.engine import ds_config, lr_factor, param_groups
+from tests.distributed import lm2_cli
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 
@@ -59,9 +60,14 @@ def test_zero_2_with_pipeline_is_a_config_error_that_says_why():
         load_config(CONFIG, ["parallel.pp=2", "parallel.zero_stage=2"])
 
 
-def train_cli(run_dir, overrides):
-    return subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-                           f"logging.run_dir={run_dir}", *overrides], capture_output=True, text=True, timeout=600)
+def train_cli(run_dir, overrides, fresh=False):
+    """`lm2 train` on the test config; fresh: in a new interpreter (what a user's console shows, import-time
+    notices included), else forked from the tests' fork server (tests/distributed.py)."""
+    args = ["train", "--config", str(CONFIG), f"logging.run_dir={run_dir}", *overrides]
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", *args], capture_output=True, text=True,
+                              timeout=600)
+    return lm2_cli(args)
 
 
 LOGGED = ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.peak_tflops=1.0", "checkpoint.every=2",
@@ -72,7 +78,7 @@ LOGGED = ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.pea
 def logged_run(train_data, tmp_path_factory):
     """One 4-step run that logs, evaluates and saves every 2 steps to the console, metrics.jsonl and offline wandb."""
     run_dir = tmp_path_factory.mktemp("logged_run")
-    result = train_cli(run_dir, train_data + LOGGED)
+    result = train_cli(run_dir, train_data + LOGGED, fresh=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
