@@ -6,11 +6,13 @@ torchrun; a signalled job saves, requeues itself and ends bitwise where an unint
 or skipped, the same wandb run continued; a crashing rank fails the job without requeue and leaves no process.
 """
 
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from tests import slurm_cluster
 from tests.distributed import free_port
 from tests.pipeline.test_checkpoint_resume import checkpoint_tensors
 
-# One cluster per worker process: the module stays on one pytest-xdist worker. make test-all and CI run it.
+# make test-all and CI run it. The module is meant to stay on one pytest-xdist worker (xdist_group); the cluster
+# fixture also takes a machine-wide lock (below), as parts of it still ran on both workers.
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +45,16 @@ def cluster(tmp_path_factory):
         if os.environ.get("LM2_REQUIRE_SLURM"):
             pytest.fail(f"SLURM tests required (LM2_REQUIRE_SLURM) but {reason}")
         pytest.skip(reason)
-    cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+    # One cluster on the machine at a time: clusters number their jobs alike and a job's id gives its rendezvous
+    # port (pipeline/parallel/slurm.py), so the jobs of two clusters collided (EADDRINUSE on port 15004) when
+    # pytest-xdist ran tests of this module on both workers.
+    with open(Path(tempfile.gettempdir()) / "lm2-tests-slurm-cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 def job_environment() -> dict[str, str]:
