@@ -16,7 +16,7 @@ import torch
 from lm2.pipeline.checkpoint.format import MANIFEST
 from lm2.pipeline.checkpoint.resume import inspect
 from lm2.pipeline.parallel.launch import EXIT_REQUEUE
-from tests.distributed import free_port, lm2_cli
+from tests.distributed import lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the reference runs.
 pytestmark = pytest.mark.xdist_group("kill-resume")
@@ -26,7 +26,7 @@ STEPS = 8
 
 def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-               f"--master_port={free_port()}", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+               "--standalone", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
                f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", f"train.steps={STEPS}",
                "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]  # later overrides win
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")

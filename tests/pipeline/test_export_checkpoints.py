@@ -16,7 +16,7 @@ from lm2.pipeline.export.export import export_hf
 from lm2.pipeline.export.names import parameter_splits
 from lm2.pipeline.export.reader import ExportError, model_config, read_full_state, resolve, verified_manifest
 from lm2.pipeline.export.verify import lm2_logits, verification_tokens, verify_export
-from tests.distributed import free_port, lm2_cli
+from tests.distributed import lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the trained runs.
 pytestmark = pytest.mark.xdist_group("export-runs")
@@ -41,7 +41,7 @@ def checkpoints(train_data, tmp_path_factory):
             processes, layout = LAYOUTS[name]
             run_dir = root / name
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                       f"--master_port={free_port()}", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
+                       "--standalone", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
                        f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.steps=2", *train_data, *layout]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

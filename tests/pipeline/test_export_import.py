@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from lm2.pipeline.export.export import export_hf
 from lm2.pipeline.export.importer import import_hf
 from lm2.pipeline.export.reader import ExportError
-from tests.distributed import free_port
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 TINY_LR = ["optim.lr=1e-6", "optim.min_lr=0", "optim.warmup_steps=0"]  # one resumed step moves weights ~1e-6
@@ -36,7 +35,7 @@ def tiny_llama(folder: Path) -> dict[str, torch.Tensor]:
 
 def lm2_command(*args: str, processes: int = 2) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", "-m", "lm2.pipeline.cli", *args]
+               "--standalone", "-m", "lm2.pipeline.cli", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
