@@ -13,6 +13,7 @@ working directory, not the server's.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -21,8 +22,6 @@ import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable
-
-import multiprocessing
 
 import torch.multiprocessing as mp
 
@@ -35,9 +34,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, env: dict, func: Callable, args: tuple, errors) -> None:
+def _take_environment(env: dict) -> None:
+    """A forked child starts with the fork server's environment: replace it with the test's."""
     os.environ.clear()
     os.environ.update(env)
+
+
+def _rank_main(rank: int, world_size: int, port: int, env: dict, func: Callable, args: tuple, errors) -> None:
+    _take_environment(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -68,8 +72,7 @@ def run_distributed(func: Callable, world_size: int, args: tuple[Any, ...] = (),
 
 
 def _cli_main(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
-    os.environ.clear()
-    os.environ.update(env)
+    _take_environment(env)
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
