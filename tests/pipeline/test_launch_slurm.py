@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from tests import slurm_cluster
-from tests.distributed import free_port
 from tests.pipeline.test_checkpoint_resume import checkpoint_tensors
 
 # make test-all and CI run it. The module is meant to stay on one pytest-xdist worker (xdist_group); the cluster
@@ -112,7 +111,7 @@ def assert_bitwise_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.
 def torchrun_reference(tmp_path_factory, train_data):
     """The same config trained without SLURM: torchrun, 2 ranks on this machine."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "lm2.pipeline.cli", "train", *train_args(run_dir, train_data)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **job_environment()})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
