@@ -13,6 +13,12 @@ from typing import Callable
 import torch
 
 
+def synchronize() -> None:
+    """Waits for the GPU's queued work (a GPU runs asynchronously: a timer must not stop before it finishes)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(subjects: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each subject in each round; the subjects alternate within a round."""
     for subject in subjects.values():
@@ -21,8 +27,10 @@ def interleaved(subjects: dict[str, Callable[[], object]], rounds: int, warmup: 
     seconds: dict[str, list[float]] = {name: [] for name in subjects}
     for _ in range(rounds):
         for name, subject in subjects.items():
+            synchronize()
             start = time.perf_counter()
             subject()
+            synchronize()
             seconds[name].append(time.perf_counter() - start)
     return seconds
 

@@ -2,16 +2,18 @@
 
     python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides...]
 
-One process. Four subjects share each round, in turn: lm2's engine (DeepSpeed, the config's ZeRO stage) and a plain
-loop (LM2Model + torch.optim.AdamW, same batches, clipping and micro-batching, eager) for LM2, and the same two
-for the vanilla backbone (memory off). Reported, as medians of per-round ratios:
+One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
+queued work), else the CPU (fp32, gloo). Four subjects share each round, in turn: lm2's engine (DeepSpeed, the
+config's ZeRO stage) and a plain loop (LM2Model + torch.optim.AdamW, same batches, clipping and micro-batching,
+eager) for LM2, and the same two for the vanilla backbone (memory off). Reported, as medians of per-round ratios:
 - engine_vs_plain: plain seconds / engine seconds (1.0: lm2's machinery costs nothing; target >= 0.9);
 - lm2_vs_vanilla: LM2 tokens/s over vanilla tokens/s (engine), its ideal (vanilla FLOPs / LM2 FLOPs, analytic),
   their quotient (efficiency: 1.0 means the memory costs no more per FLOP than the backbone; target >= 0.9), and
   the peak memory ratio. Peak memory here is weights + gradients + AdamW state after a step plus the bytes autograd
   saves for backward in one micro-batch (exact counts, not RSS).
 --profile prints torch.profiler's top operators of the plain LM2 step; --compile adds a plain LM2 loop whose
-blocks are torch.compile'd (lm2 has no compile option: it did not win on CPU, see bench/README.md). Prints one JSON line, then a summary.
+blocks are torch.compile'd (lm2 has no compile option: it did not win on CPU, see bench/README.md). Prints one JSON
+line, then a summary.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ from lm2.model.lm import LM2Model, mean_loss
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.mpu import tensor_parallel
-from lm2.pipeline.train.engine import build_engine
+from lm2.pipeline.train.engine import build_engine, params_dtype
 from lm2.pipeline.train.step import train_step
-from measure import interleaved, median_ratio, saved_activation_bytes, state_bytes
+from measure import interleaved, median_ratio, saved_activation_bytes, state_bytes, synchronize
 
 
-def batches(run, count: int):
+def batches(run, count: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     rows = torch.randint(0, run.model.vocab_size, (count, run.train.micro_batch, run.model.row_length + 1),
-                         generator=generator)
+                         generator=generator).to(device)
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
@@ -57,15 +59,17 @@ def repeat(step, times: int):
     return run
 
 
-def plain_model(run):
-    model = LM2Model(run.model, tensor_parallel(), seed=run.train.seed)
+def plain_model(run, device: torch.device):
+    """The same model in the engine's dtype (bf16 on GPU) on its device; torch's AdamW updates the weights in that
+    dtype (the engine keeps fp32 master weights: more work, so the reference errs on the fast side)."""
+    model = LM2Model(run.model, tensor_parallel(params_dtype(run.train)), seed=run.train.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2))
     return model, optimizer
 
 
-def peak_bytes(run, micro_batches) -> int:
+def peak_bytes(run, micro_batches, device: torch.device) -> int:
     """Weights, grads and AdamW state after a step, plus one micro-batch's saved activations (plain model)."""
-    model, optimizer = plain_model(run)
+    model, optimizer = plain_model(run, device)
     plain_step(model, optimizer, run.optim.grad_clip, micro_batches)()
     inputs, labels = micro_batches[0]
     activations = saved_activation_bytes(model, lambda: mean_loss(model(inputs), labels))
@@ -76,9 +80,13 @@ def profile(step) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with torch_profile(activities=activities) as prof:
         step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+        synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=20), file=sys.stderr)
 
 
 def main() -> None:
@@ -96,13 +104,14 @@ def main() -> None:
     subjects, micro_batches = {}, {}
     for name, run in runs.items():
         engine = build_engine(run, dims)
-        micro_batches[name] = batches(run, engine.grad_accum)
+        device = engine.deepspeed.device
+        micro_batches[name] = batches(run, engine.grad_accum, device)
         subjects[f"{name}/engine"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb), args.steps)
-        model, optimizer = plain_model(run)
+        model, optimizer = plain_model(run, device)
         subjects[f"{name}/plain"] = repeat(plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]),
                                            args.steps)
     if args.compile:
-        model, optimizer = plain_model(runs["lm2"])
+        model, optimizer = plain_model(runs["lm2"], device)
         for block in model.layers:
             block.compile()  # in place, as a trainer option would
         subjects["lm2/plain-compiled"] = repeat(plain_step(model, optimizer, runs["lm2"].optim.grad_clip,
@@ -110,11 +119,12 @@ def main() -> None:
     seconds = interleaved(subjects, args.rounds)
     tokens = args.steps * runs["lm2"].train.global_batch * runs["lm2"].model.row_length
     flops = {name: forward_flops_per_token(run.model) for name, run in runs.items()}
-    peaks = {name: peak_bytes(run, micro_batches[name]) for name, run in runs.items()}
+    peaks = {name: peak_bytes(run, micro_batches[name], device) for name, run in runs.items()}
     speed = median_ratio(seconds["vanilla/engine"], seconds["lm2/engine"])
     ideal = flops["vanilla"] / flops["lm2"]
     result = {
-        "bench": "train_step", "config": args.config, "overrides": args.overrides, "threads": torch.get_num_threads(),
+        "bench": "train_step", "config": args.config, "overrides": args.overrides, "device": str(device),
+        "dtype": str(params_dtype(runs["lm2"].train)), "threads": torch.get_num_threads(),
         "zero_stage": runs["lm2"].parallel.zero_stage, "rounds": args.rounds, "steps_per_round": args.steps,
         "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
         "engine_vs_plain": {name: median_ratio(seconds[f"{name}/plain"], seconds[f"{name}/engine"]) for name in runs},

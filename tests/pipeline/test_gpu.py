@@ -67,3 +67,11 @@ def test_tensor_parallel_over_nccl_matches_one_gpu(train_data, tmp_path):
     losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("tp1", "tp2")}
     assert losses["tp2"] == pytest.approx(losses["tp1"], rel=2e-2)
+
+
+def test_train_step_bench_runs_on_the_gpu():
+    from tests.test_bench import SMALL, check_report, train_step_bench
+
+    report = train_step_bench(*SMALL)
+    assert report["device"].startswith("cuda") and report["dtype"] == "torch.bfloat16"
+    check_report(report, SMALL)

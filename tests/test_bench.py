@@ -1,0 +1,50 @@
+"""bench/train_step.py runs end to end and reports numbers that agree with each other and with the accounting.
+
+Its timings are not asserted (they belong in bench/README.md); what it derives from them and from the model is.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["model.num_layers=2", "train.global_batch=8"]  # two micro-batches of 4 rows per step
+
+
+def train_step_bench(*overrides: str) -> dict:
+    """One round of one step per subject; the script's JSON line."""
+    command = [sys.executable, "bench/train_step.py", "--config", "configs/tiny.yaml", "--rounds", "1", "--steps", "1",
+               *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+
+
+def check_report(report: dict, overrides: list[str]) -> None:
+    from lm2.model.accounting import forward_flops_per_token
+    from lm2.pipeline.config import load_config
+
+    config = ROOT / "configs" / "tiny.yaml"
+    flops = {name: forward_flops_per_token(load_config(config, overrides + extra).model)
+             for name, extra in (("lm2", []), ("vanilla", ["model.memory.enabled=false"]))}
+    speeds, ratios = report["tokens_per_s"], report["lm2_vs_vanilla"]
+    assert set(speeds) == {"lm2/engine", "lm2/plain", "vanilla/engine", "vanilla/plain"}
+    assert all(value > 0 for value in speeds.values())
+    # One round: each median ratio is that round's ratio, i.e. the ratio of the tokens/s.
+    assert ratios["tokens_per_s_ratio"] == pytest.approx(speeds["lm2/engine"] / speeds["vanilla/engine"])
+    assert report["engine_vs_plain"]["lm2"] == pytest.approx(speeds["lm2/engine"] / speeds["lm2/plain"])
+    assert ratios["ideal_flops_ratio"] == pytest.approx(flops["vanilla"] / flops["lm2"])
+    assert ratios["efficiency"] == pytest.approx(ratios["tokens_per_s_ratio"] / ratios["ideal_flops_ratio"])
+    peaks = report["peak_bytes"]
+    assert peaks["lm2"] > peaks["vanilla"] > 0  # the memory adds weights, their state and activations
+    assert ratios["peak_memory_ratio"] == pytest.approx(peaks["lm2"] / peaks["vanilla"])
+
+
+@pytest.mark.slow
+def test_train_step_bench_on_the_cpu():
+    report = train_step_bench(*SMALL)
+    assert (report["device"], report["dtype"]) == ("cpu", "torch.float32")
+    check_report(report, SMALL)
