@@ -11,14 +11,14 @@ eager) for LM2, and the same two for the vanilla backbone (memory off). Reported
   their quotient (efficiency: 1.0 means the memory costs no more per FLOP than the backbone; target >= 0.9), and
   the peak memory ratio. Peak memory here is weights + gradients + AdamW state after a step plus the bytes autograd
   saves for backward in one micro-batch (exact counts, not RSS).
---profile prints torch.profiler's top operators of the plain LM2 step; --compile adds a plain LM2 loop whose
-blocks are torch.compile'd (lm2 has no compile option: it did not win on CPU, see bench/README.md). Prints one JSON
-line, then a summary.
+--profile prints torch.profiler's top operators of the plain LM2 step; --compile adds both engines with
+train.compile=true (compiled blocks; the first, untimed round compiles). Prints one JSON line, then a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per subject per round")
     parser.add_argument("--profile", action="store_true", help="print the plain LM2 step's top operators")
-    parser.add_argument("--compile", action="store_true", help="also time a plain loop with compiled blocks")
+    parser.add_argument("--compile", action="store_true", help="also time both engines with train.compile=true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     dims = init_distributed()
@@ -111,11 +111,10 @@ def main() -> None:
         subjects[f"{name}/plain"] = repeat(plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]),
                                            args.steps)
     if args.compile:
-        model, optimizer = plain_model(runs["lm2"], device)
-        for block in model.layers:
-            block.compile()  # in place, as a trainer option would
-        subjects["lm2/plain-compiled"] = repeat(plain_step(model, optimizer, runs["lm2"].optim.grad_clip,
-                                                           micro_batches["lm2"]), args.steps)
+        for name, run in runs.items():
+            engine = build_engine(dataclasses.replace(run, train=dataclasses.replace(run.train, compile=True)), dims)
+            subjects[f"{name}/engine-compiled"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb),
+                                                         args.steps)
     seconds = interleaved(subjects, args.rounds)
     tokens = args.steps * runs["lm2"].train.global_batch * runs["lm2"].model.row_length
     flops = {name: forward_flops_per_token(run.model) for name, run in runs.items()}
@@ -133,7 +132,10 @@ def main() -> None:
         "peak_bytes": peaks,
     }
     if args.compile:
-        result["compiled_vs_eager"] = median_ratio(seconds["lm2/plain"], seconds["lm2/plain-compiled"])
+        result["compiled_vs_eager"] = {name: median_ratio(seconds[f"{name}/engine"], seconds[f"{name}/engine-compiled"])
+                                       for name in runs}
+        result["lm2_vs_vanilla_compiled"] = median_ratio(seconds["vanilla/engine-compiled"],
+                                                         seconds["lm2/engine-compiled"])
     print(json.dumps(result))
     ratios = result["engine_vs_plain"]
     print(f"engine vs plain loop: LM2 {ratios['lm2']:.2f}, vanilla {ratios['vanilla']:.2f} (target >= 0.9)")
@@ -141,7 +143,9 @@ def main() -> None:
           f"target >= 0.9), peak memory x{peaks['lm2'] / peaks['vanilla']:.2f}")
     print("tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in result["tokens_per_s"].items()))
     if args.compile:
-        print(f"compiled blocks vs eager (plain loop): {result['compiled_vs_eager']:.2f}x")
+        gains = result["compiled_vs_eager"]
+        print(f"train.compile vs eager (engine): LM2 {gains['lm2']:.2f}x, vanilla {gains['vanilla']:.2f}x; "
+              f"LM2 vs vanilla compiled {result['lm2_vs_vanilla_compiled']:.2f}")
     if args.profile:
         profile(subjects["lm2/plain"])
 

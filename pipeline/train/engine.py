@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from lm2.model.block import DecoderBlock
 from lm2.model.lm import LM2Model
 from lm2.pipeline.checkpoint.format import Layout
 from lm2.pipeline.config import RunConfig
@@ -93,6 +94,10 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
     else:
         model = LM2Model(run.model, tp, seed=run.train.seed)
         model.activation_checkpointing = run.train.activation_checkpointing
+    if run.train.compile:
+        for block in model.modules():
+            if isinstance(block, DecoderBlock):
+                block.compile()  # in place: parameter names, hooks and checkpoints stay as they are
     optim = run.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps)
