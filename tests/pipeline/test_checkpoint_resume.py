@@ -210,7 +210,7 @@ def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(t
     """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
     (4.6 MB) fits, the second does not."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
-                            "tmpfs", str(tmp_path)])
+                            "tmpfs", str(tmp_path)], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
     disk, copy = tmp_path / "disk", tmp_path / "copy"
