@@ -19,7 +19,7 @@ from torch import nn
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
 from lm2.model.layers import RMSNorm, TensorParallel, seeded
-from lm2.model.lm import block_seed, build_embedding, build_lm_head, mean_loss, output_logits, vocab_padding_mask
+from lm2.model.lm import block_seed, build_embedding, build_lm_head, mean_loss, output_logits, real_vocab_columns
 from lm2.pipeline.parallel.dims import ParallelDims
 
 
@@ -31,13 +31,13 @@ class EmbeddingStage(nn.Module):
         self.embed_tokens = build_embedding(cfg, tp, seed)
         if cfg.tie_embeddings:
             self.lm_head = build_lm_head(cfg, tp, seed)  # owns no weight
-            self.register_buffer("vocab_padding", vocab_padding_mask(cfg, tp), persistent=False)
+            self.real_vocab_columns = real_vocab_columns(cfg, tp)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)
 
     def tied_output(self, hn: torch.Tensor) -> torch.Tensor:
-        return output_logits(self.lm_head, hn, self.vocab_padding, self.embed_tokens.weight)
+        return output_logits(self.lm_head, hn, self.real_vocab_columns, self.embed_tokens.weight)
 
 
 class PipeBlock(DecoderBlock):
@@ -57,10 +57,10 @@ class OutputStage(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         self.lm_head = build_lm_head(cfg, tp, seed)
-        self.register_buffer("vocab_padding", vocab_padding_mask(cfg, tp), persistent=False)
+        self.real_vocab_columns = real_vocab_columns(cfg, tp)
 
     def forward(self, hn: torch.Tensor) -> torch.Tensor:
-        return output_logits(self.lm_head, hn, self.vocab_padding, None)
+        return output_logits(self.lm_head, hn, self.real_vocab_columns, None)
 
 
 def topology(dims: ParallelDims) -> PipeModelDataParallelTopology:
