@@ -30,8 +30,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention, q [Hl, B, Tq, dh] over k/v [Hl, B, Tk, dh], the softmax scale already folded into q
     or k. On GPU SDPA's fused kernels never build the [Tq, Tk] scores; on CPU, at the memory's sizes (16 slots,
     64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/README.md)."""
-    if q.is_cuda:  # fused kernels need the last dim contiguous; the write keys are transposed views (see _segments)
-        return F.scaled_dot_product_attention(q, k.contiguous(), v, scale=1.0)
+    return _attend_fused(q, k, v) if q.is_cuda else _attend_explicit(q, k, v)
+
+
+def _attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Fused kernels need the last dim contiguous; the write keys are transposed views (see _segments).
+    return F.scaled_dot_product_attention(q, k.contiguous(), v, scale=1.0)
+
+
+def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
 
 

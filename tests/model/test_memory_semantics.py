@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import lm2.model.memory as memory_module
 from lm2.model.lm import LM2Model, token_losses
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
@@ -131,10 +132,13 @@ def windowed_bptt_reference(model, x):
     return torch.cat(outputs, dim=1)
 
 
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
 @pytest.mark.parametrize("bptt", [2, 3, 8])
-def test_truncated_bptt_gradients_equal_explicit_windowed_reference(single_process, bptt):
+def test_truncated_bptt_gradients_equal_explicit_windowed_reference(single_process, bptt, attention, monkeypatch):
     """Three blocks, five segments: every parameter's gradient equals the literal windowed computation (bptt=3
-    leaves a short last window, bptt=8 is full BPTT)."""
+    leaves a short last window, bptt=8 is full BPTT). The memory attends with the CPU's explicit softmax, or with
+    the GPU's path (SDPA, the scale folded in, keys made contiguous) run here on CPU."""
+    monkeypatch.setattr(memory_module, "_attend", getattr(memory_module, f"_attend_{attention}"))
     cfg = tiny_config(num_layers=3, row_length=40, memory_fields=dict(bptt_segments=bptt))
     model = build(cfg)
     x = tokens(cfg)
