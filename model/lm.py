@@ -51,8 +51,8 @@ def output_logits(lm_head: ColumnLinear, hn: torch.Tensor, real_columns: int,
                   tied_weight: torch.Tensor | None) -> torch.Tensor:
     """Normalised hidden states [B, T, d] -> this rank's logits [B, T, V_pad/tp], padding columns at the dtype's
     minimum: they take no probability, so the loss does not depend on how much padding a TP degree needs. Only the
-    padding columns are written, in place: a masked copy of the whole logits, the model's largest activation, cost
-    2-3 % of a tiny CPU step and would add a [tokens, V/tp] buffer on a GPU."""
+    padding columns are written, in place: a masked copy of the whole logits (the model's largest activation),
+    forward and backward, took 12-15 % of a tiny CPU step (bench/README.md) and adds a [tokens, V/tp] buffer."""
     logits = lm_head(hn, weight=tied_weight)
     if real_columns < logits.shape[-1]:
         logits[..., real_columns:] = torch.finfo(logits.dtype).min
