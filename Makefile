@@ -77,7 +77,7 @@ experiment-lm2 experiment-vanilla: experiment-%: setup
 
 # Tests run on 2 pytest-xdist workers; a module whose tests share a cluster, a server or trained runs stays on one
 # (xdist_group). make test: every feature once, about 3 minutes on 2 cores. make test-all (CI): also the tests
-# marked slow, i.e. the other layouts and launchers of the same features, and the real SLURM cluster (about 15 minutes).
+# marked slow, i.e. the other layouts and launchers of the same features, and the real SLURM cluster (about 14-15 minutes).
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 test: setup
