@@ -14,17 +14,18 @@ from lm2.model.memory import LM2Memory
 from lm2.model.mlp import MLP
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_rope_table(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype):
+def _positions_table(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype):
     return rope_cos_sin(torch.arange(length, device=device), head_dim, theta, dtype)
+
+
+_cached_positions_table = functools.lru_cache(maxsize=16)(_positions_table)
 
 
 def _rope_table(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype):
     """cos/sin for positions 0..length-1: cached when eager; a compiled block (train.compile) computes them in its
     graph instead, since dynamo bypasses a cache and warns that it did."""
-    if torch.compiler.is_compiling():
-        return rope_cos_sin(torch.arange(length, device=device), head_dim, theta, dtype)
-    return _cached_rope_table(length, head_dim, theta, device, dtype)
+    table = _positions_table if torch.compiler.is_compiling() else _cached_positions_table
+    return table(length, head_dim, theta, device, dtype)
 
 
 class DecoderBlock(nn.Module):
