@@ -57,13 +57,14 @@ def forward_flops_per_token(cfg: ModelConfig) -> int:
     segments = cfg.num_segments
     per_row_memory = (
         cfg.row_length * (
-            2 * 4 * d * d_m  # token projections
+            2 * 2 * d * d_m  # read query and output projections
             + 4 * slots * d_m  # read attention over N slots
             + 2 * d_m * dh  # output gate
         )
         + segments * 2 * 2 * slots * d_m * dh  # k/v of the slots each segment reads
-        # the writes: none after the last segment (it would feed nothing inside the row); write query, write
-        # attention over the segment, input and forget gates
-        + (segments - 1) * (2 * slots * d_m * dh + 4 * slots * seg * d_m + 2 * 2 * slots * 2 * d_m * dh)
+        # the writes: none after the last segment (it would feed nothing inside the row); the segment's write keys
+        # and values, write query, write attention over the segment, input and forget gates
+        + (segments - 1) * (2 * 2 * seg * d * d_m + 2 * slots * d_m * dh + 4 * slots * seg * d_m
+                            + 2 * 2 * slots * 2 * d_m * dh)
     )
     return flops + memory_blocks * per_row_memory // cfg.row_length

@@ -151,14 +151,16 @@ class LM2Memory(nn.Module):
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
 
         The token projections run over all segments at once; only the N x S writes scan over segments; then
-        every segment reads its own M_s in one batched attention over [B*k] rows.
+        every segment reads its own M_s in one batched attention over [B*k] rows. The write after the last segment
+        would feed nothing inside this row, so neither it nor the last segment's write keys and values are computed.
         """
         b, length, _ = xn.shape
         k = length // segment_length
-        write_k = self._segments(self.write_k(xn), segment_length, keys=True)
-        write_v = self._segments(self.write_v(xn), segment_length)
+        written = xn[:, : length - segment_length]
+        write_k = self._segments(self.write_k(written), segment_length, keys=True)
+        write_v = self._segments(self.write_v(written), segment_length)
         weights, states = self.write_weights(), [self.initial_state(b)]
-        for s in range(1, k):  # the write after the last segment feeds nothing inside this row
+        for s in range(1, k):
             states.append(self.truncate(self.write(write_k[s - 1], write_v[s - 1], states[-1], weights), s))
         stacked = torch.stack(states, dim=2).flatten(1, 2)  # [Hl, B*k, N, dh]
         q = self._heads(self.read_q(xn)).view(self.local_heads, b * k, segment_length, self.head_dim)

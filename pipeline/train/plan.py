@@ -44,12 +44,13 @@ def _layer_elements_per_token(run: RunConfig, memory: bool, device: str) -> floa
     m, tp = run.model, run.parallel.tp
     kv = m.num_kv_heads * m.head_dim
     elements = 4 * m.hidden_size + (4 * m.hidden_size + 2 * kv + 4 * m.ffn_hidden_size) / tp
-    if memory:  # token projections and gates, the per-segment states and gates
+    if memory:  # token projections and gates (write keys and values for every segment but the last, whose
+        # write would feed nothing inside the row), the per-segment states and gates
         d_m, slots = m.memory_dim, m.memory.slots
-        elements += (6 * d_m + 10 * slots * d_m / m.segment_length) / tp
+        written = (m.num_segments - 1) / m.num_segments
+        elements += ((4 + 2 * written) * d_m + 10 * slots * d_m / m.segment_length) / tp
         if device == "cpu":  # the explicit softmax (model/memory.py) keeps the read's probabilities (every token
-            # over N slots) and the writes' (N slots over every token but the last segment's)
-            written = (m.num_segments - 1) / m.num_segments
+            # over N slots) and the writes' (N slots over every written token)
             elements += m.memory.heads * slots * (1 + written) / tp
     return elements
 
