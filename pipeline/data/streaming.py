@@ -90,6 +90,29 @@ class _ReplicaDataset(StreamingDataset):
                 raise RuntimeError("Background thread failed. Check other traceback.")
             sleep(TICK)
 
+    def _ready_thread(self, it: Any) -> None:
+        """streaming's ready thread (0.13: it moves it.ready_index over rows whose shards are local), with one
+        change. streaming requests a missing shard only when this thread reaches it; a shard that another rank of
+        the node evicts between its download and this thread's next look (one TICK later) stays missing, and the
+        rank waits forever. It did with a small data.cache_limit on a loaded machine; here the wait requests the
+        shard again (tests/pipeline/test_data_remote.py reproduces the hang by slowing that look)."""
+        while not (it.should_exit() or it.ready_index == it.total or self._event.is_set()):
+            if self.predownload is not None and self.predownload < it.ready_index - it.yield_index:
+                sleep(TICK)
+                continue
+            sample_id = it.sample_ids[it.ready_index]
+            if sample_id != -1:  # streaming's padding
+                self._wait_until_local(self.spanner[sample_id][0])
+            it.ready_index += 1
+        it.on_exit()
+
+    def _wait_until_local(self, shard_id: int) -> None:
+        while self._shard_states[shard_id] != _ShardState.LOCAL and not self._event.is_set():
+            if self._shard_states[shard_id] == _ShardState.REMOTE:
+                self.prepare_shard(shard_id, blocking=False)
+            else:
+                sleep(TICK)
+
 
 def _cache_folder(cfg: DataConfig, stream: StreamConfig) -> str:
     return str(Path(cfg.cache_dir) / hashlib.sha256(stream.path.encode()).hexdigest()[:16])

@@ -36,6 +36,8 @@ CACHE_LIMIT = 40_000
 # its ready thread and its main thread, the last two for a shard evicted under them), so with 2 ranks the cache
 # can exceed the limit by up to 2 x 3 - 1 shards; it did by 3 (with 4 in flight) when this was measured.
 CONCURRENT_DOWNLOADS = 2 * 3
+# seconds: a rank reading longer has hung (the reads take seconds, with streaming's TICK at 100 ms about a minute)
+HANG_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +104,29 @@ def test_parts_prepared_into_s3_and_merged_there_equal_a_local_prepare(s3, remot
         merge(url)
 
 
-def _read_remote(url: str, cache: str, out: str) -> None:
+def _read_remote(url: str, cache: str, out: str, tick: float | None = None) -> None:
     """One launch reads: the whole epoch; its first 5 micro-batches; the rest after resuming from their state.
-    Each read has its own cache folder (a fresh node's) and records the most bytes its cache held."""
+    Each read has its own cache folder (a fresh node's) and records the most bytes its cache held. tick: streaming's
+    polling interval in every thread instead of 7 ms; a rank still reading after HANG_S seconds then exits, printing
+    every thread's stack."""
+    import faulthandler
+
     import torch.distributed as dist
 
-    from lm2.pipeline.data.streaming import build_train_loader
+    import streaming.base.dataset
+
+    from lm2.pipeline.data import streaming as lm2_streaming
     from lm2.pipeline.parallel.init import init_distributed
 
+    if tick:
+        streaming.base.dataset.TICK = lm2_streaming.TICK = tick
+        faulthandler.dump_traceback_later(HANG_S, exit=True)
     dims = init_distributed()
 
     def read(tag: str, batches: int | None = None, state: dict | None = None) -> dict:
         folder = Path(cache, tag)
         cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=str(folder), cache_limit=str(CACHE_LIMIT))
-        loader = build_train_loader(cfg, dims, dist.get_rank(), 2, tiny_model_config())
+        loader = lm2_streaming.build_train_loader(cfg, dims, dist.get_rank(), 2, tiny_model_config())
         if state:
             loader.load_state_dict(state)
         ids, on_disk, usage = [], 0, 0
@@ -143,16 +154,29 @@ def _cached_bytes(cache: Path) -> int:
     return total
 
 
-def _run(url, tmp_path) -> dict[str, list[dict]]:
+def _run(url, tmp_path, tick: float | None = None) -> dict[str, list[dict]]:
     """{"whole" | "first" | "rest": [rank 0's record, rank 1's record]}."""
-    run_distributed(_read_remote, 2, (url, str(tmp_path / "cache"), str(tmp_path)))
+    run_distributed(_read_remote, 2, (url, str(tmp_path / "cache"), str(tmp_path), tick))
     ranks = [json.loads((tmp_path / f"remote-{rank}.json").read_text()) for rank in range(2)]
     return {part: [r[part] for r in ranks] for part in ranks[0]}
 
 
 def test_two_ranks_stream_from_s3_within_the_cache_limit_and_resume_exactly_once(remote_dataset, tmp_path):
     url, local = remote_dataset
-    runs = _run(url, tmp_path)
+    _check_reads(local, _run(url, tmp_path))
+
+
+@pytest.mark.slow
+def test_a_shard_evicted_before_the_ready_thread_sees_it_is_fetched_again(remote_dataset, tmp_path):
+    """streaming's ready thread looks at the shard it waits for every TICK (7 ms). Another rank that downloads as
+    many shards as the cache holds in between evicts it, and streaming never fetched it again: both ranks waited
+    forever (seen once in a loaded test run; with looks every 100 ms it hung every time). lm2's ready thread
+    fetches it again, and the reads are exactly those of the normal test."""
+    url, local = remote_dataset
+    _check_reads(local, _run(url, tmp_path, tick=0.1))
+
+
+def _check_reads(local, runs) -> None:
     whole, first, rest = runs["whole"], runs["first"], runs["rest"]
     uninterrupted = Counter(i for record in whole for i in record["ids"])
     rows = json.loads((local / "lm2_data.json").read_text())["splits"]["train"]["rows"]
