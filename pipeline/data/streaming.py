@@ -81,37 +81,39 @@ class _ReplicaDataset(StreamingDataset):
         """streaming's own blocking wait for a shard its download thread is preparing never ends if that thread
         dies on the shard (a checksum failure leaves it PREPARING): wait here instead, watching the thread's
         failure flag, which then surfaces as streaming's "Background thread failed" (a DataError in RowLoader)."""
+        if not blocking:
+            super().prepare_shard(shard_id, blocking=False)
+        elif not self._fetch(shard_id):
+            raise RuntimeError("Background thread failed. Check other traceback.")
+
+    def _fetch(self, shard_id: int) -> bool:
+        """Requests the shard until nobody is preparing it: again each time it is found evicted. False if a
+        background thread failed meanwhile."""
         while True:
             super().prepare_shard(shard_id, blocking=False)
-            if not blocking or self._shard_states[shard_id] != _ShardState.PREPARING:
-                return
+            if self._shard_states[shard_id] != _ShardState.PREPARING:
+                return True
             failed = getattr(self, "_event", None)
             if failed is not None and failed.is_set():
-                raise RuntimeError("Background thread failed. Check other traceback.")
+                return False
             sleep(TICK)
 
     def _ready_thread(self, it: Any) -> None:
         """streaming's ready thread (0.13: it moves it.ready_index over rows whose shards are local), with one
         change. streaming requests a missing shard only when this thread reaches it; a shard that another rank of
         the node evicts between its download and this thread's next look (one TICK later) stays missing, and the
-        rank waits forever. It did with a small data.cache_limit on a loaded machine; here the wait requests the
-        shard again (tests/pipeline/test_data_remote.py reproduces the hang by slowing that look)."""
+        rank waits forever. It did with a small data.cache_limit on a loaded machine; here the wait is _fetch's,
+        which requests the shard again (tests/pipeline/test_data_remote.py reproduces the hang by slowing that
+        look). A shard evicted after all is fetched again by get_item, as streaming's own reads do."""
         while not (it.should_exit() or it.ready_index == it.total or self._event.is_set()):
             if self.predownload is not None and self.predownload < it.ready_index - it.yield_index:
                 sleep(TICK)
                 continue
             sample_id = it.sample_ids[it.ready_index]
-            if sample_id != -1:  # streaming's padding
-                self._wait_until_local(self.spanner[sample_id][0])
+            if sample_id != -1 and not self._fetch(self.spanner[sample_id][0]):  # -1: streaming's padding
+                break
             it.ready_index += 1
         it.on_exit()
-
-    def _wait_until_local(self, shard_id: int) -> None:
-        while self._shard_states[shard_id] != _ShardState.LOCAL and not self._event.is_set():
-            if self._shard_states[shard_id] == _ShardState.REMOTE:
-                self.prepare_shard(shard_id, blocking=False)
-            else:
-                sleep(TICK)
 
 
 def _cache_folder(cfg: DataConfig, stream: StreamConfig) -> str:
