@@ -3,14 +3,18 @@
     python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides...]
 
 One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
-queued work), else the CPU (fp32, gloo). Four subjects share each round, in turn: lm2's engine (DeepSpeed, the
+queued work), else the CPU (fp32, gloo). Five subjects share each round, in turn: lm2's engine (DeepSpeed, the
 config's ZeRO stage) and a plain loop (LM2Model + torch.optim.AdamW, same batches, clipping and micro-batching,
-eager) for LM2, and the same two for the vanilla backbone (memory off). Reported, as medians of per-round ratios:
+eager) for LM2, the same two for the vanilla backbone (memory off), and the engine for LM2's own backbone
+(memory.layers=[]: attention within segments, RoPE restarting per segment, no memory banks). Reported, as medians
+of per-round ratios:
 - engine_vs_plain: plain seconds / engine seconds (1.0: lm2's machinery costs nothing; target >= 0.9);
 - lm2_vs_vanilla: LM2 tokens/s over vanilla tokens/s (engine), its ideal (vanilla FLOPs / LM2 FLOPs, analytic),
-  their quotient (efficiency: 1.0 means the memory costs no more per FLOP than the backbone; target >= 0.9), and
-  the peak memory ratio. Peak memory here is weights + gradients + AdamW state after a step plus the bytes autograd
-  saves for backward in one micro-batch (exact counts, not RSS).
+  their quotient (efficiency; target >= 0.9), and the peak memory ratio. Peak memory here is weights + gradients
+  + AdamW state after a step plus the bytes autograd saves for backward in one micro-batch (exact counts, not RSS);
+- backbone_vs_vanilla and lm2_vs_backbone: the same ratio in two parts, the segmented attention alone, then the
+  memory banks added to it, with memory_per_flop: the banks' FLOPs per second over the backbone's (1.0: the
+  memory costs as much per FLOP as the backbone it is added to).
 --profile prints torch.profiler's top operators of the plain LM2 step; --compile adds both engines with
 train.compile=true (compiled blocks; the first, untimed round compiles). Prints one JSON line, then a summary.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 
@@ -76,6 +81,23 @@ def peak_bytes(run, micro_batches, device: torch.device) -> int:
     return state_bytes(model, optimizer) + activations
 
 
+def backbone_split(seconds: dict[str, list[float]], flops: dict[str, int]) -> dict:
+    """LM2/vanilla as vanilla -> LM2's backbone -> LM2, to tell which part falls short of its FLOPs: the segmented
+    attention or the memory banks. memory_per_flop: the banks' FLOPs (LM2's less the backbone's) over the seconds
+    they add, against the backbone's FLOPs over its seconds, the median over same-round pairs."""
+    lm2, backbone = seconds["lm2/engine"], seconds["backbone/engine"]
+    memory_flops = flops["lm2"] - flops["backbone"]
+    # A round where LM2 was no slower than its backbone (noise) counts as infinitely efficient, not as an error.
+    per_flop = [memory_flops * b / (flops["backbone"] * (m - b)) if m > b else math.inf for m, b in zip(lm2, backbone)]
+    return {
+        "backbone_vs_vanilla": {"tokens_per_s_ratio": median_ratio(seconds["vanilla/engine"], backbone),
+                                "ideal_flops_ratio": flops["vanilla"] / flops["backbone"]},
+        "lm2_vs_backbone": {"tokens_per_s_ratio": median_ratio(backbone, lm2),
+                            "ideal_flops_ratio": flops["backbone"] / flops["lm2"],
+                            "memory_per_flop": statistics.median(per_flop)},
+    }
+
+
 def profile(step) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -115,9 +137,13 @@ def main() -> None:
             engine = build_engine(dataclasses.replace(run, train=dataclasses.replace(run.train, compile=True)), dims)
             subjects[f"{name}/engine-compiled"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb),
                                                          args.steps)
+    backbone = load_config(args.config, args.overrides + ["model.memory.layers=[]"])
+    backbone_engine = build_engine(backbone, dims)
+    subjects["backbone/engine"] = repeat(lambda: train_step(backbone_engine, micro_batches["lm2"]), args.steps)
     seconds = interleaved(subjects, args.rounds)
     tokens = args.steps * runs["lm2"].train.global_batch * runs["lm2"].model.row_length
     flops = {name: forward_flops_per_token(run.model) for name, run in runs.items()}
+    flops["backbone"] = forward_flops_per_token(backbone.model)
     peaks = {name: peak_bytes(run, micro_batches[name], device) for name, run in runs.items()}
     speed = median_ratio(seconds["vanilla/engine"], seconds["lm2/engine"])
     ideal = flops["vanilla"] / flops["lm2"]
@@ -130,6 +156,7 @@ def main() -> None:
         "lm2_vs_vanilla": {"tokens_per_s_ratio": speed, "ideal_flops_ratio": ideal, "efficiency": speed / ideal,
                            "peak_memory_ratio": peaks["lm2"] / peaks["vanilla"]},
         "peak_bytes": peaks,
+        **backbone_split(seconds, flops),
     }
     if args.compile:
         result["compiled_vs_eager"] = {name: median_ratio(seconds[f"{name}/engine"], seconds[f"{name}/engine-compiled"])
@@ -142,6 +169,10 @@ def main() -> None:
     print(f"LM2 vs vanilla: tokens/s {speed:.2f} of an ideal {ideal:.2f} (efficiency {speed / ideal:.2f}, "
           f"target >= 0.9), peak memory x{peaks['lm2'] / peaks['vanilla']:.2f}")
     print("tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in result["tokens_per_s"].items()))
+    bb, mem = result["backbone_vs_vanilla"], result["lm2_vs_backbone"]
+    print(f"LM2's backbone (memory.layers=[]) vs vanilla: tokens/s {bb['tokens_per_s_ratio']:.2f} of an ideal "
+          f"{bb['ideal_flops_ratio']:.2f}; LM2 vs its backbone: {mem['tokens_per_s_ratio']:.2f} of an ideal "
+          f"{mem['ideal_flops_ratio']:.2f} (the memory's FLOPs/s: {mem['memory_per_flop']:.2f} of the backbone's)")
     if args.compile:
         gains = result["compiled_vs_eager"]
         print(f"train.compile vs eager (engine): LM2 {gains['lm2']:.2f}x, vanilla {gains['vanilla']:.2f}x; "

@@ -29,18 +29,34 @@ def check_report(report: dict, overrides: list[str]) -> None:
 
     config = ROOT / "configs" / "tiny.yaml"
     flops = {name: forward_flops_per_token(load_config(config, overrides + extra).model)
-             for name, extra in (("lm2", []), ("vanilla", ["model.memory.enabled=false"]))}
+             for name, extra in (("lm2", []), ("vanilla", ["model.memory.enabled=false"]),
+                                 ("backbone", ["model.memory.layers=[]"]))}
     speeds, ratios = report["tokens_per_s"], report["lm2_vs_vanilla"]
-    assert set(speeds) == {"lm2/engine", "lm2/plain", "vanilla/engine", "vanilla/plain"}
+    assert set(speeds) == {"lm2/engine", "lm2/plain", "vanilla/engine", "vanilla/plain", "backbone/engine"}
     assert all(value > 0 for value in speeds.values())
     # One round: each median ratio is that round's ratio, i.e. the ratio of the tokens/s.
     assert ratios["tokens_per_s_ratio"] == pytest.approx(speeds["lm2/engine"] / speeds["vanilla/engine"])
     assert report["engine_vs_plain"]["lm2"] == pytest.approx(speeds["lm2/engine"] / speeds["lm2/plain"])
     assert ratios["ideal_flops_ratio"] == pytest.approx(flops["vanilla"] / flops["lm2"])
     assert ratios["efficiency"] == pytest.approx(ratios["tokens_per_s_ratio"] / ratios["ideal_flops_ratio"])
+    check_backbone_split(report, speeds, flops)
     peaks = report["peak_bytes"]
     assert peaks["lm2"] > peaks["vanilla"] > 0  # the memory adds weights, their state and activations
     assert ratios["peak_memory_ratio"] == pytest.approx(peaks["lm2"] / peaks["vanilla"])
+
+
+def check_backbone_split(report: dict, speeds: dict, flops: dict) -> None:
+    """LM2/vanilla in two parts, vanilla -> LM2's backbone -> LM2, recomputed from the tokens/s (one round)."""
+    backbone, memory = report["backbone_vs_vanilla"], report["lm2_vs_backbone"]
+    assert backbone["tokens_per_s_ratio"] == pytest.approx(speeds["backbone/engine"] / speeds["vanilla/engine"])
+    assert backbone["ideal_flops_ratio"] == pytest.approx(flops["vanilla"] / flops["backbone"])
+    assert memory["tokens_per_s_ratio"] == pytest.approx(speeds["lm2/engine"] / speeds["backbone/engine"])
+    assert memory["ideal_flops_ratio"] == pytest.approx(flops["backbone"] / flops["lm2"])
+    assert flops["vanilla"] > flops["backbone"]  # attention within segments, no banks
+    # The banks' FLOPs per token over the seconds per token they add, against the backbone's.
+    seconds_added = 1 / speeds["lm2/engine"] - 1 / speeds["backbone/engine"]
+    banks = (flops["lm2"] - flops["backbone"]) / seconds_added
+    assert memory["memory_per_flop"] == pytest.approx(banks / (flops["backbone"] * speeds["backbone/engine"]))
 
 
 @pytest.mark.slow
