@@ -41,10 +41,10 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_index = layer_index
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, tp.config.params_dtype)
         self.self_attn = Attention(cfg, tp)
         self.memory = LM2Memory(cfg, tp) if cfg.has_memory(layer_index) else None
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, tp.config.params_dtype)
         self.mlp = MLP(cfg, tp)
 
     def _attention(self, xn: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,13 @@ class Probe(nn.Identity):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm, computed in fp32 whatever the activation dtype (bf16 sums of squares lose precision)."""
+    """Llama's RMSNorm, computed in fp32 whatever the activation dtype (bf16 sums of squares lose precision). Its
+    weight is in the params dtype, like the linears': an fp32 weight would turn a bf16 model's activations fp32."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

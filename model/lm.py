@@ -86,7 +86,7 @@ class LM2Model(nn.Module):
         self.padded_vocab_size = cfg.padded_vocab_size(tp.size)
         self.embed_tokens = build_embedding(cfg, tp, seed)
         self.layers = nn.ModuleList(build_block(cfg, tp, i, seed) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, tp.config.params_dtype)
         self.lm_head = build_lm_head(cfg, tp, seed)
         self.real_vocab_columns = real_vocab_columns(cfg, tp)
         self.activation_checkpointing = False

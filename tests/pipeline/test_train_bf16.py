@@ -36,3 +36,21 @@ def test_bf16_trains_with_bf16_weights_and_fp32_master_weights(train_data, tmp_p
     masters = optim["optimizer_state_dict"]["single_partition_of_fp32_groups"]
     assert masters and all(t.dtype == torch.float32 for t in masters)
     assert sum(t.numel() for t in masters) == sum(v.numel() for v in weights(module))
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_model_built_in_bf16_computes_in_bf16_without_deepspeed(single_process, memory):
+    """The plain-PyTorch reference of bench/train_step.py and the GPU tests build the model in bf16 themselves
+    (DeepSpeed's engine casts its module anyway): every weight, the logits and every gradient stay bf16."""
+    from lm2.model.lm import LM2Model, mean_loss
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.mpu import tensor_parallel
+    from tests.pipeline.test_train_run import CONFIG
+
+    cfg = load_config(CONFIG, [f"model.memory.enabled={str(memory).lower()}"]).model
+    model = LM2Model(cfg, tensor_parallel(torch.bfloat16))
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.row_length))
+    logits = model(tokens)
+    mean_loss(logits, tokens).backward()
+    assert logits.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.bfloat16}
