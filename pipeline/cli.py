@@ -53,6 +53,8 @@ def _print_plan(run, dp: int, mfu: float) -> None:
     print(f"  weights         {size(memory.weights)}")
     print(f"  gradients       {size(memory.gradients)}")
     print(f"  optimizer       {size(memory.optimizer)}")
+    if memory.gradient_bucket:
+        print(f"  ZeRO bucket     {size(memory.gradient_bucket)} (gradient reduction)")
     chosen = "on" if memory.activation_checkpointing else "off"
     print(f"  activations     {size(memory.activations)}, {size(memory.activations_checkpointed)} with "
           f"activation checkpointing (train.activation_checkpointing: {chosen})")

@@ -20,6 +20,7 @@ from lm2.pipeline.parallel.mpu import DeepSpeedMPU, tensor_parallel
 from lm2.pipeline.parallel.pipe import build_pipeline_model, model_name
 from lm2.pipeline.parallel.tp_shards import gather_named
 from lm2.pipeline.train.config import OptimConfig, TrainConfig
+from lm2.pipeline.train.plan import reduce_bucket_elements
 
 
 def params_dtype(train: TrainConfig) -> torch.dtype:
@@ -37,7 +38,7 @@ def ds_config(run: RunConfig, dims: ParallelDims) -> dict:
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum(dims.dp),
         "gradient_clipping": run.optim.grad_clip,
-        "zero_optimization": {"stage": run.parallel.zero_stage},
+        "zero_optimization": {"stage": run.parallel.zero_stage, "reduce_bucket_size": reduce_bucket_elements(run)},
         "bf16": {"enabled": params_dtype(train) == torch.bfloat16},
         "zero_allow_untested_optimizer": True,  # our torch AdamW; ZeRO wraps it
         "steps_per_print": 2**31 - 1,  # we log ourselves

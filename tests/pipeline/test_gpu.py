@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from tests.pipeline.test_train_run import CONFIG  # noqa: E402  (after the skip marks: import is cheap anyway)
 
 STEPS = 4
+TINY = CONFIG.parents[2] / "configs" / "tiny.yaml"
 
 
 def train(run_dir, overrides, cuda: bool) -> list[float]:
@@ -75,3 +76,57 @@ def test_train_step_bench_runs_on_the_gpu():
     report = train_step_bench(*SMALL)
     assert report["device"].startswith("cuda") and report["dtype"] == "torch.bfloat16"
     check_report(report, SMALL)
+
+
+# Shapes other than the CPU ones the activation counts were fitted to; on the GPU the attentions are SDPA kernels.
+GPU_SHAPES = [
+    [],
+    ["model.hidden_size=512", "model.ffn_hidden_size=1376", "model.num_heads=8", "model.num_kv_heads=4",
+     "model.row_length=1024", "model.memory.slots=64", "train.micro_batch=2"],
+    ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"],
+]
+
+
+@pytest.mark.parametrize("overrides", GPU_SHAPES)
+def test_activation_estimate_matches_what_autograd_saves_on_the_gpu(single_process, overrides):
+    from bench.measure import saved_activation_bytes
+    from lm2.model.lm import LM2Model, mean_loss
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.parallel.mpu import tensor_parallel
+    from lm2.pipeline.train.plan import memory_estimate
+
+    run = load_config(TINY, overrides + ["train.global_batch=16"])
+    model = LM2Model(run.model, tensor_parallel(torch.bfloat16)).cuda()
+    tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length), device="cuda")
+    measured = saved_activation_bytes(model, lambda: mean_loss(model(tokens), tokens))
+    estimate = memory_estimate(run, dp=1, params_bytes=2, device="cuda").activations
+    print(f"activations {overrides}: estimate {estimate:,} measured {measured:,} ({estimate / measured:.3f})")
+    assert estimate == pytest.approx(measured, rel=0.10)
+
+
+def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gpu(single_process):
+    """The whole estimate of `lm2 info` (bf16 weights and gradients, ZeRO-1's fp32 master copy and AdamW moments,
+    one micro-batch's activations) against the peak bytes the CUDA allocator handed out for building the engine
+    and two steps: unlike RSS on CPU this is exact, but it includes transient buffers (the logits' softmax,
+    DeepSpeed's gradient copies, AdamW's temporaries), hence the tolerance."""
+    from lm2.pipeline.config import load_config
+    from lm2.pipeline.train.engine import build_engine
+    from lm2.pipeline.train.plan import memory_estimate
+    from lm2.pipeline.train.step import train_step
+
+    overrides = ["model.hidden_size=512", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
+                 "parallel.zero_stage=1"]  # precision auto: bf16 on the GPU
+    run = load_config(TINY, overrides)
+    rows = torch.randint(0, run.model.vocab_size, (run.train.global_batch, run.model.row_length + 1), device="cuda")
+    micro_batches = [(r[:, :-1], r[:, 1:]) for r in rows.split(run.train.micro_batch)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    engine = build_engine(run, single_process)
+    for _ in range(2):
+        train_step(engine, micro_batches)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    estimate = memory_estimate(run, dp=1, params_bytes=2, device="cuda")
+    print(f"training peak: estimate {estimate.total:,} measured {peak:,} ({estimate.total / peak:.3f}); {estimate}")
+    assert estimate.total == pytest.approx(peak, rel=0.25)

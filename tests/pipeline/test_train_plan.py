@@ -18,7 +18,7 @@ import torch
 from bench.measure import saved_activation_bytes
 from lm2.model.accounting import forward_flops_per_token
 from lm2.pipeline.config import load_config
-from lm2.pipeline.train.plan import memory_estimate, tokens_per_s_per_device
+from lm2.pipeline.train.plan import memory_estimate, reduce_bucket_elements, tokens_per_s_per_device
 from tests.distributed import run_distributed
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -76,6 +76,8 @@ def _measure_training_peak(overrides: list[str], out: str) -> None:
         engine = build_engine(run, dims)
         for _ in range(2):
             train_step(engine, micro_batches)
+        # DeepSpeed's own 5e8-element bucket: pages untouched on CPU, but 1 GB of a GPU in bf16 (test_gpu.py)
+        assert engine.deepspeed.optimizer.reduce_bucket_size == reduce_bucket_elements(run) < 5e8
     finally:
         done.set()
         sampler.join()
@@ -103,6 +105,9 @@ def test_zero_stages_partition_what_they_should():
     assert stages[2].gradients * 4 == pytest.approx(stages[1].gradients, rel=1e-6)
     assert stages[3].weights * 4 == pytest.approx(stages[2].weights, rel=1e-6)
     assert stages[0].activations == stages[3].activations
+    bucket = reduce_bucket_elements(run) * 2  # ZeRO-1/2's gradient bucket: the device's parameters, in bf16
+    assert [stages[zero].gradient_bucket for zero in (0, 1, 2, 3)] == [0, bucket, bucket, 0]
+    assert stages[1].total - stages[0].total == bucket + stages[1].optimizer - stages[0].optimizer
     assert tokens_per_s_per_device(run, mfu=0.5, peak_tflops=2.0) == pytest.approx(
         0.5 * 2e12 / (3 * forward_flops_per_token(run.model)))
 
