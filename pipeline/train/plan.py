@@ -2,11 +2,11 @@
 
 Memory follows what DeepSpeed allocates for torch AdamW: weights and gradients in the params dtype; with ZeRO >= 1
 (or bf16) an fp32 master copy and its fp32 gradient next to AdamW's two fp32 moments, partitioned over data-parallel
-ranks from ZeRO-1 on; gradients partitioned from ZeRO-2, weights from ZeRO-3; ZeRO-1/2's gradient bucket (below).
-Activations are element counts per
-token of the tensors autograd saves for backward (weights excluded), fitted to saved_tensors_hooks counts of
-configs/tiny.yaml and tests/pipeline/tiny_train.yaml (the test checks other shapes too), scaled by the tokens of one
-micro-batch; megatron-core's vocab-parallel cross-entropy keeps its softmax in fp32. Activation checkpointing keeps each block's input plus one
+ranks from ZeRO-1 on; gradients partitioned from ZeRO-2, weights from ZeRO-3; ZeRO-1/2's gradient bucket (see
+reduce_bucket_elements). Activations are element counts per token of the tensors autograd saves for backward
+(weights excluded), fitted to saved_tensors_hooks counts of configs/tiny.yaml and tests/pipeline/tiny_train.yaml (the
+tests check other shapes too, on CPU and GPU), scaled by the tokens of one micro-batch; megatron-core's
+vocab-parallel cross-entropy keeps its softmax in fp32. Activation checkpointing keeps each block's input plus one
 block's activations during its recompute. Estimates are of allocated tensors, not of the allocator's caching.
 """
 

@@ -106,7 +106,7 @@ def test_activation_estimate_matches_what_autograd_saves_on_the_gpu(single_proce
 
 def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gpu(single_process):
     """The whole estimate of `lm2 info` (bf16 weights and gradients, ZeRO-1's fp32 master copy and AdamW moments,
-    one micro-batch's activations) against the peak bytes the CUDA allocator handed out for building the engine
+    its gradient bucket, one micro-batch's activations) against the peak bytes the CUDA allocator handed out for building the engine
     and two steps: unlike RSS on CPU this is exact, but it includes transient buffers (the logits' softmax,
     DeepSpeed's gradient copies, AdamW's temporaries), hence the tolerance."""
     from lm2.pipeline.config import load_config
