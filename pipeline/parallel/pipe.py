@@ -47,8 +47,8 @@ class PipeBlock(DecoderBlock):
 
 
 class NormStage(RMSNorm):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.hidden_size, cfg.norm_eps)
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__(cfg.hidden_size, cfg.norm_eps, tp.config.params_dtype)
 
 
 class OutputStage(nn.Module):
@@ -85,7 +85,7 @@ def build_pipeline_model(cfg: ModelConfig, dims: ParallelDims, tp: TensorParalle
         first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(OutputStage, cfg, tp, seed)
     blocks = [LayerSpec(PipeBlock, cfg, tp, i, seed) for i in range(cfg.num_layers)]
     return PipelineModule(
-        layers=[first, *blocks, LayerSpec(NormStage, cfg), last],
+        layers=[first, *blocks, LayerSpec(NormStage, cfg, tp), last],
         topology=topology(dims),
         loss_fn=mean_loss,
         partition_method="type:PipeBlock",  # balance blocks; embedding and output ride on the end stages
