@@ -14,7 +14,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from tests.pipeline.test_train_run import CONFIG  # noqa: E402  (after the skip marks: import is cheap anyway)
 
 STEPS = 4
-TINY = CONFIG.parents[2] / "configs" / "tiny.yaml"
 
 
 def train(run_dir, overrides, cuda: bool) -> list[float]:
@@ -89,30 +88,23 @@ GPU_SHAPES = [
 
 @pytest.mark.parametrize("overrides", GPU_SHAPES)
 def test_activation_estimate_matches_what_autograd_saves_on_the_gpu(single_process, overrides):
-    from bench.measure import saved_activation_bytes
-    from lm2.model.lm import LM2Model, mean_loss
-    from lm2.pipeline.config import load_config
-    from lm2.pipeline.parallel.mpu import tensor_parallel
-    from lm2.pipeline.train.plan import memory_estimate
+    from tests.pipeline.test_train_plan import TINY, activations_estimated_and_saved
 
-    run = load_config(TINY, overrides + ["train.global_batch=16"])
-    model = LM2Model(run.model, tensor_parallel(torch.bfloat16)).cuda()
-    tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length), device="cuda")
-    measured = saved_activation_bytes(model, lambda: mean_loss(model(tokens), tokens))
-    estimate = memory_estimate(run, dp=1, params_bytes=2, device="cuda").activations
+    estimate, measured = activations_estimated_and_saved(TINY, overrides, "cuda")
     print(f"activations {overrides}: estimate {estimate:,} measured {measured:,} ({estimate / measured:.3f})")
     assert estimate == pytest.approx(measured, rel=0.10)
 
 
 def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gpu(single_process):
-    """The whole estimate of `lm2 info` (bf16 weights and gradients, ZeRO-1's fp32 master copy and AdamW moments,
-    its gradient bucket, one micro-batch's activations) against the peak bytes the CUDA allocator handed out for building the engine
-    and two steps: unlike RSS on CPU this is exact, but it includes transient buffers (the logits' softmax,
-    DeepSpeed's gradient copies, AdamW's temporaries), hence the tolerance."""
+    """The whole estimate of `lm2 info` (bf16 weights and gradients, ZeRO-1's fp32 master copy, AdamW moments and
+    gradient bucket, one micro-batch's activations) against the peak bytes the CUDA allocator handed out for
+    building the engine and two steps: unlike RSS on CPU this is exact, but it includes transient buffers (the
+    logits' softmax, DeepSpeed's gradient copies, AdamW's temporaries), hence the tolerance."""
     from lm2.pipeline.config import load_config
     from lm2.pipeline.train.engine import build_engine
     from lm2.pipeline.train.plan import memory_estimate
     from lm2.pipeline.train.step import train_step
+    from tests.pipeline.test_train_plan import TINY
 
     overrides = ["model.hidden_size=512", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
                  "parallel.zero_stage=1"]  # precision auto: bf16 on the GPU

@@ -32,15 +32,23 @@ TEST_CONFIG = Path(__file__).parent / "tiny_train.yaml"
     (TINY, ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"]),
 ])
 def test_activation_estimate_matches_what_autograd_saves(single_process, config, overrides):
+    estimate, measured = activations_estimated_and_saved(config, overrides, "cpu")
+    assert estimate == pytest.approx(measured, rel=0.10)
+
+
+def activations_estimated_and_saved(config, overrides: list[str], device: str) -> tuple[int, int]:
+    """lm2 info's activation bytes and those autograd saves in one micro-batch, fp32 on CPU, bf16 on CUDA
+    (tests/pipeline/test_gpu.py)."""
     from lm2.model.lm import LM2Model, mean_loss
     from lm2.pipeline.parallel.mpu import tensor_parallel
 
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     run = load_config(config, overrides + ["train.global_batch=16"])
-    model = LM2Model(run.model, tensor_parallel())
-    tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length))
+    model = LM2Model(run.model, tensor_parallel(dtype)).to(device)
+    tokens = torch.randint(0, run.model.vocab_size, (run.train.micro_batch, run.model.row_length), device=device)
     measured = saved_activation_bytes(model, lambda: mean_loss(model(tokens), tokens))
-    estimate = memory_estimate(run, dp=1, params_bytes=4, device="cpu").activations
-    assert estimate == pytest.approx(measured, rel=0.10)
+    estimate = memory_estimate(run, dp=1, params_bytes=dtype.itemsize, device=device).activations
+    return estimate, measured
 
 
 def _rss_bytes() -> int:
