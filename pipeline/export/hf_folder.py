@@ -82,6 +82,14 @@ def special_token_ids(sentencepiece_model: Path) -> dict[str, int | None]:
 
 
 def write_folder(model, out: Path, max_shard_size: str) -> list[str]:
-    """save_pretrained into `out`; returns the weight files written."""
+    """save_pretrained into `out`; returns the weight files written.
+
+    safetensors (since 0.8) writes through a temporary file created 0600 and renames it, so the weights would be
+    readable by their owner only, unlike the rest of the folder: on a shared cluster nobody else could load the model.
+    They get config.json's mode, which an ordinary open() gave under the process's umask."""
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    return sorted(p.name for p in out.glob("model*.safetensors"))
+    mode = (out / "config.json").stat().st_mode & 0o777
+    weights = sorted(out.glob("model*.safetensors"))
+    for path in weights:
+        path.chmod(mode)
+    return [path.name for path in weights]

@@ -72,6 +72,14 @@ def test_export_of_a_parallel_checkpoint_is_verified(checkpoints, tmp_path, layo
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "configuration_lm2.py",
             "modeling_lm2.py", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= files
     assert len(result.weight_files) > 1  # above the size limit: shards plus index
+    assert_files_share_the_mode_of_config_json(tmp_path / "hf")
+
+
+def assert_files_share_the_mode_of_config_json(folder: Path) -> None:
+    """Every file as readable as config.json, which an ordinary open() wrote under the umask: the weights too (the
+    safetensors writer creates them 0600), or a shared cluster's other users could not load the model."""
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
 
 
 def test_export_command_writes_a_loadable_lm2_folder(checkpoints, tmp_path):
@@ -87,6 +95,7 @@ def test_export_command_writes_a_loadable_lm2_folder(checkpoints, tmp_path):
                                   "AutoModelForCausalLM": "modeling_lm2.LM2ForCausalLM"}
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 3)
+    assert_files_share_the_mode_of_config_json(out)
 
 
 def test_modeling_file_imports_only_torch_and_transformers():
