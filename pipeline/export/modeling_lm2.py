@@ -296,14 +296,19 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: LM2Cache | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
         """input_ids [B, T]: the next T tokens after those in past_key_values (a new sequence without it).
-        attention_mask may only be all ones: padding would shift the segment boundaries of a row."""
+        attention_mask may only be all ones: padding would shift the segment boundaries of a row.
+        logits_to_keep: logits of the last that many positions only (0: all), as in transformers' Llama; generate()
+        asks for 1, so a long prompt never builds its [T, vocab] logits (67 GB at 128K tokens and 128K words)."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("LM2 does not support padded batches (memory segments are counted from each "
                              "sequence's first token): run sequences of different lengths separately")
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
         cache = past_key_values if past_key_values is not None else LM2Cache(self.config.num_hidden_layers)
-        logits = self.lm_head(self.model(input_ids, cache))
+        logits = self.lm_head(self.model(input_ids, cache)[:, -logits_to_keep:])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -315,5 +320,8 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
         """Only the tokens the cache has not seen."""
         if past_key_values is not None:
             input_ids = input_ids[:, past_key_values.seen:]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "use_cache": use_cache}
+        inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                  "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

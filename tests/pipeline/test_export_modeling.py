@@ -78,3 +78,25 @@ def test_generate_with_cache_equals_greedy_full_forwards(single_process):
             cache = out.past_key_values
             chunks.append(out.logits)
     assert (torch.cat(chunks, dim=1) - whole).abs().max() < 1e-5
+
+
+def test_generate_computes_only_the_last_positions_logits(single_process):
+    """generate() asks for logits_to_keep=1, as for transformers' Llama: a long prompt's forward projects one
+    position onto the vocabulary, not all of them (at 128K tokens and a 128K vocabulary that would be 67 GB)."""
+    model = lm2_model(tie=True)
+    hf = hf_model(model.cfg, gather_full_state(model), SPECIAL_IDS).eval()
+    S = model.cfg.segment_length
+    prompt = torch.randint(4, model.cfg.vocab_size, (1, 3 * S + 2), generator=torch.Generator().manual_seed(2))
+    projected = []  # positions the output layer saw, per forward
+    hook = hf.lm_head.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[1]))
+    with torch.no_grad():
+        generated = hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        hook.remove()
+        whole = hf(prompt, use_cache=False).logits
+        last = hf(prompt, use_cache=False, logits_to_keep=2).logits
+    assert projected == [1, 1, 1, 1]  # the prompt's forward, then three decoding steps
+    assert last.shape == (1, 2, model.cfg.vocab_size)
+    assert (last - whole[:, -2:]).abs().max() < 1e-5
+    assert generated[0, prompt.shape[1]] == whole[0, -1].argmax()
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        hf(prompt, labels=prompt, logits_to_keep=1)
