@@ -247,7 +247,8 @@ def cmd_eval_babilong(args: argparse.Namespace) -> None:
 
     output = Path(args.output or f"{args.model.rstrip('/')}-babilong")
     results = run(args.model, args.tasks.split(","), args.lengths.split(","), args.samples, Path(args.babi),
-                  Path(args.background), output, seed=args.seed, max_new_tokens=args.max_new_tokens)
+                  Path(args.background), output, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                  device=args.device)
     print(markdown(results), end="")
     print(f"wrote {output}/results.json, {output}/results.md and {output}/heatmap.png")
 
@@ -256,7 +257,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     """Perplexity on a prepared dataset's split or on text files."""
     from lm2.pipeline.eval.perplexity import perplexity
 
-    result, scored = perplexity(args.model, args.data, split=args.split, context=args.context)
+    result, scored = perplexity(args.model, args.data, split=args.split, context=args.context, device=args.device)
     print(f"perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats/token) over {result.tokens:,} tokens "
           f"of {scored}")
 
@@ -267,6 +268,9 @@ def cmd_eval_mixture(args: argparse.Namespace) -> None:
 
     print(write_mixture(args.output, args.tokenizer, args.books, args.babi, args.row_length, args.stories_per_task,
                         args.tasks.split(","), args.seed))
+
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: the GPU when there is one); the model runs in fp32 on it"
 
 
 def _add_eval_commands(commands) -> None:
@@ -285,12 +289,14 @@ def _add_eval_commands(commands) -> None:
     babilong.add_argument("--output", help="results folder (default: MODEL-babilong)")
     babilong.add_argument("--seed", type=int, default=0, help="haystack sentences and fact positions")
     babilong.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
+    babilong.add_argument("--device", help=DEVICE_HELP)
     babilong.set_defaults(run=cmd_eval_babilong)
     ppl = jobs.add_parser("ppl", help="perplexity on a prepared dataset (val split) or on text files")
     ppl.add_argument("--model", required=True, help="a folder written by `lm2 export hf`")
     ppl.add_argument("data", nargs="+", help="a `lm2 data prepare` folder, or .txt/.jsonl files or folders")
     ppl.add_argument("--split", default="val", help="split of a prepared dataset")
     ppl.add_argument("--context", type=int, help="tokens per window on text files (default 1024)")
+    ppl.add_argument("--device", help=DEVICE_HELP)
     ppl.set_defaults(run=cmd_eval_ppl)
     mixture = jobs.add_parser("mixture", help="write the LM2-vs-vanilla experiment's training documents (jsonl)")
     mixture.add_argument("--output", required=True, help="the .jsonl file to write")

@@ -1,5 +1,5 @@
-"""An exported Hugging Face folder ready for evaluation: the model (eval mode, fp32), its tokenizer, and how
-many tokens it can hold (None for LM2, which runs any length segment by segment)."""
+"""An exported Hugging Face folder ready for evaluation: the model (eval mode, fp32, on the chosen device), its
+tokenizer, and how many tokens it can hold (None for LM2, which runs any length segment by segment)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,30 @@ class EvalModel:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
 
-def load_model(folder: str | Path) -> EvalModel:
+def eval_device(name: str | None) -> torch.device:
+    """--device: a torch device name; None picks the GPU when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} usable GPU(s): run on a GPU "
+                        "node or pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name}: lm2 evaluates on cpu or cuda")
+    return device
+
+
+def load_model(folder: str | Path, device: torch.device) -> EvalModel:
+    """The model in fp32 on `device` (eval_device), whatever dtype it was exported in: LM2 and vanilla are compared
+    at full precision, and LM2's memory carries its state over every segment of a long prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(folder) / "config.json").is_file():
         raise EvalError(f"{folder} holds no config.json: give --model a folder written by `lm2 export hf`")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "model_type", "") == "lm2":
         return EvalModel(model, tokenizer, "LM2", None)

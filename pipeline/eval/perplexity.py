@@ -36,6 +36,7 @@ class Perplexity:
 
 def token_nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed negative log-likelihood of labels [B, T] (IGNORE skipped) given inputs [B, T], and their count."""
+    inputs, labels = inputs.to(model.device), labels.to(model.device)
     with torch.no_grad():
         logp = torch.log_softmax(model(inputs, use_cache=False).logits.float(), dim=-1)
     keep = labels != IGNORE
@@ -107,13 +108,14 @@ def text_perplexity(model: EvalModel, files: list[Path], context: int, progress:
 
 
 def perplexity(model_dir: str, data: list[str], split: str = "val", context: int | None = None,
-               progress: bool = True) -> tuple[Perplexity, str]:
-    """(perplexity, what was scored) of the model in model_dir on one prepared dataset or on text files."""
+               progress: bool = True, device: str | None = None) -> tuple[Perplexity, str]:
+    """(perplexity, what was scored) of the model in model_dir on one prepared dataset or on text files.
+    device: a torch device name, None for the GPU when there is one."""
     from lm2.pipeline.data.metadata import METADATA_FILE
     from lm2.pipeline.data.sources import find_input_files
-    from lm2.pipeline.eval.hf_model import load_model
+    from lm2.pipeline.eval.hf_model import eval_device, load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, eval_device(device))
     if len(data) == 1 and (Path(data[0]) / METADATA_FILE).is_file():
         result = mds_perplexity(model, Path(data[0]), split, Path(model_dir), progress=progress)
         return result, f"{data[0]} ({split} split)"

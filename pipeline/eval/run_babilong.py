@@ -48,7 +48,7 @@ def greedy_answer(model: EvalModel, ids: list[int], max_new_tokens: int) -> tupl
     """The decoded greedy continuation and the number of prompt tokens the model read."""
     if model.max_tokens is not None:
         ids = ids[-(model.max_tokens - max_new_tokens):]
-    tokens = torch.tensor([ids])
+    tokens = torch.tensor([ids], device=model.model.device)
     with torch.no_grad():
         out = model.model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
@@ -86,16 +86,18 @@ def evaluate(model: EvalModel, tasks: list[str], lengths: list[str], samples: in
 
 
 def run(model_dir: str, tasks: list[str], lengths: list[str], samples: int, babi: Path, background: Path,
-        output: Path, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True) -> dict:
-    """Evaluates and writes results.json, results.md and heatmap.png into `output`; returns the JSON."""
-    from lm2.pipeline.eval.hf_model import load_model
+        output: Path, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
+        device: str | None = None) -> dict:
+    """Evaluates and writes results.json, results.md and heatmap.png into `output`; returns the JSON.
+    device: a torch device name, None for the GPU when there is one."""
+    from lm2.pipeline.eval.hf_model import eval_device, load_model
     from lm2.pipeline.eval.report import write_reports
 
     for length in lengths:
         parse_length(length)  # fail before loading anything
     if samples < 1:
         raise EvalError(f"--samples must be at least 1, got {samples}")
-    model = load_model(model_dir)
+    model = load_model(model_dir, eval_device(device))
     start = time.time()
     cells = evaluate(model, tasks, lengths, samples, babi, background, seed, max_new_tokens, progress)
     results = {"model": str(model_dir), "kind": model.kind, "max_tokens": model.max_tokens, "tasks": tasks,

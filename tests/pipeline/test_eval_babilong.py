@@ -172,3 +172,7 @@ def test_bad_babilong_input_is_one_line(hf_lm2, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "qa1_*.txt" in err[0] and "--babi" in err[0]
     assert main(["eval", "babilong", "--model", str(tmp_path), "--lengths", "0k"]) == 2
     assert "config.json" in capsys.readouterr().err
+    for device, problem in (("cuda:7", "usable GPU(s)"), ("gpu", "is not a device"), ("meta", "cpu or cuda")):
+        assert main(["eval", "babilong", "--model", str(hf_lm2), "--lengths", "0k", "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0] and f"--device {device}" in err[0].replace("'", ""), err

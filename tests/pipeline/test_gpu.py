@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+from tests.pipeline.eval_fixtures import hf_lm2  # noqa: E402,F401 (fixture)
 from tests.pipeline.test_train_run import CONFIG  # noqa: E402  (after the skip marks: import is cheap anyway)
 
 STEPS = 4
@@ -122,3 +124,20 @@ def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gp
     estimate = memory_estimate(run, dp=1, params_bytes=2, device="cuda")
     print(f"training peak: estimate {estimate.total:,} measured {peak:,} ({estimate.total / peak:.3f}); {estimate}")
     assert estimate.total == pytest.approx(peak, rel=0.25)
+
+
+def test_evaluation_on_the_gpu_gives_the_cpus_perplexity(hf_lm2, prepared, tmp_path):
+    """`lm2 eval` picks the GPU by itself; in fp32 there it scores what the CPU scores. BABILong runs there too
+    (its greedy answers are not compared: an untrained model's logits are near ties)."""
+    from lm2.pipeline.eval.babi import HELDOUT_FOLDER
+    from lm2.pipeline.eval.hf_model import eval_device
+    from lm2.pipeline.eval.perplexity import perplexity
+    from lm2.pipeline.eval.run_babilong import run
+
+    assert eval_device(None).type == "cuda"
+    on_gpu, _ = perplexity(str(hf_lm2), [str(prepared)], progress=False)
+    on_cpu, _ = perplexity(str(hf_lm2), [str(prepared)], progress=False, device="cpu")
+    assert on_gpu.tokens == on_cpu.tokens and on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-4)
+    corpus = Path(__file__).parents[2] / "corpus"
+    results = run(str(hf_lm2), ["qa1"], ["0k", "300"], 3, HELDOUT_FOLDER, corpus, tmp_path, progress=False)
+    assert [cell["samples"] for cell in results["cells"]] == [3, 3]
