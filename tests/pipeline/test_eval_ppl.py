@@ -29,7 +29,7 @@ def hf_loss_sum(model, row: torch.Tensor, pad: int | None) -> tuple[float, int]:
 @pytest.mark.parametrize("kind", ["lm2", "vanilla"])
 def test_perplexity_of_prepared_val_rows_equals_the_models_own_loss(kind, hf_lm2, hf_vanilla, prepared):
     folder = hf_lm2 if kind == "lm2" else hf_vanilla
-    result, scored = perplexity(str(folder), [str(prepared)], progress=False)
+    result, scored = perplexity(str(folder), [str(prepared)], progress=False, device="cpu")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     rows = [torch.from_numpy(row.astype("int64")) for row in read_rows(prepared / "val")[0]]
     sums = [hf_loss_sum(model, row, pad=3) for row in rows]
