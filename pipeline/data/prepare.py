@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import secrets
 import shutil
 import tempfile
 from collections import deque
@@ -224,7 +225,7 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
         pieces = pieces_of_part(pieces, part)
     location = Location(output)
     _check_output(location, part)
-    staging = Path(tempfile.mkdtemp(prefix=".lm2-prepare-", dir=_staging_parent(location)))
+    staging = _staging_folder(location)
     try:
         counts = _write_splits(pieces, staging, location, part, tokenizer, row_length, workers, val_fraction,
                                text_field, packing == "whole", shard_size_limit, progress)
@@ -240,13 +241,18 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
     return metadata
 
 
-def _staging_parent(location: Location) -> str | None:
-    """Local outputs are staged next to their final place (same file system: renames), remote ones in /tmp."""
+def _staging_folder(location: Location) -> Path:
+    """Where the splits are written before they are published. A local output is staged next to its final place
+    (same file system: renames) in a folder made by mkdir, so that it is published with the umask's mode like any
+    other folder (tempfile.mkdtemp makes it 0700: nobody else on a shared cluster could read the dataset); a remote
+    one in a private temporary folder, from which it is uploaded."""
     if location.remote:
-        return None
-    parent = Path(location.url).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return str(parent)
+        return Path(tempfile.mkdtemp(prefix=".lm2-prepare-"))
+    final = Path(location.url)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".lm2-prepare-{final.name}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
 
 
 def _check_output(location: Location, part: Part | None) -> None:

@@ -114,6 +114,16 @@ def test_same_inputs_give_byte_identical_shards(text_inputs, tokenizer_path, tmp
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
 
 
+def test_the_prepared_folder_gets_the_mode_of_any_new_folder(text_inputs, tokenizer_path, tmp_path):
+    """The umask's mode, as mkdir gives it: a staging folder made 0700 (tempfile.mkdtemp) and renamed into place
+    would keep a shared cluster's other users out of the dataset."""
+    prepare([text_inputs], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
+    (tmp_path / "probe").mkdir()
+    mode = (tmp_path / "probe").stat().st_mode & 0o777
+    assert {oct(path.stat().st_mode & 0o777) for path in [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+            if path.is_dir()} == {oct(mode)}
+
+
 def test_model_config_sets_row_length_and_bounds_the_vocabulary(text_inputs, tokenizer_path, tmp_path):
     metadata = prepare([text_inputs], tmp_path / "ok", tokenizer_path, model=tiny_model_config(row_length=32),
                        progress=False)
