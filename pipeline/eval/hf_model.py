@@ -38,14 +38,15 @@ def eval_device(name: str | None) -> torch.device:
     return device
 
 
-def load_model(folder: str | Path, device: torch.device) -> EvalModel:
-    """The model in fp32 on `device` (eval_device), whatever dtype it was exported in: LM2 and vanilla are compared
-    at full precision, and LM2's memory carries its state over every segment of a long prompt."""
+def load_model(folder: str | Path, device: str | None) -> EvalModel:
+    """The model in fp32 on `device` (a --device name, see eval_device), whatever dtype it was exported in: LM2 and
+    vanilla are compared at full precision, and LM2's memory carries its state over every segment of a long prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(folder) / "config.json").is_file():
         raise EvalError(f"{folder} holds no config.json: give --model a folder written by `lm2 export hf`")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval().to(device)
+    target = eval_device(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval().to(target)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "model_type", "") == "lm2":
         return EvalModel(model, tokenizer, "LM2", None)

@@ -113,9 +113,9 @@ def perplexity(model_dir: str, data: list[str], split: str = "val", context: int
     device: a torch device name, None for the GPU when there is one."""
     from lm2.pipeline.data.metadata import METADATA_FILE
     from lm2.pipeline.data.sources import find_input_files
-    from lm2.pipeline.eval.hf_model import eval_device, load_model
+    from lm2.pipeline.eval.hf_model import load_model
 
-    model = load_model(model_dir, eval_device(device))
+    model = load_model(model_dir, device)
     if len(data) == 1 and (Path(data[0]) / METADATA_FILE).is_file():
         result = mds_perplexity(model, Path(data[0]), split, Path(model_dir), progress=progress)
         return result, f"{data[0]} ({split} split)"

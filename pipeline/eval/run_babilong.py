@@ -90,14 +90,14 @@ def run(model_dir: str, tasks: list[str], lengths: list[str], samples: int, babi
         device: str | None = None) -> dict:
     """Evaluates and writes results.json, results.md and heatmap.png into `output`; returns the JSON.
     device: a torch device name, None for the GPU when there is one."""
-    from lm2.pipeline.eval.hf_model import eval_device, load_model
+    from lm2.pipeline.eval.hf_model import load_model
     from lm2.pipeline.eval.report import write_reports
 
     for length in lengths:
         parse_length(length)  # fail before loading anything
     if samples < 1:
         raise EvalError(f"--samples must be at least 1, got {samples}")
-    model = load_model(model_dir, eval_device(device))
+    model = load_model(model_dir, device)
     start = time.time()
     cells = evaluate(model, tasks, lengths, samples, babi, background, seed, max_new_tokens, progress)
     results = {"model": str(model_dir), "kind": model.kind, "max_tokens": model.max_tokens, "tasks": tasks,

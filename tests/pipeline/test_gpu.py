@@ -79,7 +79,8 @@ def test_train_step_bench_runs_on_the_gpu():
     check_report(report, SMALL)
 
 
-# Shapes other than the CPU ones the activation counts were fitted to; on the GPU the attentions are SDPA kernels.
+# tiny.yaml, whose CPU counts the estimate was fitted to, and two other shapes: on the GPU the attentions are SDPA
+# kernels, which save other tensors than the CPU's explicit softmax.
 GPU_SHAPES = [
     [],
     ["model.hidden_size=512", "model.ffn_hidden_size=1376", "model.num_heads=8", "model.num_kv_heads=4",
