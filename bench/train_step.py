@@ -4,8 +4,8 @@
 
 One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
 queued work), else the CPU (fp32, gloo). Five subjects share each round, in turn: lm2's engine (DeepSpeed, the
-config's ZeRO stage) and a plain loop (LM2Model + torch.optim.AdamW, same batches, clipping and micro-batching,
-eager) for LM2, the same two for the vanilla backbone (memory off), and the engine for LM2's own backbone
+config's ZeRO stage) and a plain loop (LM2Model + torch.optim.AdamW, fused like the engine's, same batches,
+clipping and micro-batching, eager) for LM2, the same two for the vanilla backbone (memory off), and the engine for LM2's own backbone
 (memory.layers=[]: attention within segments, RoPE restarting per segment, no memory banks). Reported, as medians
 of per-round ratios:
 - engine_vs_plain: plain seconds / engine seconds (1.0: lm2's machinery costs nothing; target >= 0.9);
@@ -65,10 +65,12 @@ def repeat(step, times: int):
 
 
 def plain_model(run, device: torch.device):
-    """The same model in the engine's dtype (bf16 on GPU) on its device; torch's AdamW updates the weights in that
-    dtype (the engine keeps fp32 master weights: more work, so the reference errs on the fast side)."""
+    """The same model in the engine's dtype (bf16 on GPU) on its device; torch's fused AdamW, the engine's
+    implementation, updates the weights in that dtype (the engine keeps fp32 master weights: more work, so the
+    reference errs on the fast side)."""
     model = LM2Model(run.model, tensor_parallel(params_dtype(run.train)), seed=run.train.seed).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2),
+                                  fused=True)
     return model, optimizer
 
 

@@ -310,7 +310,18 @@ def load_universal(engine, checkpoint_dir: str, tag: str, load_lr_scheduler_stat
                                                      load_lr_scheduler_states=load_lr_scheduler_states)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {folder}")
+    _steps_beside_their_parameters(ds.optimizer)
     return load_path, client_state
+
+
+def _steps_beside_their_parameters(optimizer) -> None:
+    """DeepSpeed's universal loading sets each parameter's Adam `step` to the tensor it read, which the conversion
+    left on the CPU; torch's fused AdamW on a GPU refuses a step that is not on its parameter's device
+    (pytorch/pytorch#104767). `optimizer` is DeepSpeed's wrapper (ZeRO, bf16) or, without one, torch's AdamW."""
+    adamw = getattr(optimizer, "optimizer", optimizer)
+    for param, state in adamw.state.items():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(param.device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,18 @@ def test_one_gpu_trains_in_bf16_like_the_cpu_in_fp32(train_data, tmp_path):
         torch.bfloat16}
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_run_resumed_on_the_gpu_continues_the_same_training(train_data, tmp_path, stage):
+    """A ZeRO-1 run saves at step 3; resumed from there at ZeRO-1 (DeepSpeed's own shards) or ZeRO-2 (through a
+    universal checkpoint, whose Adam step the conversion leaves on the CPU), it logs the uninterrupted run's losses
+    for steps 4-8: the fused AdamW's moments and step come back on the GPU."""
+    common = train_data + ["train.steps=8", "train.log_every=1", "logging.wandb=disabled", "checkpoint.every=3"]
+    reference = train(tmp_path / "reference", common, cuda=True)
+    saved = tmp_path / "reference" / "checkpoints" / "step_00000003"
+    resumed = train(tmp_path / "resumed", common + [f"parallel.zero_stage={stage}", "--resume", str(saved)], cuda=True)
+    assert resumed == pytest.approx(reference[3:], rel=1e-2)
+
+
 def test_model_runs_on_the_flash_kernel_and_agrees_with_the_math_kernel(single_process):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -102,7 +114,7 @@ def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gp
     """The whole estimate of `lm2 info` (bf16 weights and gradients, ZeRO-1's fp32 master copy, AdamW moments and
     gradient bucket, one micro-batch's activations) against the peak bytes the CUDA allocator handed out for
     building the engine and two steps: unlike RSS on CPU this is exact, but it includes transient buffers (the
-    logits' softmax, DeepSpeed's gradient copies, AdamW's temporaries), hence the tolerance."""
+    logits' softmax, DeepSpeed's gradient copies), hence the tolerance."""
     from lm2.pipeline.config import load_config
     from lm2.pipeline.train.engine import build_engine
     from lm2.pipeline.train.plan import memory_estimate
