@@ -5,9 +5,9 @@
 One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
 queued work), else the CPU (fp32, gloo). Five subjects share each round, in turn: lm2's engine (DeepSpeed, the
 config's ZeRO stage) and a plain loop (LM2Model + torch.optim.AdamW, fused like the engine's, same batches,
-clipping and micro-batching, eager) for LM2, the same two for the vanilla backbone (memory off), and the engine for LM2's own backbone
-(memory.layers=[]: attention within segments, RoPE restarting per segment, no memory banks). Reported, as medians
-of per-round ratios:
+clipping and micro-batching, eager) for LM2, the same two for the vanilla backbone (memory off), and the engine for
+LM2's own backbone (memory.layers=[]: attention within segments, RoPE restarting per segment, no memory banks).
+Reported, as medians of per-round ratios:
 - engine_vs_plain: plain seconds / engine seconds (1.0: lm2's machinery costs nothing; target >= 0.9);
 - lm2_vs_vanilla: LM2 tokens/s over vanilla tokens/s (engine), its ideal (vanilla FLOPs / LM2 FLOPs, analytic),
   their quotient (efficiency; target >= 0.9), and the peak memory ratio. Peak memory here is weights + gradients
