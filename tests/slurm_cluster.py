@@ -27,11 +27,26 @@ def available() -> str | None:
     return f"{', '.join(missing)} not installed (apt-get install {' '.join(PACKAGES)})" if missing else None
 
 
-def install() -> None:
-    """apt-get install slurm-wlm munge (root only)."""
+def install(attempts: int = 3) -> None:
+    """apt-get install slurm-wlm munge (root only). A failed attempt (a mirror that did not answer) is retried; the
+    last failure raises with apt's own message."""
+    for attempt in range(1, attempts + 1):
+        error = _apt("update", "-qq") or _apt("install", "-y", "-qq", *PACKAGES)
+        if error is None:
+            return
+        if attempt == attempts:
+            raise RuntimeError(f"installing {' '.join(PACKAGES)} failed {attempts} times: {error}")
+        time.sleep(10 * attempt)
+
+
+def _apt(*args: str) -> str | None:
+    """Runs apt-get, waiting for a lock that another apt holds instead of failing; None, or what went wrong."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True)
+    command = ["apt-get", "-o", "DPkg::Lock::Timeout=600", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    return f"{' '.join(command)}: exit {result.returncode}: {result.stderr.strip()[-2000:]}"
 
 
 def _free_ports(count: int) -> list[int]:

@@ -36,19 +36,20 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = slurm_cluster.available()
-    if reason and os.geteuid() == 0:
-        slurm_cluster.install()
-        reason = slurm_cluster.available()
-    if reason:
-        if os.environ.get("LM2_REQUIRE_SLURM"):
-            pytest.fail(f"SLURM tests required (LM2_REQUIRE_SLURM) but {reason}")
-        pytest.skip(reason)
     # One cluster on the machine at a time: clusters number their jobs alike and a job's id gives its rendezvous
     # port (pipeline/parallel/slurm.py), so the jobs of two clusters collided (EADDRINUSE on port 15004) when
-    # pytest-xdist ran tests of this module on both workers.
+    # pytest-xdist ran tests of this module on both workers. The lock also keeps the two workers from installing
+    # SLURM at once.
     with open(Path(tempfile.gettempdir()) / "lm2-tests-slurm-cluster.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        reason = slurm_cluster.available()
+        if reason and os.geteuid() == 0:
+            slurm_cluster.install()
+            reason = slurm_cluster.available()
+        if reason:
+            if os.environ.get("LM2_REQUIRE_SLURM"):
+                pytest.fail(f"SLURM tests required (LM2_REQUIRE_SLURM) but {reason}")
+            pytest.skip(reason)
         cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
         try:
             yield cluster
