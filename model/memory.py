@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm2.model.config import ModelConfig
+from lm2.model import write_scan
 from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sharded_parameter
 
 
@@ -88,16 +89,14 @@ class LM2Memory(nn.Module):
         """A token projection [B, T, Hl*dh] -> head-first [Hl, B, T, dh] (one copy)."""
         return y.view(*y.shape[:-1], self.local_heads, self.head_dim).permute(2, 0, 1, 3).contiguous()
 
-    def _segments(self, y: torch.Tensor, segment_length: int, keys: bool = False) -> list[torch.Tensor]:
-        """A token projection [B, k*S, Hl*dh] -> k segments [Hl, B, S, dh], made by one copy into [k, Hl, B, S, dh]:
-        segment-major, so that backward joins their gradients with one contiguous cat. Keys are stored transposed
-        ([k, Hl, B, dh, S], returned as transposed views): the attention multiplies by k^T, whose gradient then
-        comes out contiguous (a transposed gradient made that cat 10x slower)."""
+    def _segments(self, y: torch.Tensor, segment_length: int, keys: bool = False) -> torch.Tensor:
+        """A token projection [B, k*S, Hl*dh] -> its k segments [k, Hl, B, S, dh], one copy: segment-major, so that
+        backward joins their gradients with one contiguous cat. Keys are stored transposed, [k, Hl, B, dh, S]: the
+        attention multiplies by k^T, whose gradient then comes out contiguous (a transposed gradient made that cat
+        10x slower)."""
         b, length, _ = y.shape
         segments = y.view(b, length // segment_length, segment_length, self.local_heads, self.head_dim)
-        if keys:
-            return [k.transpose(-1, -2) for k in segments.permute(1, 3, 0, 4, 2).contiguous().unbind(0)]
-        return list(segments.permute(1, 3, 0, 2, 4).contiguous().unbind(0))
+        return segments.permute(1, 3, 0, 4, 2).contiguous() if keys else segments.permute(1, 3, 0, 2, 4).contiguous()
 
     def _scale(self) -> float:
         return self.head_dim ** -0.5
@@ -143,9 +142,36 @@ class LM2Memory(nn.Module):
         """Segment number `segment` for incremental use: xn [B, S, d], mem M_s -> (read [B, S, d], M_{s+1})."""
         mem = self.truncate(mem, segment)
         read = self.read(self._heads(self.read_q(xn)), mem)
-        keys = self._segments(self.write_k(xn), xn.shape[1], keys=True)[0]
+        keys = self._segments(self.write_k(xn), xn.shape[1], keys=True)[0].transpose(-1, -2)
         values = self._segments(self.write_v(xn), xn.shape[1])[0]
         return read, self.write(keys, values, mem, self.write_weights())
+
+    def _scan(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights) -> torch.Tensor:
+        """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and n segments' keys [n, Hl, B, dh, S] and values
+        [n, Hl, B, S, dh]: on CPU in fp32 one fused kernel (model/write_scan.py), else one write() per segment."""
+        if keys.shape[0] > 0 and write_scan.applies(start):
+            states, gates = write_scan.fused_scan(start, keys, values, weights)
+            for g_in, g_forget in zip(*gates.chunk(2, -1)):
+                self.in_gate_probe(g_in), self.forget_gate_probe(g_forget)
+            return states
+        states = [start]
+        for k, v in zip(keys, values):
+            states.append(self.write(k.transpose(-1, -2), v, states[-1], weights))
+        return torch.stack(states, dim=2)
+
+    def _states(self, keys: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Tensor:
+        """Every segment's memory M_0..M_{k-1} [Hl, B, k, N, dh] of fresh rows, from the write keys and values of
+        segments 0..k-2. The scan runs window by window: as in truncate(), M_s starts a new window, detached, at
+        every multiple s of bptt_segments."""
+        k, window = keys.shape[0] + 1, self.bptt_segments
+        weights, start, pieces = self.write_weights(), self.initial_state(batch), []
+        for first in range(0, k, window):
+            last = min(first + window, k - 1)
+            states = self._scan(start, keys[first:last], values[first:last], weights)  # M_first..M_last
+            if last == first + window:
+                start, states = states[:, :, -1].detach(), states[:, :, :-1]
+            pieces.append(states)
+        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
     def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
         """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
@@ -157,11 +183,8 @@ class LM2Memory(nn.Module):
         b, length, _ = xn.shape
         k = length // segment_length
         written = xn[:, : length - segment_length]
-        write_k = self._segments(self.write_k(written), segment_length, keys=True)
-        write_v = self._segments(self.write_v(written), segment_length)
-        weights, states = self.write_weights(), [self.initial_state(b)]
-        for s in range(1, k):
-            states.append(self.truncate(self.write(write_k[s - 1], write_v[s - 1], states[-1], weights), s))
-        stacked = torch.stack(states, dim=2).flatten(1, 2)  # [Hl, B*k, N, dh]
+        keys = self._segments(self.write_k(written), segment_length, keys=True)
+        values = self._segments(self.write_v(written), segment_length)
+        stacked = self._states(keys, values, b).flatten(1, 2)  # [Hl, B*k, N, dh]
         q = self._heads(self.read_q(xn)).view(self.local_heads, b * k, segment_length, self.head_dim)
         return self.read(q, stacked).view(b, length, -1)

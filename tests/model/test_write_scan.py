@@ -1,0 +1,122 @@
+"""The fused CPU write scan (model/write_scan.c) computes what the memory's PyTorch writes compute: values, gradients
+and gates, over truncated-BPTT windows and at sizes off its 4 x 16 blocks; the same bits at any thread count; and
+without a C compiler the memory falls back to its PyTorch writes."""
+
+
+import pytest
+import torch
+
+from lm2.model import write_scan
+from lm2.model.memory import LM2Memory
+from lm2.pipeline.parallel.mpu import tensor_parallel
+from tests.model.tiny import tiny_config
+
+requires_kernel = pytest.mark.skipif(write_scan._library() is None, reason="no C compiler to build the kernel")
+
+
+def memory_module(cfg, seed=0):
+    """A memory module with weights moved well off their initial values, so that every gate and the chain of
+    states matter to the output."""
+    torch.manual_seed(seed)
+    module = LM2Memory(cfg, tensor_parallel(torch.float32))
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return module
+
+
+def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
+    """The module's read of rows xn and the gradients of a fixed random projection of it, every tensor fp64."""
+    monkeypatch.setattr(write_scan, "applies", write_scan.applies if fused else (lambda start: False))
+    xn = xn.detach().clone().requires_grad_()
+    out = module(xn, segment_length)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out * weights.to(out.dtype)).sum().backward()
+    grads = {name: p.grad.double() for name, p in module.named_parameters()}
+    grads["xn"] = xn.grad.double()
+    module.zero_grad(set_to_none=True)
+    return out.detach().double(), grads
+
+
+@requires_kernel
+@pytest.mark.parametrize("fields,row_length,bptt", [
+    (dict(slots=6), 40, 2),  # 5 segments of 8: three windows; rows and columns off the 4 x 16 blocks
+    (dict(slots=6), 40, 3),  # a short last window
+    (dict(slots=16), 96, 8),  # one window; 16 slots, 32-wide heads: whole blocks
+    (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
+])
+def test_fused_scan_equals_the_pytorch_writes_in_fp64(single_process, monkeypatch, fields, row_length, bptt):
+    """Against the PyTorch writes in fp64, the kernel (fp32) errs no more than the PyTorch writes in fp32 do, up to
+    a small factor, on the module's output and on every gradient."""
+    cfg = tiny_config(row_length=row_length, memory_fields=dict(bptt_segments=bptt, **fields))
+    module = memory_module(cfg)
+    xn = torch.randn(3, row_length, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    fused = output_and_gradients(module, xn, cfg.segment_length, True, monkeypatch)
+    fp32 = output_and_gradients(module, xn, cfg.segment_length, False, monkeypatch)
+    exact = output_and_gradients(module.double(), xn.double(), cfg.segment_length, False, monkeypatch)
+    module.float()
+    for name in ["output", *exact[1]]:
+        pick = (lambda run: run[0]) if name == "output" else (lambda run: run[1][name])
+        scale = pick(exact).abs().max()
+        fused_error = (pick(fused) - pick(exact)).abs().max() / scale
+        fp32_error = (pick(fp32) - pick(exact)).abs().max() / scale
+        assert scale > 0, name
+        assert fused_error < max(4 * fp32_error, 1e-6), f"{name}: {fused_error:.2e} against fp32's {fp32_error:.2e}"
+
+
+@requires_kernel
+def test_the_gates_the_probes_see_are_the_writes_gates(single_process, monkeypatch):
+    cfg = tiny_config(row_length=40, memory_fields=dict(bptt_segments=2))
+    module = memory_module(cfg)
+    xn = torch.randn(2, 40, cfg.hidden_size)
+    seen = {}
+    for fused in (True, False):
+        monkeypatch.setattr(write_scan, "applies", write_scan.applies if fused else (lambda start: False))
+        gates = seen[fused] = []
+        hooks = [probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
+                 for probe in (module.in_gate_probe, module.forget_gate_probe)]
+        with torch.no_grad():
+            module(xn, cfg.segment_length)
+        for hook in hooks:
+            hook.remove()
+    assert len(seen[True]) == len(seen[False]) == 2 * 4  # input and forget gate of the 4 writes
+    for fused_gate, gate in zip(seen[True], seen[False]):
+        torch.testing.assert_close(fused_gate, gate, rtol=0, atol=1e-5)
+
+
+@requires_kernel
+def test_the_kernel_gives_the_same_bits_at_any_thread_count(single_process):
+    cfg = tiny_config(row_length=96, memory_fields=dict(slots=16, bptt_segments=8))
+    module = memory_module(cfg)
+    xn = torch.randn(4, 96, cfg.hidden_size)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            x = xn.clone().requires_grad_()
+            out = module(x, cfg.segment_length)
+            out.square().sum().backward()
+            runs.append([out.detach(), x.grad, *(p.grad.clone() for p in module.parameters())])
+            module.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_without_a_c_compiler_the_memory_runs_its_pytorch_writes(single_process, monkeypatch, tmp_path):
+    """A PATH with no cc: one warning naming the fix, and the memory still computes on CPU, with its PyTorch writes."""
+    cfg = tiny_config()
+    module = memory_module(cfg)
+    xn = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    write_scan._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler.*Install gcc") as caught:
+            assert not write_scan.applies(xn)
+            module(xn, cfg.segment_length).sum().backward()
+    finally:
+        write_scan._library.cache_clear()  # the next caller finds the real PATH's compiler again
+    assert len([w for w in caught if "C compiler" in str(w.message)]) == 1
+    assert module.write_k.weight.grad.abs().sum() > 0
