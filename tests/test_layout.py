@@ -18,6 +18,16 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert found == listed
 
 
+def test_every_c_source_ships_in_the_wheel():
+    """Kernels are compiled from their source on the user's machine, so the wheel must carry it."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    sources = [(package, path) for package, folder in setuptools["package-dir"].items()
+               for path in (ROOT / folder).rglob("*.c")]
+    assert sources
+    for package, path in sources:
+        assert any(path.match(pattern) for pattern in setuptools["package-data"].get(package, [])), path
+
+
 def test_model_never_imports_training_machinery():
     forbidden = {"deepspeed", "wandb", "streaming", "os", "lm2.pipeline"}
     for path in (ROOT / "model").rglob("*.py"):
