@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm2.model.config import ModelConfig
-from lm2.model import write_scan
+from lm2.model import memory_kernels
 from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sharded_parameter
 
 
@@ -101,9 +101,13 @@ class LM2Memory(nn.Module):
     def _scale(self) -> float:
         return self.head_dim ** -0.5
 
+    def _read_kv_weight(self) -> torch.Tensor:
+        """The read's key (softmax scale folded in) and value weights side by side: [Hl, dh, 2dh]."""
+        return torch.cat((self.read_k * self._scale(), self.read_v), -1)
+
     def read(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Gated read. q: [Hl, B, T, dh] token queries; mem: [Hl, B, N, dh]. Returns [B, T, d] (all-reduced)."""
-        keys, values = _per_head(mem, torch.cat((self.read_k * self._scale(), self.read_v), -1)).chunk(2, -1)
+        keys, values = _per_head(mem, self._read_kv_weight()).chunk(2, -1)
         r = _attend(q, keys, values)  # [Hl, B, T, dh]
         gate = torch.baddbmm(self.out_gate_bias.unsqueeze(1), r.flatten(1, 2), self.out_gate).view_as(r)
         gate = self.out_gate_probe(torch.sigmoid(gate))
@@ -146,28 +150,31 @@ class LM2Memory(nn.Module):
         values = self._segments(self.write_v(xn), xn.shape[1])[0]
         return read, self.write(keys, values, mem, self.write_weights())
 
-    def _scan(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights) -> torch.Tensor:
-        """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and n segments' keys [n, Hl, B, dh, S] and values
-        [n, Hl, B, S, dh]: on CPU in fp32 one fused kernel (model/write_scan.py), else one write() per segment."""
-        if keys.shape[0] > 0 and write_scan.applies(start):
-            states, gates = write_scan.fused_scan(start, keys, values, weights)
+    def _scan(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
+              segment_length: int) -> torch.Tensor:
+        """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and the write keys and values of n segments [B, n*S, Hl*dh]:
+        on CPU in fp32 one fused kernel (model/memory_kernels.py), else one write() per segment."""
+        if keys.shape[1] > 0 and memory_kernels.applies(start):
+            states, gates = memory_kernels.fused_write_scan(start, keys, values, weights, segment_length)
             for g_in, g_forget in zip(*gates.chunk(2, -1)):
                 self.in_gate_probe(g_in), self.forget_gate_probe(g_forget)
             return states
         states = [start]
+        keys, values = self._segments(keys, segment_length, keys=True), self._segments(values, segment_length)
         for k, v in zip(keys, values):
             states.append(self.write(k.transpose(-1, -2), v, states[-1], weights))
         return torch.stack(states, dim=2)
 
-    def _states(self, keys: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Tensor:
+    def _states(self, keys: torch.Tensor, values: torch.Tensor, batch: int, segment_length: int) -> torch.Tensor:
         """Every segment's memory M_0..M_{k-1} [Hl, B, k, N, dh] of fresh rows, from the write keys and values of
-        segments 0..k-2. The scan runs window by window: as in truncate(), M_s starts a new window, detached, at
-        every multiple s of bptt_segments."""
-        k, window = keys.shape[0] + 1, self.bptt_segments
+        segments 0..k-2 [B, (k-1)*S, Hl*dh]. The scan runs window by window: as in truncate(), M_s starts a new
+        window, detached, at every multiple s of bptt_segments."""
+        k, window = keys.shape[1] // segment_length + 1, self.bptt_segments
         weights, start, pieces = self.write_weights(), self.initial_state(batch), []
         for first in range(0, k, window):
             last = min(first + window, k - 1)
-            states = self._scan(start, keys[first:last], values[first:last], weights)  # M_first..M_last
+            tokens = slice(first * segment_length, last * segment_length)
+            states = self._scan(start, keys[:, tokens], values[:, tokens], weights, segment_length)  # M_first..M_last
             if last == first + window:
                 start, states = states[:, :, -1].detach(), states[:, :, :-1]
             pieces.append(states)
@@ -183,8 +190,12 @@ class LM2Memory(nn.Module):
         b, length, _ = xn.shape
         k = length // segment_length
         written = xn[:, : length - segment_length]
-        keys = self._segments(self.write_k(written), segment_length, keys=True)
-        values = self._segments(self.write_v(written), segment_length)
-        stacked = self._states(keys, values, b).flatten(1, 2)  # [Hl, B*k, N, dh]
-        q = self._heads(self.read_q(xn)).view(self.local_heads, b * k, segment_length, self.head_dim)
-        return self.read(q, stacked).view(b, length, -1)
+        states = self._states(self.write_k(written), self.write_v(written), b, segment_length)  # [Hl, B, k, N, dh]
+        q = self.read_q(xn)
+        if memory_kernels.applies(q):
+            gated, gate = memory_kernels.fused_read(q, states, self._read_kv_weight(), self.out_gate,
+                                                    self.out_gate_bias, segment_length)
+            self.out_gate_probe(gate)
+            return self.out_proj(gated)
+        q = self._heads(q).view(self.local_heads, b * k, segment_length, self.head_dim)
+        return self.read(q, states.flatten(1, 2)).view(b, length, -1)

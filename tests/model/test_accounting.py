@@ -12,7 +12,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lm2.model import write_scan
+from lm2.model import memory_kernels
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.model.config import MemoryConfig
 from lm2.model.lm import LM2Model
@@ -43,8 +43,8 @@ def test_flops_equal_the_matmuls_of_a_forward(single_process, cfg, monkeypatch):
     """torch's FLOP counter over one row, with attention decomposed into matmuls (SDPA's math kernel computes the
     whole S x S score matrix: the convention without causal discount). The output layer's vocabulary padding is
     real work but not model FLOPs, so it is taken out. The counter sees torch's operations only, so the memory
-    writes run as such, not in the fused CPU kernel (the same math: tests/model/test_write_scan.py)."""
-    monkeypatch.setattr(write_scan, "applies", lambda start: False)
+    writes run as such, not in the fused CPU kernel (the same math: tests/model/test_memory_kernels.py)."""
+    monkeypatch.setattr(memory_kernels, "applies", lambda start: False)
     model = LM2Model(cfg, tensor_parallel())
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (1, cfg.row_length)))

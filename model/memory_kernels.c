@@ -1,8 +1,9 @@
-/* The LM2 memory write scan on CPU, forward and backward, fused: model/write_scan.py builds and calls it.
+/* The LM2 memory's write scan and read on CPU, forward and backward, fused: model/memory_kernels.py builds and
+ * calls them.
  *
  * One "unit" is one (memory head, row) pair: its N x dh state goes through n segment writes (shared/LM2_MEMORY.md)
  *   A = M @ Wm + bias        [N, 3dh]  (q = A[:, :dh], already scaled; the gates' M rows in A[:, dh:])
- *   P = softmax(q @ kT)      [N, S]    (kT: the segment's keys, transposed [dh, S])
+ *   P = softmax(q @ K^T)     [N, S]    (K, V: the segment's write keys and values [S, dh])
  *   U = P @ V                [N, dh]
  *   G = sigmoid(A[:, dh:] + U @ Wu)    [N, 2dh]  (input gate, then forget gate)
  *   M' = G[:, :dh] * tanh(U) + G[:, dh:] * M
@@ -11,7 +12,9 @@
  * give the same bits whatever the thread count.
  *
  * Layouts (row-major float32, HB = heads * rows, unit u = head * rows + row):
- *   start [HB, N, dh]; keys [n, HB, dh, S]; values [n, HB, S, dh]; wm [H, dh, 3dh]; bias [H, 3dh];
+ *   keys, values and their gradients: the token projections as they are, [rows, n * S, H * dh] with any row stride
+ *   (a window is a slice of the row's tokens): no copy into a segment-major layout, forward or backward;
+ *   start [HB, N, dh]; wm [H, dh, 3dh]; bias [H, 3dh];
  *   wu [H, dh, 2dh]; states [HB, n + 1, N, dh] (start copied to index 0); saved per segment:
  *   q [n, HB, N, dh], probs [n, HB, N, S], u [n, HB, N, dh], gates [n, HB, N, 2dh].
  * Why C: at CPU sizes each of these matrices is a few thousand elements, and in PyTorch every write is some 40
@@ -50,10 +53,10 @@ static void mm(int m, int kk, int n, const float *restrict a, int a_row, int a_c
         }
 }
 
-/* dst [cols, rows] = src [rows, cols]^T */
-static void transpose(int rows, int cols, const float *restrict src, float *restrict dst) {
+/* dst [cols, rows] = src [rows, cols]^T, src rows ld apart */
+static void transpose(int rows, int cols, const float *restrict src, int ld, float *restrict dst) {
     for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) dst[j * rows + i] = src[i * cols + j];
+        for (int j = 0; j < cols; j++) dst[j * rows + i] = src[i * ld + j];
 }
 
 /* exp(x) to about 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r), written so that
@@ -84,7 +87,14 @@ static inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x
 
 typedef struct {
     int heads, rows, segments, slots, head_dim, seg_len;
+    long token_row, grad_row; /* the row strides of keys/values and of their gradients (tokens are H * dh apart) */
 } Shape;
+
+/* Where segment s of unit u starts in a [rows, tokens, H * dh] tensor with rows `row_stride` apart. */
+static size_t token_offset(const Shape *sh, long row_stride, int unit, int s) {
+    const int ld = sh->heads * sh->head_dim;
+    return (size_t)(unit % sh->rows) * row_stride + (size_t)s * sh->seg_len * ld + (size_t)(unit / sh->rows) * sh->head_dim;
+}
 
 static void forward_unit(const Shape *sh, int unit, const float *start, const float *keys, const float *values,
                          const float *wm, const float *bias, const float *wu, float *states, float *q_out,
@@ -98,8 +108,10 @@ static void forward_unit(const Shape *sh, int unit, const float *start, const fl
     memcpy(mine, start + (size_t)unit * state_size, sizeof(float) * state_size);
     for (int s = 0; s < sh->segments; s++) {
         const size_t seg_unit = (size_t)s * HB + unit;
-        const float *m = mine + (size_t)s * state_size, *kt = keys + seg_unit * dh * S;
-        const float *v = values + seg_unit * S * dh;
+        const int ld = sh->heads * dh;
+        const float *m = mine + (size_t)s * state_size, *v = values + token_offset(sh, sh->token_row, unit, s);
+        float *kt = a + N * 3 * dh; /* the segment's keys transposed, [dh, S] */
+        transpose(S, dh, keys + token_offset(sh, sh->token_row, unit, s), ld, kt);
         float *q = q_out + seg_unit * state_size, *p = probs_out + seg_unit * N * S;
         float *u = u_out + seg_unit * state_size, *g = gates_out + seg_unit * N * 2 * dh;
         float *next = mine + (size_t)(s + 1) * state_size;
@@ -121,7 +133,7 @@ static void forward_unit(const Shape *sh, int unit, const float *start, const fl
             for (int j = 0; j < S; j++) row[j] *= inverse;
         }
         memset(u, 0, sizeof(float) * state_size);
-        mm(N, S, dh, p, S, 1, v, dh, u, dh);
+        mm(N, S, dh, p, S, 1, v, ld, u, dh);
         for (int i = 0; i < N; i++) memcpy(g + i * 2 * dh, a + i * 3 * dh + dh, sizeof(float) * 2 * dh);
         mm(N, dh, 2 * dh, u, dh, 1, w_u, 2 * dh, g, 2 * dh);
         for (int i = 0; i < N; i++) {
@@ -148,7 +160,8 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
     const float *d_mine = d_states + (size_t)unit * (sh->segments + 1) * state_size;
     float *carry = scratch, *d_next = carry + state_size, *d_u = d_next + state_size;
     float *d_a = d_u + state_size, *d_p = d_a + N * 3 * dh; /* d_a [N, 3dh]: dq then the gates' dZ; d_p [N, S] */
-    float *swap = d_p + N * S; /* [S, dh]: a segment's values or keys, transposed */
+    float *swap = d_p + N * S; /* [dh, S]: a segment's values, transposed */
+    const int ld = sh->heads * dh;
     float *dwm = d_wm + (size_t)unit * dh * 3 * dh, *dwu = d_wu + (size_t)unit * dh * 2 * dh;
     float *db = d_bias + (size_t)unit * 3 * dh;
     memset(carry, 0, sizeof(float) * state_size);
@@ -157,11 +170,12 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
     memset(db, 0, sizeof(float) * 3 * dh);
     for (int s = sh->segments - 1; s >= 0; s--) {
         const size_t seg_unit = (size_t)s * HB + unit;
-        const float *m = mine + (size_t)s * state_size, *kt = keys + seg_unit * dh * S;
-        const float *v = values + seg_unit * S * dh, *q = q_in + seg_unit * state_size;
+        const float *m = mine + (size_t)s * state_size, *k = keys + token_offset(sh, sh->token_row, unit, s);
+        const float *v = values + token_offset(sh, sh->token_row, unit, s), *q = q_in + seg_unit * state_size;
         const float *p = probs + seg_unit * N * S, *u = u_in + seg_unit * state_size;
         const float *g = gates + seg_unit * N * 2 * dh, *d_out = d_mine + (size_t)(s + 1) * state_size;
-        float *dkt = d_keys + seg_unit * dh * S, *dv = d_values + seg_unit * S * dh;
+        float *dk = d_keys + token_offset(sh, sh->grad_row, unit, s);
+        float *dv = d_values + token_offset(sh, sh->grad_row, unit, s);
         for (int i = 0; i < N; i++) {
             const float *restrict gi = g + i * 2 * dh, *restrict ui = u + i * dh, *restrict mi = m + i * dh;
             const float *restrict outside = d_out + i * dh, *restrict chain = carry + i * dh;
@@ -179,22 +193,21 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
         const float *dz = d_a + dh; /* the gates' pre-sigmoid gradient, rows of stride 3dh */
         mm(N, 2 * dh, dh, dz, 3 * dh, 1, w_u_t, dh, d_u, dh); /* dZ @ Wu^T */
         mm(dh, N, 2 * dh, u, 1, dh, dz, 3 * dh, dwu, 2 * dh); /* U^T @ dZ */
-        transpose(S, dh, v, swap);
+        transpose(S, dh, v, ld, swap);
         memset(d_p, 0, sizeof(float) * N * S);
         mm(N, dh, S, d_u, dh, 1, swap, S, d_p, S); /* dU @ V^T */
-        memset(dv, 0, sizeof(float) * S * dh);
-        mm(S, N, dh, p, 1, S, d_u, dh, dv, dh); /* P^T @ dU */
+        for (int t = 0; t < S; t++) memset(dv + t * ld, 0, sizeof(float) * dh);
+        mm(S, N, dh, p, 1, S, d_u, dh, dv, ld); /* P^T @ dU */
         for (int i = 0; i < N; i++) {
             float *row = d_p + i * S, dot = 0.0f;
             const float *prow = p + i * S;
             for (int j = 0; j < S; j++) dot += row[j] * prow[j];
             for (int j = 0; j < S; j++) row[j] = prow[j] * (row[j] - dot);
         }
-        transpose(dh, S, kt, swap);
         for (int i = 0; i < N; i++) memset(d_a + i * 3 * dh, 0, sizeof(float) * dh);
-        mm(N, S, dh, d_p, S, 1, swap, dh, d_a, 3 * dh); /* dq = dScores @ K */
-        memset(dkt, 0, sizeof(float) * dh * S);
-        mm(dh, N, S, q, 1, dh, d_p, S, dkt, S); /* q^T @ dScores */
+        mm(N, S, dh, d_p, S, 1, k, ld, d_a, 3 * dh); /* dq = dScores @ K */
+        for (int t = 0; t < S; t++) memset(dk + t * ld, 0, sizeof(float) * dh);
+        mm(S, N, dh, d_p, 1, S, q, dh, dk, ld); /* dK = dScores^T @ q */
         memcpy(carry, d_next, sizeof(float) * state_size);
         mm(N, 3 * dh, dh, d_a, 3 * dh, 1, w_mem_t, dh, carry, dh); /* dA @ Wm^T */
         mm(dh, N, 3 * dh, m, 1, dh, d_a, 3 * dh, dwm, 3 * dh); /* M^T @ dA */
@@ -207,14 +220,14 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
 }
 
 /* The entry points (ctypes): every unit on `threads` OpenMP threads (torch's own libgomp, loaded before this). */
-void write_scan_forward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, int threads,
-                        const float *start, const float *keys, const float *values, const float *wm,
+void write_scan_forward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
+                        long grad_row, int threads, const float *start, const float *keys, const float *values, const float *wm,
                         const float *bias, const float *wu, float *states, float *q, float *probs, float *u,
                         float *gates) {
-    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len};
+    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = malloc(sizeof(float) * slots * 3 * head_dim);
+        float *scratch = malloc(sizeof(float) * (slots * 3 * head_dim + head_dim * seg_len));
 #pragma omp for schedule(static)
         for (int unit = 0; unit < heads * rows; unit++)
             forward_unit(&sh, unit, start, keys, values, wm, bias, wu, states, q, probs, u, gates, scratch);
@@ -222,12 +235,12 @@ void write_scan_forward(int heads, int rows, int segments, int slots, int head_d
     }
 }
 
-void write_scan_backward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, int threads,
-                         const float *keys, const float *values, const float *wm_t, const float *wu_t,
+void write_scan_backward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
+                         long grad_row, int threads, const float *keys, const float *values, const float *wm_t, const float *wu_t,
                          const float *states, const float *q, const float *probs, const float *u,
                          const float *gates, const float *d_states, float *d_start, float *d_keys,
                          float *d_values, float *d_wm, float *d_bias, float *d_wu) {
-    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len};
+    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = malloc(sizeof(float) * (slots * (3 * head_dim + 3 * head_dim + seg_len) + seg_len * head_dim));
@@ -235,6 +248,143 @@ void write_scan_backward(int heads, int rows, int segments, int slots, int head_
         for (int unit = 0; unit < heads * rows; unit++)
             backward_unit(&sh, unit, keys, values, wm_t, wu_t, states, q, probs, u, gates, d_states, d_start,
                           d_keys, d_values, d_wm, d_bias, d_wu, scratch);
+        free(scratch);
+    }
+}
+
+/* The read, fused the same way. One unit is one (memory head, row segment) pair, u = head * row_segments + r with
+ * r = row * k + s: the S tokens of segment s read M_s of their row.
+ *   KV = M_s @ Wkv            [N, 2dh]  (keys, already scaled, then values)
+ *   P = softmax(q @ K^T)      [S, N]
+ *   R = P @ V                 [S, dh]
+ *   G = sigmoid(R @ Wg + bg)  [S, dh]   (the output gate)
+ *   out = G * R               written token-major, [rows, k * S, H * dh], where the output projection reads it
+ * Layouts: q and out (and their gradients) [rows, k * S, H * dh] contiguous; states [H, rows * k, N, dh];
+ * wkv [H, dh, 2dh]; wg [H, dh, dh]; bg [H, dh]; saved kv [H, rows * k, N, 2dh], probs [.., S, N], r and gates
+ * [.., S, dh]. */
+typedef struct {
+    int heads, row_segments, slots, head_dim, seg_len;
+} ReadShape;
+
+static size_t read_token_offset(const ReadShape *sh, int unit) {
+    const int r = unit % sh->row_segments, head = unit / sh->row_segments;
+    return (size_t)r * sh->seg_len * sh->heads * sh->head_dim + (size_t)head * sh->head_dim;
+}
+
+static void read_forward_unit(const ReadShape *sh, int unit, const float *q_tokens, const float *states,
+                              const float *wkv, const float *wg, const float *bg, float *out, float *kv_out,
+                              float *probs_out, float *r_out, float *gates_out, float *scratch) {
+    const int N = sh->slots, dh = sh->head_dim, S = sh->seg_len, ld = sh->heads * dh, head = unit / sh->row_segments;
+    const float *m = states + (size_t)unit * N * dh, *q = q_tokens + read_token_offset(sh, unit);
+    float *kv = kv_out + (size_t)unit * N * 2 * dh, *p = probs_out + (size_t)unit * S * N;
+    float *r = r_out + (size_t)unit * S * dh, *g = gates_out + (size_t)unit * S * dh;
+    float *o = out + read_token_offset(sh, unit), *kt = scratch; /* kt: the keys transposed, [dh, N] */
+    memset(kv, 0, sizeof(float) * N * 2 * dh);
+    mm(N, dh, 2 * dh, m, dh, 1, wkv + (size_t)head * dh * 2 * dh, 2 * dh, kv, 2 * dh);
+    transpose(N, dh, kv, 2 * dh, kt);
+    memset(p, 0, sizeof(float) * S * N);
+    mm(S, dh, N, q, ld, 1, kt, N, p, N);
+    for (int t = 0; t < S; t++) {
+        float *row = p + t * N, top = row[0], total = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int j = 1; j < N; j++) top = row[j] > top ? row[j] : top;
+#pragma omp simd
+        for (int j = 0; j < N; j++) row[j] = fast_exp(row[j] - top);
+#pragma omp simd reduction(+ : total)
+        for (int j = 0; j < N; j++) total += row[j];
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int j = 0; j < N; j++) row[j] *= inverse;
+    }
+    memset(r, 0, sizeof(float) * S * dh);
+    mm(S, N, dh, p, N, 1, kv + dh, 2 * dh, r, dh);
+    for (int t = 0; t < S; t++) memcpy(g + t * dh, bg + (size_t)head * dh, sizeof(float) * dh);
+    mm(S, dh, dh, r, dh, 1, wg + (size_t)head * dh * dh, dh, g, dh);
+    for (int t = 0; t < S; t++) {
+        float *restrict gt = g + t * dh, *restrict ot = o + t * ld;
+        const float *restrict rt = r + t * dh;
+#pragma omp simd
+        for (int a = 0; a < dh; a++) {
+            gt[a] = sigmoid(gt[a]);
+            ot[a] = gt[a] * rt[a];
+        }
+    }
+}
+
+static void read_backward_unit(const ReadShape *sh, int unit, const float *q_tokens, const float *states,
+                               const float *wkv_t, const float *wg_t, const float *kv, const float *probs,
+                               const float *r_in, const float *gates, const float *d_out, float *d_q,
+                               float *d_states, float *d_wkv, float *d_wg, float *d_bg, float *scratch) {
+    const int N = sh->slots, dh = sh->head_dim, S = sh->seg_len, ld = sh->heads * dh, head = unit / sh->row_segments;
+    const float *m = states + (size_t)unit * N * dh, *q = q_tokens + read_token_offset(sh, unit);
+    const float *k = kv + (size_t)unit * N * 2 * dh, *p = probs + (size_t)unit * S * N;
+    const float *r = r_in + (size_t)unit * S * dh, *g = gates + (size_t)unit * S * dh;
+    const float *dout = d_out + read_token_offset(sh, unit);
+    float *dq = d_q + read_token_offset(sh, unit), *dm = d_states + (size_t)unit * N * dh;
+    float *dwkv = d_wkv + (size_t)unit * dh * 2 * dh, *dwg = d_wg + (size_t)unit * dh * dh;
+    float *dbg = d_bg + (size_t)unit * dh;
+    float *d_r = scratch, *d_z = d_r + S * dh, *d_p = d_z + S * dh, *d_kv = d_p + S * N, *vt = d_kv + N * 2 * dh;
+    for (int t = 0; t < S; t++) {
+        const float *restrict gt = g + t * dh, *restrict rt = r + t * dh, *restrict ot = dout + t * ld;
+        float *restrict drt = d_r + t * dh, *restrict dzt = d_z + t * dh;
+#pragma omp simd
+        for (int a = 0; a < dh; a++) {
+            drt[a] = ot[a] * gt[a];
+            dzt[a] = ot[a] * rt[a] * gt[a] * (1.0f - gt[a]);
+        }
+    }
+    mm(S, dh, dh, d_z, dh, 1, wg_t + (size_t)head * dh * dh, dh, d_r, dh); /* dZ @ Wg^T */
+    memset(dwg, 0, sizeof(float) * dh * dh);
+    mm(dh, S, dh, r, 1, dh, d_z, dh, dwg, dh); /* R^T @ dZ */
+    memset(dbg, 0, sizeof(float) * dh);
+    for (int t = 0; t < S; t++)
+        for (int a = 0; a < dh; a++) dbg[a] += d_z[t * dh + a];
+    transpose(N, dh, k + dh, 2 * dh, vt);
+    memset(d_p, 0, sizeof(float) * S * N);
+    mm(S, dh, N, d_r, dh, 1, vt, N, d_p, N); /* dR @ V^T */
+    memset(d_kv, 0, sizeof(float) * N * 2 * dh);
+    mm(N, S, dh, p, 1, N, d_r, dh, d_kv + dh, 2 * dh); /* dV = P^T @ dR */
+    for (int t = 0; t < S; t++) {
+        float *row = d_p + t * N, dot = 0.0f;
+        const float *prow = p + t * N;
+        for (int j = 0; j < N; j++) dot += row[j] * prow[j];
+        for (int j = 0; j < N; j++) row[j] = prow[j] * (row[j] - dot);
+    }
+    for (int t = 0; t < S; t++) memset(dq + t * ld, 0, sizeof(float) * dh);
+    mm(S, N, dh, d_p, N, 1, k, 2 * dh, dq, ld); /* dq = dScores @ K */
+    mm(N, S, dh, d_p, 1, N, q, ld, d_kv, 2 * dh); /* dK = dScores^T @ q */
+    memset(dm, 0, sizeof(float) * N * dh);
+    mm(N, 2 * dh, dh, d_kv, 2 * dh, 1, wkv_t + (size_t)head * 2 * dh * dh, dh, dm, dh); /* dKV @ Wkv^T */
+    memset(dwkv, 0, sizeof(float) * dh * 2 * dh);
+    mm(dh, N, 2 * dh, m, 1, dh, d_kv, 2 * dh, dwkv, 2 * dh); /* M^T @ dKV */
+}
+
+void read_forward(int heads, int row_segments, int slots, int head_dim, int seg_len, int threads,
+                  const float *q_tokens, const float *states, const float *wkv, const float *wg, const float *bg,
+                  float *out, float *kv, float *probs, float *r, float *gates) {
+    const ReadShape sh = {heads, row_segments, slots, head_dim, seg_len};
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc(sizeof(float) * head_dim * slots);
+#pragma omp for schedule(static)
+        for (int unit = 0; unit < heads * row_segments; unit++)
+            read_forward_unit(&sh, unit, q_tokens, states, wkv, wg, bg, out, kv, probs, r, gates, scratch);
+        free(scratch);
+    }
+}
+
+void read_backward(int heads, int row_segments, int slots, int head_dim, int seg_len, int threads,
+                   const float *q_tokens, const float *states, const float *wkv_t, const float *wg_t,
+                   const float *kv, const float *probs, const float *r, const float *gates, const float *d_out,
+                   float *d_q, float *d_states, float *d_wkv, float *d_wg, float *d_bg) {
+    const ReadShape sh = {heads, row_segments, slots, head_dim, seg_len};
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc(sizeof(float) * (2 * seg_len * head_dim + seg_len * slots + 3 * slots * head_dim));
+#pragma omp for schedule(static)
+        for (int unit = 0; unit < heads * row_segments; unit++)
+            read_backward_unit(&sh, unit, q_tokens, states, wkv_t, wg_t, kv, probs, r, gates, d_out, d_q, d_states,
+                               d_wkv, d_wg, d_bg, scratch);
         free(scratch);
     }
 }

@@ -1,17 +1,16 @@
-"""The fused CPU write scan (model/write_scan.c) computes what the memory's PyTorch writes compute: values, gradients
-and gates, over truncated-BPTT windows and at sizes off its 4 x 16 blocks; the same bits at any thread count; and
-without a C compiler the memory falls back to its PyTorch writes."""
-
+"""The fused CPU kernels (model/memory_kernels.c: the write scan and the read) compute what the memory's PyTorch
+operations compute: values, gradients and gates, over truncated-BPTT windows and at sizes off their 4 x 16 blocks;
+the same bits at any thread count; and without a C compiler the memory falls back to its PyTorch operations."""
 
 import pytest
 import torch
 
-from lm2.model import write_scan
+from lm2.model import memory_kernels
 from lm2.model.memory import LM2Memory
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
 
-requires_kernel = pytest.mark.skipif(write_scan._library() is None, reason="no C compiler to build the kernel")
+requires_kernel = pytest.mark.skipif(memory_kernels._library() is None, reason="no C compiler to build the kernel")
 
 
 def memory_module(cfg, seed=0):
@@ -27,7 +26,7 @@ def memory_module(cfg, seed=0):
 
 def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
     """The module's read of rows xn and the gradients of a fixed random projection of it, every tensor fp64."""
-    monkeypatch.setattr(write_scan, "applies", write_scan.applies if fused else (lambda start: False))
+    monkeypatch.setattr(memory_kernels, "applies", memory_kernels.applies if fused else (lambda start: False))
     xn = xn.detach().clone().requires_grad_()
     out = module(xn, segment_length)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -45,9 +44,9 @@ def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
     (dict(slots=16), 96, 8),  # one window; 16 slots, 32-wide heads: whole blocks
     (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
 ])
-def test_fused_scan_equals_the_pytorch_writes_in_fp64(single_process, monkeypatch, fields, row_length, bptt):
-    """Against the PyTorch writes in fp64, the kernel (fp32) errs no more than the PyTorch writes in fp32 do, up to
-    a small factor, on the module's output and on every gradient."""
+def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, monkeypatch, fields, row_length, bptt):
+    """Against the module's PyTorch operations in fp64, the kernels (fp32) err no more than the same operations in
+    fp32 do, up to a small factor, on the module's output and on every gradient."""
     cfg = tiny_config(row_length=row_length, memory_fields=dict(bptt_segments=bptt, **fields))
     module = memory_module(cfg)
     xn = torch.randn(3, row_length, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -65,27 +64,27 @@ def test_fused_scan_equals_the_pytorch_writes_in_fp64(single_process, monkeypatc
 
 
 @requires_kernel
-def test_the_gates_the_probes_see_are_the_writes_gates(single_process, monkeypatch):
+def test_the_probes_see_the_same_gates(single_process, monkeypatch):
     cfg = tiny_config(row_length=40, memory_fields=dict(bptt_segments=2))
     module = memory_module(cfg)
     xn = torch.randn(2, 40, cfg.hidden_size)
     seen = {}
     for fused in (True, False):
-        monkeypatch.setattr(write_scan, "applies", write_scan.applies if fused else (lambda start: False))
+        monkeypatch.setattr(memory_kernels, "applies", memory_kernels.applies if fused else (lambda start: False))
         gates = seen[fused] = []
         hooks = [probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
-                 for probe in (module.in_gate_probe, module.forget_gate_probe)]
+                 for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)]
         with torch.no_grad():
             module(xn, cfg.segment_length)
         for hook in hooks:
             hook.remove()
-    assert len(seen[True]) == len(seen[False]) == 2 * 4  # input and forget gate of the 4 writes
+    assert len(seen[True]) == len(seen[False]) == 2 * 4 + 1  # input and forget gate of the 4 writes, output gate
     for fused_gate, gate in zip(seen[True], seen[False]):
         torch.testing.assert_close(fused_gate, gate, rtol=0, atol=1e-5)
 
 
 @requires_kernel
-def test_the_kernel_gives_the_same_bits_at_any_thread_count(single_process):
+def test_the_kernels_give_the_same_bits_at_any_thread_count(single_process):
     cfg = tiny_config(row_length=96, memory_fields=dict(slots=16, bptt_segments=8))
     module = memory_module(cfg)
     xn = torch.randn(4, 96, cfg.hidden_size)
@@ -105,18 +104,18 @@ def test_the_kernel_gives_the_same_bits_at_any_thread_count(single_process):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def test_without_a_c_compiler_the_memory_runs_its_pytorch_writes(single_process, monkeypatch, tmp_path):
+def test_without_a_c_compiler_the_memory_runs_its_pytorch_operations(single_process, monkeypatch, tmp_path):
     """A PATH with no cc: one warning naming the fix, and the memory still computes on CPU, with its PyTorch writes."""
     cfg = tiny_config()
     module = memory_module(cfg)
     xn = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
     monkeypatch.setenv("PATH", str(tmp_path))
-    write_scan._library.cache_clear()
+    memory_kernels._library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C compiler.*Install gcc") as caught:
-            assert not write_scan.applies(xn)
+            assert not memory_kernels.applies(xn)
             module(xn, cfg.segment_length).sum().backward()
     finally:
-        write_scan._library.cache_clear()  # the next caller finds the real PATH's compiler again
+        memory_kernels._library.cache_clear()  # the next caller finds the real PATH's compiler again
     assert len([w for w in caught if "C compiler" in str(w.message)]) == 1
     assert module.write_k.weight.grad.abs().sum() > 0

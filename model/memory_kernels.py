@@ -1,0 +1,189 @@
+"""The memory's write scan and read as fused CPU kernels (memory_kernels.c), forward and backward.
+
+`LM2Memory` runs them on CPU in fp32 (training and evaluation alike), and its own PyTorch operations elsewhere: on
+GPU, in bf16, under torch.compile, or where no C compiler is found. Both compute the same function
+(tests/model/test_memory_kernels.py compares values, gradients and gates). Why: at CPU sizes a write is some 40
+PyTorch operations forward and backward on [4, 4, 16, 32] tensors, below torch's parallel grain, and the read a
+dozen more plus two layout copies; together they cost more time than their FLOPs (bench/README.md). The kernels
+take the token projections in their own layout ([B, tokens, heads * dh]), so no head-first or segment-major copy
+is made. They are compiled on first use with the system's `cc` into ~/.cache/lm2 (keyed by the source, flags and
+CPU), and link the OpenMP runtime torch has already loaded, so they share torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("memory_kernels.c")
+_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+_INT, _PTR = ctypes.c_int, ctypes.c_void_p
+
+
+def _cpu_key() -> bytes:
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.exists() else []
+    return (flags[0] if flags else "").encode()
+
+
+def _cache_dir() -> Path:
+    for folder in (Path.home() / ".cache" / "lm2", Path(tempfile.gettempdir()) / "lm2-cache"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    raise OSError("no writable cache folder for the memory kernels")
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode() + _cpu_key())
+    library = _cache_dir() / f"memory_kernels-{key.hexdigest()[:16]}.so"
+    if not library.exists():
+        # Ranks may build at once: each writes its own file and renames it into place (atomic).
+        partial = library.with_name(f"{library.name}.{uuid.uuid4().hex}.tmp")
+        subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE), "-lm"], check=True, capture_output=True,
+                       text=True)
+        partial.replace(library)
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("lm2: no C compiler (cc) found; the memory's read and write run as PyTorch operations on CPU "
+                      "(slower). Install gcc to build the fused kernels.", stacklevel=3)
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(f"lm2: the fused memory kernels did not build ({detail.strip()[:300]}); the memory's read and "
+                      "write run as PyTorch operations on CPU (slower).", stacklevel=3)
+        return None
+    signature = [_INT] * 6 + [ctypes.c_long] * 2 + [_INT]
+    library.write_scan_forward.argtypes = signature + [_PTR] * 11
+    library.write_scan_backward.argtypes = signature + [_PTR] * 16
+    library.read_forward.argtypes = [_INT] * 6 + [_PTR] * 10
+    library.read_backward.argtypes = [_INT] * 6 + [_PTR] * 14
+    return library
+
+
+def applies(tensor: torch.Tensor) -> bool:
+    """Whether the fused kernels run for `tensor` (the memory or its projections): CPU fp32, eager, and built."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and _library() is not None)
+
+
+def _pointers(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """A [B, tokens, width] projection as the kernel reads it: tokens `width` apart, rows any distance apart."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
+class _WriteScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, start, keys, values, from_mem, bias, from_u, segment_length):
+        heads, rows, slots, head_dim = start.shape
+        segments = keys.shape[1] // segment_length
+        states = start.new_empty(heads, rows, segments + 1, slots, head_dim)
+        q, u = (start.new_empty(segments, heads, rows, slots, head_dim) for _ in range(2))
+        probs = start.new_empty(segments, heads, rows, slots, segment_length)
+        gates = start.new_empty(segments, heads, rows, slots, 2 * head_dim)
+        keys, values = _token_major(keys), _token_major(values)
+        if keys.stride(0) != values.stride(0):
+            keys, values = keys.contiguous(), values.contiguous()
+        # Gradients of keys and values come out contiguous: rows are segments * S tokens apart.
+        shape = (heads, rows, segments, slots, head_dim, segment_length, keys.stride(0), keys.shape[1] * keys.shape[2],
+                 torch.get_num_threads())
+        inputs = [t.contiguous() for t in (start, from_mem, bias, from_u)]
+        _library().write_scan_forward(*shape, *_pointers(inputs[0], keys, values, *inputs[1:], states, q, probs, u,
+                                                          gates))
+        ctx.shape = shape
+        ctx.save_for_backward(keys, values, inputs[1], inputs[3], states, q, probs, u, gates)
+        ctx.mark_non_differentiable(gates)
+        return states, gates
+
+    @staticmethod
+    def backward(ctx, d_states, _d_gates):
+        keys, values, from_mem, from_u, states, q, probs, u, gates = ctx.saved_tensors
+        heads, rows, _, slots, head_dim = ctx.shape[:5]
+        d_start = states.new_empty(heads, rows, slots, head_dim)
+        d_keys, d_values = (states.new_empty(keys.shape) for _ in range(2))
+        # Weight gradients per (head, row), summed over rows below: no two threads write the same memory.
+        d_from_mem = states.new_empty(heads, rows, *from_mem.shape[1:])
+        d_bias = states.new_empty(heads, rows, 3 * head_dim)
+        d_from_u = states.new_empty(heads, rows, *from_u.shape[1:])
+        # Every tensor the kernel reads is held by a name until it returns: a temporary's memory would be freed as
+        # soon as its pointer was taken.
+        transposed = [w.transpose(1, 2).contiguous() for w in (from_mem, from_u)]
+        d_states = d_states.contiguous()
+        _library().write_scan_backward(*ctx.shape, *_pointers(keys, values, *transposed, states, q, probs, u, gates,
+                                                               d_states, d_start, d_keys, d_values, d_from_mem,
+                                                               d_bias, d_from_u))
+        return (d_start, d_keys, d_values, d_from_mem.sum(1), d_bias.sum(1, keepdim=True), d_from_u.sum(1), None)
+
+
+def fused_write_scan(start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
+               segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
+    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
+    [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
+    differentiable: for the probes)."""
+    return _WriteScan.apply(start, keys, values, *weights, segment_length)
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_tokens, states, kv_weight, gate_weight, gate_bias, segment_length):
+        q_tokens, states = q_tokens.contiguous(), states.contiguous()
+        heads, rows, segments, slots, head_dim = states.shape
+        units = (heads, rows * segments)
+        out = torch.empty_like(q_tokens)
+        kv = states.new_empty(*units, slots, 2 * head_dim)
+        probs = states.new_empty(*units, segment_length, slots)
+        r, gates = (states.new_empty(*units, segment_length, head_dim) for _ in range(2))
+        shape = (heads, rows * segments, slots, head_dim, segment_length, torch.get_num_threads())
+        weights = [w.contiguous() for w in (kv_weight, gate_weight, gate_bias)]
+        _library().read_forward(*shape, *_pointers(q_tokens, states, *weights, out, kv, probs, r, gates))
+        ctx.shape = shape
+        ctx.save_for_backward(q_tokens, states, weights[0], weights[1], kv, probs, r, gates)
+        ctx.mark_non_differentiable(gates)
+        return out, gates
+
+    @staticmethod
+    def backward(ctx, d_out, _d_gates):
+        q_tokens, states, kv_weight, gate_weight, kv, probs, r, gates = ctx.saved_tensors
+        units = ctx.shape[:2]
+        d_q, d_states = torch.empty_like(q_tokens), torch.empty_like(states)
+        d_kv_weight = states.new_empty(*units, *kv_weight.shape[1:])  # per unit, summed below
+        d_gate_weight = states.new_empty(*units, *gate_weight.shape[1:])
+        d_gate_bias = states.new_empty(*units, gate_weight.shape[-1])
+        transposed = [w.transpose(1, 2).contiguous() for w in (kv_weight, gate_weight)]
+        d_out = d_out.contiguous()  # named: see _WriteScan.backward
+        _library().read_backward(*ctx.shape, *_pointers(q_tokens, states, *transposed, kv, probs, r, gates, d_out,
+                                                         d_q, d_states, d_kv_weight, d_gate_weight, d_gate_bias))
+        return d_q, d_states, d_kv_weight.sum(1), d_gate_weight.sum(1), d_gate_bias.sum(1), None
+
+
+def fused_read(q_tokens: torch.Tensor, states: torch.Tensor, kv_weight: torch.Tensor, gate_weight: torch.Tensor,
+               gate_bias: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_tokens: the read queries [B, k*S, Hl*dh] as the projection gives them; states: every segment's memory
+    [Hl, B, k, N, dh]; kv_weight [Hl, dh, 2dh] (the scaled key weight, then the value weight); gate_weight
+    [Hl, dh, dh] and gate_bias [Hl, dh]: the output gate. Returns the gated read [B, k*S, Hl*dh], token-major for
+    the output projection, and the output gate [Hl, B*k, S, dh] (not differentiable: for the probe)."""
+    return _Read.apply(q_tokens, states, kv_weight, gate_weight, gate_bias, segment_length)
