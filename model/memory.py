@@ -6,9 +6,10 @@ d_h columns), so under tensor parallelism a rank holds H_m/tp heads, the matchin
 projection and gate, and the module is sharded exactly like attention: column-parallel in (the token
 projections), row-parallel out (out_proj, one all-reduce), no communication inside the segment scan.
 
-Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. Inside the module everything is head-first
+Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. The PyTorch operations below work head-first
 ([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
-(bench/README.md measures why that matters).
+(bench/README.md measures why that matters). On CPU in fp32 the write scan and the row-level read run instead as
+fused kernels (memory_kernels.py) that take the token projections as they are; both compute the same function.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm2.model.config import ModelConfig
 from lm2.model import memory_kernels
+from lm2.model.config import ModelConfig
 from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sharded_parameter
 
 

@@ -85,6 +85,34 @@ static inline float sigmoid(float z) { return 1.0f / (1.0f + fast_exp(-z)); }
 /* tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error about 1e-7, like the gates'. */
 static inline float fast_tanh(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f); }
 
+/* In place, each row of p [rows, cols]: scores -> probabilities. */
+static void softmax_rows(int rows, int cols, float *p) {
+    for (int i = 0; i < rows; i++) {
+        float *row = p + i * cols, top = row[0], total = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int j = 1; j < cols; j++) top = row[j] > top ? row[j] : top;
+#pragma omp simd
+        for (int j = 0; j < cols; j++) row[j] = fast_exp(row[j] - top);
+#pragma omp simd reduction(+ : total)
+        for (int j = 0; j < cols; j++) total += row[j];
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int j = 0; j < cols; j++) row[j] *= inverse;
+    }
+}
+
+/* In place, each row of d [rows, cols]: the probabilities' gradient -> the scores' gradient, p the probabilities. */
+static void softmax_backward_rows(int rows, int cols, const float *p, float *d) {
+    for (int i = 0; i < rows; i++) {
+        float *row = d + i * cols, dot = 0.0f;
+        const float *prow = p + i * cols;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < cols; j++) dot += row[j] * prow[j];
+#pragma omp simd
+        for (int j = 0; j < cols; j++) row[j] = prow[j] * (row[j] - dot);
+    }
+}
+
 typedef struct {
     int heads, rows, segments, slots, head_dim, seg_len;
     long token_row, grad_row; /* the row strides of keys/values and of their gradients (tokens are H * dh apart) */
@@ -120,18 +148,7 @@ static void forward_unit(const Shape *sh, int unit, const float *start, const fl
         for (int i = 0; i < N; i++) memcpy(q + i * dh, a + i * 3 * dh, sizeof(float) * dh);
         memset(p, 0, sizeof(float) * N * S);
         mm(N, dh, S, q, dh, 1, kt, S, p, S);
-        for (int i = 0; i < N; i++) {
-            float *row = p + i * S, top = row[0], total = 0.0f;
-#pragma omp simd reduction(max : top)
-            for (int j = 1; j < S; j++) top = row[j] > top ? row[j] : top;
-#pragma omp simd
-            for (int j = 0; j < S; j++) row[j] = fast_exp(row[j] - top);
-#pragma omp simd reduction(+ : total)
-            for (int j = 0; j < S; j++) total += row[j];
-            const float inverse = 1.0f / total;
-#pragma omp simd
-            for (int j = 0; j < S; j++) row[j] *= inverse;
-        }
+        softmax_rows(N, S, p);
         memset(u, 0, sizeof(float) * state_size);
         mm(N, S, dh, p, S, 1, v, ld, u, dh);
         for (int i = 0; i < N; i++) memcpy(g + i * 2 * dh, a + i * 3 * dh + dh, sizeof(float) * 2 * dh);
@@ -198,12 +215,7 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
         mm(N, dh, S, d_u, dh, 1, swap, S, d_p, S); /* dU @ V^T */
         for (int t = 0; t < S; t++) memset(dv + t * ld, 0, sizeof(float) * dh);
         mm(S, N, dh, p, 1, S, d_u, dh, dv, ld); /* P^T @ dU */
-        for (int i = 0; i < N; i++) {
-            float *row = d_p + i * S, dot = 0.0f;
-            const float *prow = p + i * S;
-            for (int j = 0; j < S; j++) dot += row[j] * prow[j];
-            for (int j = 0; j < S; j++) row[j] = prow[j] * (row[j] - dot);
-        }
+        softmax_backward_rows(N, S, p, d_p);
         for (int i = 0; i < N; i++) memset(d_a + i * 3 * dh, 0, sizeof(float) * dh);
         mm(N, S, dh, d_p, S, 1, k, ld, d_a, 3 * dh); /* dq = dScores @ K */
         for (int t = 0; t < S; t++) memset(dk + t * ld, 0, sizeof(float) * dh);
@@ -284,18 +296,7 @@ static void read_forward_unit(const ReadShape *sh, int unit, const float *q_toke
     transpose(N, dh, kv, 2 * dh, kt);
     memset(p, 0, sizeof(float) * S * N);
     mm(S, dh, N, q, ld, 1, kt, N, p, N);
-    for (int t = 0; t < S; t++) {
-        float *row = p + t * N, top = row[0], total = 0.0f;
-#pragma omp simd reduction(max : top)
-        for (int j = 1; j < N; j++) top = row[j] > top ? row[j] : top;
-#pragma omp simd
-        for (int j = 0; j < N; j++) row[j] = fast_exp(row[j] - top);
-#pragma omp simd reduction(+ : total)
-        for (int j = 0; j < N; j++) total += row[j];
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int j = 0; j < N; j++) row[j] *= inverse;
-    }
+    softmax_rows(S, N, p);
     memset(r, 0, sizeof(float) * S * dh);
     mm(S, N, dh, p, N, 1, kv + dh, 2 * dh, r, dh);
     for (int t = 0; t < S; t++) memcpy(g + t * dh, bg + (size_t)head * dh, sizeof(float) * dh);
@@ -344,12 +345,7 @@ static void read_backward_unit(const ReadShape *sh, int unit, const float *q_tok
     mm(S, dh, N, d_r, dh, 1, vt, N, d_p, N); /* dR @ V^T */
     memset(d_kv, 0, sizeof(float) * N * 2 * dh);
     mm(N, S, dh, p, 1, N, d_r, dh, d_kv + dh, 2 * dh); /* dV = P^T @ dR */
-    for (int t = 0; t < S; t++) {
-        float *row = d_p + t * N, dot = 0.0f;
-        const float *prow = p + t * N;
-        for (int j = 0; j < N; j++) dot += row[j] * prow[j];
-        for (int j = 0; j < N; j++) row[j] = prow[j] * (row[j] - dot);
-    }
+    softmax_backward_rows(S, N, p, d_p);
     for (int t = 0; t < S; t++) memset(dq + t * ld, 0, sizeof(float) * dh);
     mm(S, N, dh, d_p, N, 1, k, 2 * dh, dq, ld); /* dq = dScores @ K */
     mm(N, S, dh, d_p, 1, N, q, ld, d_kv, 2 * dh); /* dK = dScores^T @ q */

@@ -139,7 +139,7 @@ class _WriteScan(torch.autograd.Function):
 
 
 def fused_write_scan(start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
-               segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
     (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
     [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
