@@ -20,7 +20,6 @@
  * Why C: at CPU sizes each of these matrices is a few thousand elements, and in PyTorch every write is some 40
  * operations, forward and backward, each below torch's parallel grain (bench/README.md).
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,14 +120,15 @@ typedef struct {
 /* Where segment s of unit u starts in a [rows, tokens, H * dh] tensor with rows `row_stride` apart. */
 static size_t token_offset(const Shape *sh, long row_stride, int unit, int s) {
     const int ld = sh->heads * sh->head_dim;
-    return (size_t)(unit % sh->rows) * row_stride + (size_t)s * sh->seg_len * ld + (size_t)(unit / sh->rows) * sh->head_dim;
+    return (size_t)(unit % sh->rows) * row_stride + (size_t)s * sh->seg_len * ld
+           + (size_t)(unit / sh->rows) * sh->head_dim;
 }
 
 static void forward_unit(const Shape *sh, int unit, const float *start, const float *keys, const float *values,
                          const float *wm, const float *bias, const float *wu, float *states, float *q_out,
                          float *probs_out, float *u_out, float *gates_out, float *scratch) {
     const int N = sh->slots, dh = sh->head_dim, S = sh->seg_len, HB = sh->heads * sh->rows;
-    const int head = unit / sh->rows, state_size = N * dh;
+    const int head = unit / sh->rows, state_size = N * dh, ld = sh->heads * dh;
     const float *w_mem = wm + (size_t)head * dh * 3 * dh, *w_u = wu + (size_t)head * dh * 2 * dh;
     const float *b = bias + (size_t)head * 3 * dh;
     float *a = scratch; /* [N, 3dh] */
@@ -136,7 +136,6 @@ static void forward_unit(const Shape *sh, int unit, const float *start, const fl
     memcpy(mine, start + (size_t)unit * state_size, sizeof(float) * state_size);
     for (int s = 0; s < sh->segments; s++) {
         const size_t seg_unit = (size_t)s * HB + unit;
-        const int ld = sh->heads * dh;
         const float *m = mine + (size_t)s * state_size, *v = values + token_offset(sh, sh->token_row, unit, s);
         float *kt = a + N * 3 * dh; /* the segment's keys transposed, [dh, S] */
         transpose(S, dh, keys + token_offset(sh, sh->token_row, unit, s), ld, kt);
@@ -233,8 +232,8 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
 
 /* The entry points (ctypes): every unit on `threads` OpenMP threads (torch's own libgomp, loaded before this). */
 void write_scan_forward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
-                        long grad_row, int threads, const float *start, const float *keys, const float *values, const float *wm,
-                        const float *bias, const float *wu, float *states, float *q, float *probs, float *u,
+                        long grad_row, int threads, const float *start, const float *keys, const float *values,
+                        const float *wm, const float *bias, const float *wu, float *states, float *q, float *probs, float *u,
                         float *gates) {
     const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};
 #pragma omp parallel num_threads(threads)
@@ -248,8 +247,8 @@ void write_scan_forward(int heads, int rows, int segments, int slots, int head_d
 }
 
 void write_scan_backward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
-                         long grad_row, int threads, const float *keys, const float *values, const float *wm_t, const float *wu_t,
-                         const float *states, const float *q, const float *probs, const float *u,
+                         long grad_row, int threads, const float *keys, const float *values, const float *wm_t,
+                         const float *wu_t, const float *states, const float *q, const float *probs, const float *u,
                          const float *gates, const float *d_states, float *d_start, float *d_keys,
                          float *d_values, float *d_wm, float *d_bias, float *d_wu) {
     const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};

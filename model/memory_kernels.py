@@ -52,7 +52,7 @@ def _build(compiler: str) -> Path:
     if not library.exists():
         # Ranks may build at once: each writes its own file and renames it into place (atomic).
         partial = library.with_name(f"{library.name}.{uuid.uuid4().hex}.tmp")
-        subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE), "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True,
                        text=True)
         partial.replace(library)
     return library

@@ -42,8 +42,8 @@ def test_parameter_count_matches_built_model(single_process, cfg):
 def test_flops_equal_the_matmuls_of_a_forward(single_process, cfg, monkeypatch):
     """torch's FLOP counter over one row, with attention decomposed into matmuls (SDPA's math kernel computes the
     whole S x S score matrix: the convention without causal discount). The output layer's vocabulary padding is
-    real work but not model FLOPs, so it is taken out. The counter sees torch's operations only, so the memory
-    writes run as such, not in the fused CPU kernel (the same math: tests/model/test_memory_kernels.py)."""
+    real work but not model FLOPs, so it is taken out. The counter sees torch's operations only, so the memory runs
+    its PyTorch operations, not the fused CPU kernels (the same math: tests/model/test_memory_kernels.py)."""
     monkeypatch.setattr(memory_kernels, "applies", lambda start: False)
     model = LM2Model(cfg, tensor_parallel())
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():

@@ -85,27 +85,36 @@ def test_the_probes_see_the_same_gates(single_process, monkeypatch):
 
 @requires_kernel
 def test_the_kernels_give_the_same_bits_at_any_thread_count(single_process):
+    """The kernels alone (the module's torch GEMMs may round differently with the thread count)."""
     cfg = tiny_config(row_length=96, memory_fields=dict(slots=16, bptt_segments=8))
     module = memory_module(cfg)
-    xn = torch.randn(4, 96, cfg.hidden_size)
+    heads, dh, segment = module.local_heads, module.head_dim, cfg.segment_length
+    generator = torch.Generator().manual_seed(3)
+    keys, values, q = (torch.randn(4, 96, heads * dh, generator=generator) for _ in range(3))
     runs = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            x = xn.clone().requires_grad_()
-            out = module(x, cfg.segment_length)
+            inputs = [t.clone().requires_grad_() for t in (keys[:, :-segment], values[:, :-segment], q)]
+            states, _ = memory_kernels.fused_write_scan(module.initial_state(4), *inputs[:2], module.write_weights(),
+                                                        segment)
+            out, _ = memory_kernels.fused_read(inputs[2], states, module._read_kv_weight(), module.out_gate,
+                                               module.out_gate_bias, segment)
             out.square().sum().backward()
-            runs.append([out.detach(), x.grad, *(p.grad.clone() for p in module.parameters())])
+            runs.append([states.detach(), out.detach(), *(t.grad for t in inputs),
+                         *(p.grad.clone() for p in module.parameters() if p.grad is not None)])
             module.zero_grad(set_to_none=True)
     finally:
         torch.set_num_threads(threads)
+    assert len(runs[0]) == 5 + 10  # every memory parameter but the four token projections has a gradient
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 def test_without_a_c_compiler_the_memory_runs_its_pytorch_operations(single_process, monkeypatch, tmp_path):
-    """A PATH with no cc: one warning naming the fix, and the memory still computes on CPU, with its PyTorch writes."""
+    """A PATH with no cc: one warning naming the fix, and the memory still computes on CPU, with its PyTorch
+    operations."""
     cfg = tiny_config()
     module = memory_module(cfg)
     xn = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
