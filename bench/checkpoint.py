@@ -66,23 +66,32 @@ def main() -> None:
             optimizer.load_state_dict(state["optimizer"])
 
         seconds = interleaved({"lm2_save": lm2_save, "plain_save": plain_save}, args.rounds)
-        seconds |= interleaved({"lm2_load": lambda: load(engine.deepspeed, saved[-1]), "plain_load": plain_load},
-                               args.rounds)
+        seconds |= interleaved(
+            {"lm2_load": lambda: load(engine.deepspeed, saved[-1]), "plain_load": plain_load}, args.rounds
+        )
         lm2_bytes, plain_bytes = folder_bytes(saved[-1]), reference.stat().st_size
     parameters = parameter_counts(run.model).total
     analytic = parameters * (4 + 8)
-    result = {"bench": "checkpoint", "config": args.config, "overrides": args.overrides, "rounds": args.rounds,
-              "zero_stage": run.parallel.zero_stage, "parameters": parameters,
-              "seconds": {name: statistics.median(s) for name, s in seconds.items()},
-              "save_ratio": median_ratio(seconds["lm2_save"], seconds["plain_save"]),
-              "load_ratio": median_ratio(seconds["lm2_load"], seconds["plain_load"]),
-              "bytes": {"lm2": lm2_bytes, "plain": plain_bytes, "analytic": analytic},
-              "bytes_over_analytic": {"lm2": lm2_bytes / analytic, "plain": plain_bytes / analytic}}
+    result = {
+        "bench": "checkpoint",
+        "config": args.config,
+        "overrides": args.overrides,
+        "rounds": args.rounds,
+        "zero_stage": run.parallel.zero_stage,
+        "parameters": parameters,
+        "seconds": {name: statistics.median(s) for name, s in seconds.items()},
+        "save_ratio": median_ratio(seconds["lm2_save"], seconds["plain_save"]),
+        "load_ratio": median_ratio(seconds["lm2_load"], seconds["plain_load"]),
+        "bytes": {"lm2": lm2_bytes, "plain": plain_bytes, "analytic": analytic},
+        "bytes_over_analytic": {"lm2": lm2_bytes / analytic, "plain": plain_bytes / analytic},
+    }
     print(json.dumps(result))
     s = result["seconds"]
-    print(f"save {s['lm2_save']:.3f} s (x{result['save_ratio']:.2f} torch.save), load {s['lm2_load']:.3f} s "
-          f"(x{result['load_ratio']:.2f} torch.load); {lm2_bytes / 1e6:.1f} MB = x{lm2_bytes / analytic:.2f} the "
-          f"analytic {analytic / 1e6:.1f} MB (torch.save x{plain_bytes / analytic:.2f})")
+    print(
+        f"save {s['lm2_save']:.3f} s (x{result['save_ratio']:.2f} torch.save), load {s['lm2_load']:.3f} s "
+        f"(x{result['load_ratio']:.2f} torch.load); {lm2_bytes / 1e6:.1f} MB = x{lm2_bytes / analytic:.2f} the "
+        f"analytic {analytic / 1e6:.1f} MB (torch.save x{plain_bytes / analytic:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -63,11 +63,20 @@ def main() -> None:
     rows_per_s, rows = loader_rate(cfg, dims, args.micro_batch)
     train_rows_per_s = training_rate(cfg, args.micro_batch, args.steps)
     length = cfg.model.row_length
-    print(json.dumps({"bench": "loader_throughput", "micro_batch": args.micro_batch, "rows": rows,
-                      "loader_rows_per_s": round(rows_per_s, 1), "loader_tokens_per_s": round(rows_per_s * length),
-                      "train_rows_per_s": round(train_rows_per_s, 2),
-                      "train_tokens_per_s": round(train_rows_per_s * length),
-                      "loader_headroom": round(rows_per_s / train_rows_per_s, 1)}))
+    print(
+        json.dumps(
+            {
+                "bench": "loader_throughput",
+                "micro_batch": args.micro_batch,
+                "rows": rows,
+                "loader_rows_per_s": round(rows_per_s, 1),
+                "loader_tokens_per_s": round(rows_per_s * length),
+                "train_rows_per_s": round(train_rows_per_s, 2),
+                "train_tokens_per_s": round(train_rows_per_s * length),
+                "loader_headroom": round(rows_per_s / train_rows_per_s, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def write_inputs(documents: list[str], folder: Path, form: str) -> Path:
         import zstandard
 
         path = folder / "documents.jsonl.zst"
-        path.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n"
-                                                                     for d in documents).encode()))
+        path.write_bytes(
+            zstandard.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in documents).encode())
+        )
     elif form == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -83,18 +84,31 @@ def main() -> None:
             for workers in map(int, args.workers.split(",")):
                 output = Path(folder) / f"shards-{form}-{workers}"
                 start = time.perf_counter()
-                metadata = prepare([source], output, args.tokenizer, row_length=args.row_length, workers=workers,
-                                   progress=False)
+                metadata = prepare(
+                    [source], output, args.tokenizer, row_length=args.row_length, workers=workers, progress=False
+                )
                 rate = metadata["splits"]["train"]["tokens"] / (time.perf_counter() - start)
                 assert metadata["splits"]["train"]["tokens"] == raw_tokens, "prepare and raw encode disagree"
                 first_rate = first_rate or rate
-                print(json.dumps({"bench": "prepare_throughput", "format": form, "documents": len(documents),
-                                  "tokens": raw_tokens, "input_mb": round(source.stat().st_size / 1e6, 2),
-                                  "workers": workers, "cpus": os.cpu_count(), "raw_encode_tokens_per_s": round(raw_rate),
-                                  "prepare_tokens_per_s": round(rate),
-                                  "prepare_tokens_per_s_per_worker": round(rate / workers),
-                                  "ratio_per_worker": round(rate / workers / raw_rate, 3),
-                                  "scaling": round(rate / first_rate, 2)}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "prepare_throughput",
+                            "format": form,
+                            "documents": len(documents),
+                            "tokens": raw_tokens,
+                            "input_mb": round(source.stat().st_size / 1e6, 2),
+                            "workers": workers,
+                            "cpus": os.cpu_count(),
+                            "raw_encode_tokens_per_s": round(raw_rate),
+                            "prepare_tokens_per_s": round(rate),
+                            "prepare_tokens_per_s_per_worker": round(rate / workers),
+                            "ratio_per_worker": round(rate / workers / raw_rate, 3),
+                            "scaling": round(rate / first_rate, 2),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ def worker(args) -> None:
     run = load_config(args.config, args.overrides)
     engine = build_engine(run, init_distributed(run.parallel.tp, run.parallel.pp))
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = torch.randint(0, run.model.vocab_size, (run.train.global_batch, run.model.row_length + 1),
-                         generator=torch.Generator().manual_seed(0)).chunk(dp)[dp_rank]
+    rows = torch.randint(
+        0,
+        run.model.vocab_size,
+        (run.train.global_batch, run.model.row_length + 1),
+        generator=torch.Generator().manual_seed(0),
+    ).chunk(dp)[dp_rank]
     micro_batches = [(m[:, :-1], m[:, 1:]) for m in rows.split(run.train.micro_batch)]
     train_step(engine, micro_batches)  # warm-up
     dist.barrier()
@@ -55,8 +59,19 @@ def launch(args, nproc: int, layout: list[str], out: Path) -> float:
     from lm2.pipeline.parallel.launch import _free_port, _rank_environment
 
     port = _free_port()
-    command = [sys.executable, __file__, "--worker", "--out", str(out), "--config", args.config,
-               "--steps", str(args.steps), *args.overrides, *layout]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--out",
+        str(out),
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        *args.overrides,
+        *layout,
+    ]
     ranks = [subprocess.Popen(command, env=_rank_environment(rank, nproc, port)) for rank in range(nproc)]
     if any(rank.wait() for rank in ranks):
         raise SystemExit(f"a rank of {layout or 'one process'} failed")
@@ -83,13 +98,21 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, (nproc, layout) in LAYOUTS.items():
                 seconds[name].append(launch(args, nproc, layout, Path(folder) / f"{name}-{round_}.json"))
-    result = {"bench": "scaling", "config": args.config, "overrides": args.overrides, "rounds": args.rounds,
-              "steps_per_round": args.steps, "zero_stage": run.parallel.zero_stage,
-              "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
-              "scaling": {name: median_ratio(seconds["single"], seconds[name]) for name in ("dp2", "tp2")}}
+    result = {
+        "bench": "scaling",
+        "config": args.config,
+        "overrides": args.overrides,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "zero_stage": run.parallel.zero_stage,
+        "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
+        "scaling": {name: median_ratio(seconds["single"], seconds[name]) for name in ("dp2", "tp2")},
+    }
     print(json.dumps(result))
-    print(f"DP=2 {result['scaling']['dp2']:.2f}x (target >= 1.6), TP=2 {result['scaling']['tp2']:.2f}x one process; "
-          + ", ".join(f"{name} {value:,.0f} tokens/s" for name, value in result["tokens_per_s"].items()))
+    print(
+        f"DP=2 {result['scaling']['dp2']:.2f}x (target >= 1.6), TP=2 {result['scaling']['tp2']:.2f}x one process; "
+        + ", ".join(f"{name} {value:,.0f} tokens/s" for name, value in result["tokens_per_s"].items())
+    )
 
 
 if __name__ == "__main__":

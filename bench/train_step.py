@@ -42,8 +42,9 @@ from measure import interleaved, median_ratio, saved_activation_bytes, state_byt
 
 def batches(run, count: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, run.model.vocab_size, (count, run.train.micro_batch, run.model.row_length + 1),
-                         generator=generator).to(device)
+    rows = torch.randint(
+        0, run.model.vocab_size, (count, run.train.micro_batch, run.model.row_length + 1), generator=generator
+    ).to(device)
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
@@ -54,6 +55,7 @@ def plain_step(model: LM2Model, optimizer, clip: float, micro_batches):
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -61,6 +63,7 @@ def repeat(step, times: int):
     def run():
         for _ in range(times):
             step()
+
     return run
 
 
@@ -69,8 +72,9 @@ def plain_model(run, device: torch.device):
     implementation, updates the weights in that dtype (the engine keeps fp32 master weights: more work, so the
     reference errs on the fast side)."""
     model = LM2Model(run.model, tensor_parallel(params_dtype(run.train)), seed=run.train.seed).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2),
-                                  fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=run.optim.lr, betas=(run.optim.beta1, run.optim.beta2), fused=True
+    )
     return model, optimizer
 
 
@@ -92,11 +96,15 @@ def backbone_split(seconds: dict[str, list[float]], flops: dict[str, int]) -> di
     # A round where LM2 was no slower than its backbone (noise) counts as infinitely efficient, not as an error.
     per_flop = [memory_flops * b / (flops["backbone"] * (m - b)) if m > b else math.inf for m, b in zip(lm2, backbone)]
     return {
-        "backbone_vs_vanilla": {"tokens_per_s_ratio": median_ratio(seconds["vanilla/engine"], backbone),
-                                "ideal_flops_ratio": flops["vanilla"] / flops["backbone"]},
-        "lm2_vs_backbone": {"tokens_per_s_ratio": median_ratio(backbone, lm2),
-                            "ideal_flops_ratio": flops["backbone"] / flops["lm2"],
-                            "memory_per_flop": statistics.median(per_flop)},
+        "backbone_vs_vanilla": {
+            "tokens_per_s_ratio": median_ratio(seconds["vanilla/engine"], backbone),
+            "ideal_flops_ratio": flops["vanilla"] / flops["backbone"],
+        },
+        "lm2_vs_backbone": {
+            "tokens_per_s_ratio": median_ratio(backbone, lm2),
+            "ideal_flops_ratio": flops["backbone"] / flops["lm2"],
+            "memory_per_flop": statistics.median(per_flop),
+        },
     }
 
 
@@ -123,8 +131,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     dims = init_distributed()
-    runs = {"lm2": load_config(args.config, args.overrides),
-            "vanilla": load_config(args.config, args.overrides + ["model.memory.enabled=false"])}
+    runs = {
+        "lm2": load_config(args.config, args.overrides),
+        "vanilla": load_config(args.config, args.overrides + ["model.memory.enabled=false"]),
+    }
     subjects, micro_batches = {}, {}
     for name, run in runs.items():
         engine = build_engine(run, dims)
@@ -132,13 +142,15 @@ def main() -> None:
         micro_batches[name] = batches(run, engine.grad_accum, device)
         subjects[f"{name}/engine"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb), args.steps)
         model, optimizer = plain_model(run, device)
-        subjects[f"{name}/plain"] = repeat(plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]),
-                                           args.steps)
+        subjects[f"{name}/plain"] = repeat(
+            plain_step(model, optimizer, run.optim.grad_clip, micro_batches[name]), args.steps
+        )
     if args.compile:
         for name, run in runs.items():
             engine = build_engine(dataclasses.replace(run, train=dataclasses.replace(run.train, compile=True)), dims)
-            subjects[f"{name}/engine-compiled"] = repeat(lambda e=engine, mb=micro_batches[name]: train_step(e, mb),
-                                                         args.steps)
+            subjects[f"{name}/engine-compiled"] = repeat(
+                lambda e=engine, mb=micro_batches[name]: train_step(e, mb), args.steps
+            )
     backbone = load_config(args.config, args.overrides + ["model.memory.layers=[]"])
     backbone_engine = build_engine(backbone, dims)
     subjects["backbone/engine"] = repeat(lambda: train_step(backbone_engine, micro_batches["lm2"]), args.steps)
@@ -150,35 +162,53 @@ def main() -> None:
     speed = median_ratio(seconds["vanilla/engine"], seconds["lm2/engine"])
     ideal = flops["vanilla"] / flops["lm2"]
     result = {
-        "bench": "train_step", "config": args.config, "overrides": args.overrides, "device": str(device),
-        "dtype": str(params_dtype(runs["lm2"].train)), "threads": torch.get_num_threads(),
-        "zero_stage": runs["lm2"].parallel.zero_stage, "rounds": args.rounds, "steps_per_round": args.steps,
+        "bench": "train_step",
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": str(device),
+        "dtype": str(params_dtype(runs["lm2"].train)),
+        "threads": torch.get_num_threads(),
+        "zero_stage": runs["lm2"].parallel.zero_stage,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
         "engine_vs_plain": {name: median_ratio(seconds[f"{name}/plain"], seconds[f"{name}/engine"]) for name in runs},
-        "lm2_vs_vanilla": {"tokens_per_s_ratio": speed, "ideal_flops_ratio": ideal, "efficiency": speed / ideal,
-                           "peak_memory_ratio": peaks["lm2"] / peaks["vanilla"]},
+        "lm2_vs_vanilla": {
+            "tokens_per_s_ratio": speed,
+            "ideal_flops_ratio": ideal,
+            "efficiency": speed / ideal,
+            "peak_memory_ratio": peaks["lm2"] / peaks["vanilla"],
+        },
         "peak_bytes": peaks,
         **backbone_split(seconds, flops),
     }
     if args.compile:
-        result["compiled_vs_eager"] = {name: median_ratio(seconds[f"{name}/engine"], seconds[f"{name}/engine-compiled"])
-                                       for name in runs}
-        result["lm2_vs_vanilla_compiled"] = median_ratio(seconds["vanilla/engine-compiled"],
-                                                         seconds["lm2/engine-compiled"])
+        result["compiled_vs_eager"] = {
+            name: median_ratio(seconds[f"{name}/engine"], seconds[f"{name}/engine-compiled"]) for name in runs
+        }
+        result["lm2_vs_vanilla_compiled"] = median_ratio(
+            seconds["vanilla/engine-compiled"], seconds["lm2/engine-compiled"]
+        )
     print(json.dumps(result))
     ratios = result["engine_vs_plain"]
     print(f"engine vs plain loop: LM2 {ratios['lm2']:.2f}, vanilla {ratios['vanilla']:.2f} (target >= 0.9)")
-    print(f"LM2 vs vanilla: tokens/s {speed:.2f} of an ideal {ideal:.2f} (efficiency {speed / ideal:.2f}, "
-          f"target >= 0.9), peak memory x{peaks['lm2'] / peaks['vanilla']:.2f}")
+    print(
+        f"LM2 vs vanilla: tokens/s {speed:.2f} of an ideal {ideal:.2f} (efficiency {speed / ideal:.2f}, "
+        f"target >= 0.9), peak memory x{peaks['lm2'] / peaks['vanilla']:.2f}"
+    )
     print("tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in result["tokens_per_s"].items()))
     bb, mem = result["backbone_vs_vanilla"], result["lm2_vs_backbone"]
-    print(f"LM2's backbone (memory.layers=[]) vs vanilla: tokens/s {bb['tokens_per_s_ratio']:.2f} of an ideal "
-          f"{bb['ideal_flops_ratio']:.2f}; LM2 vs its backbone: {mem['tokens_per_s_ratio']:.2f} of an ideal "
-          f"{mem['ideal_flops_ratio']:.2f} (the memory's FLOPs/s: {mem['memory_per_flop']:.2f} of the backbone's)")
+    print(
+        f"LM2's backbone (memory.layers=[]) vs vanilla: tokens/s {bb['tokens_per_s_ratio']:.2f} of an ideal "
+        f"{bb['ideal_flops_ratio']:.2f}; LM2 vs its backbone: {mem['tokens_per_s_ratio']:.2f} of an ideal "
+        f"{mem['ideal_flops_ratio']:.2f} (the memory's FLOPs/s: {mem['memory_per_flop']:.2f} of the backbone's)"
+    )
     if args.compile:
         gains = result["compiled_vs_eager"]
-        print(f"train.compile vs eager (engine): LM2 {gains['lm2']:.2f}x, vanilla {gains['vanilla']:.2f}x; "
-              f"LM2 vs vanilla compiled {result['lm2_vs_vanilla_compiled']:.2f}")
+        print(
+            f"train.compile vs eager (engine): LM2 {gains['lm2']:.2f}x, vanilla {gains['vanilla']:.2f}x; "
+            f"LM2 vs vanilla compiled {result['lm2_vs_vanilla_compiled']:.2f}"
+        )
     if args.profile:
         profile(subjects["lm2/plain"])
 

@@ -56,7 +56,8 @@ def forward_flops_per_token(cfg: ModelConfig) -> int:
     memory_blocks = sum(cfg.has_memory(i) for i in range(cfg.num_layers))
     segments = cfg.num_segments
     per_row_memory = (
-        cfg.row_length * (
+        cfg.row_length
+        * (
             2 * 2 * d * d_m  # read query and output projections
             + 4 * slots * d_m  # read attention over N slots
             + 2 * d_m * dh  # output gate
@@ -64,7 +65,7 @@ def forward_flops_per_token(cfg: ModelConfig) -> int:
         + segments * 2 * 2 * slots * d_m * dh  # k/v of the slots each segment reads
         # the writes: none after the last segment (it would feed nothing inside the row); the segment's write keys
         # and values, write query, write attention over the segment, input and forget gates
-        + (segments - 1) * (2 * 2 * seg * d * d_m + 2 * slots * d_m * dh + 4 * slots * seg * d_m
-                            + 2 * 2 * slots * 2 * d_m * dh)
+        + (segments - 1)
+        * (2 * 2 * seg * d * d_m + 2 * slots * d_m * dh + 4 * slots * seg * d_m + 2 * 2 * slots * 2 * d_m * dh)
     )
     return flops + memory_blocks * per_row_memory // cfg.row_length

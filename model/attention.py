@@ -35,7 +35,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, hd]
         v = self.v_proj(x).view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.local_heads != self.local_kv_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.local_heads != self.local_kv_heads
+        )
         out = out.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
         return self.o_proj(out)

@@ -56,9 +56,11 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         _positive("memory.slots", self.slots)
         _positive("memory.heads", self.heads)
-        require(isinstance(self.bptt_segments, int) and self.bptt_segments >= 2,
-                f"memory.bptt_segments must be an integer >= 2, got {self.bptt_segments!r}: with 1 every "
-                "segment's memory is detached and no memory write is trained")
+        require(
+            isinstance(self.bptt_segments, int) and self.bptt_segments >= 2,
+            f"memory.bptt_segments must be an integer >= 2, got {self.bptt_segments!r}: with 1 every "
+            "segment's memory is detached and no memory write is trained",
+        )
         if self.dim is not None:
             _positive("memory.dim", self.dim)
             require(
@@ -91,8 +93,16 @@ class ModelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                     "row_length", "segment_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_hidden_size",
+            "row_length",
+            "segment_length",
+        ):
             _positive(name, getattr(self, name))
         require(
             self.hidden_size % self.num_heads == 0,
@@ -106,8 +116,10 @@ class ModelConfig:
         )
         require(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         require(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
-        require(self.norm_eps > 0, f"norm_eps must be positive (RMSNorm divides by sqrt(mean(x^2) + norm_eps)), "
-                                   f"got {self.norm_eps}")
+        require(
+            self.norm_eps > 0,
+            f"norm_eps must be positive (RMSNorm divides by sqrt(mean(x^2) + norm_eps)), got {self.norm_eps}",
+        )
         if not self.memory.enabled:
             return
         require(

@@ -105,20 +105,41 @@ class TensorParallel:
     def of_group(cls, group: dist.ProcessGroup, params_dtype: torch.dtype) -> "TensorParallel":
         """The context of this rank in `group`, the tensor-parallel group; params_dtype: fp32 on CPU, bf16 on GPU."""
         size = dist.get_world_size(group)
-        config = ModelParallelConfig(tensor_model_parallel_size=size, params_dtype=params_dtype,
-                                     use_cpu_initialization=True, perform_initialization=True,
-                                     sequence_parallel=False, gradient_accumulation_fusion=False)
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=size,
+            params_dtype=params_dtype,
+            use_cpu_initialization=True,
+            perform_initialization=True,
+            sequence_parallel=False,
+            gradient_accumulation_fusion=False,
+        )
         return cls(config, group, dist.get_rank(group), size)
 
     def column(self, in_features: int, out_features: int, init: Callable, **kwargs) -> ColumnLinear:
         """in -> out/tp on this rank, no bias, output left split (the next layer consumes the split)."""
-        return ColumnLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
-                            gather_output=False, tp_group=self.group, **kwargs)
+        return ColumnLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            tp_group=self.group,
+            **kwargs,
+        )
 
     def row(self, in_features: int, out_features: int, init: Callable) -> RowLinear:
         """in/tp -> out, all-reduced over the group, no bias."""
-        return RowLinear(in_features, out_features, config=self.config, init_method=init, bias=False,
-                         input_is_parallel=True, skip_bias_add=True, tp_group=self.group)
+        return RowLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            tp_group=self.group,
+        )
 
 
 def sharded_parameter(full: torch.Tensor, dim: int, tp_rank: int, tp_size: int) -> nn.Parameter:

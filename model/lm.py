@@ -13,8 +13,9 @@ from lm2.model.layers import ColumnLinear, RMSNorm, TensorParallel, init_vocab_p
 
 
 def build_embedding(cfg: ModelConfig, tp: TensorParallel, seed: int) -> VocabParallelEmbedding:
-    embedding = VocabParallelEmbedding(cfg.padded_vocab_size(tp.size), cfg.hidden_size, config=tp.config,
-                                       init_method=lambda w: w, tp_group=tp.group)
+    embedding = VocabParallelEmbedding(
+        cfg.padded_vocab_size(tp.size), cfg.hidden_size, config=tp.config, init_method=lambda w: w, tp_group=tp.group
+    )
     with seeded(seed):
         init_vocab_parallel_(embedding.weight, cfg.vocab_size, cfg.init_std, tp)
     return embedding
@@ -32,8 +33,9 @@ def build_block(cfg: ModelConfig, tp: TensorParallel, index: int, seed: int) -> 
 
 def build_lm_head(cfg: ModelConfig, tp: TensorParallel, seed: int) -> ColumnLinear:
     """The vocab-parallel output projection; with tied embeddings it owns no weight (the embedding's is passed)."""
-    lm_head = tp.column(cfg.hidden_size, cfg.padded_vocab_size(tp.size), lambda w: w,
-                        skip_weight_param_allocation=cfg.tie_embeddings)
+    lm_head = tp.column(
+        cfg.hidden_size, cfg.padded_vocab_size(tp.size), lambda w: w, skip_weight_param_allocation=cfg.tie_embeddings
+    )
     if not cfg.tie_embeddings:
         with seeded(block_seed(seed, cfg.num_layers)):
             init_vocab_parallel_(lm_head.weight, cfg.vocab_size, cfg.init_std, tp)
@@ -47,8 +49,9 @@ def real_vocab_columns(cfg: ModelConfig, tp: TensorParallel) -> int:
     return min(max(cfg.vocab_size - tp.rank * local_vocab, 0), local_vocab)
 
 
-def output_logits(lm_head: ColumnLinear, hn: torch.Tensor, real_columns: int,
-                  tied_weight: torch.Tensor | None) -> torch.Tensor:
+def output_logits(
+    lm_head: ColumnLinear, hn: torch.Tensor, real_columns: int, tied_weight: torch.Tensor | None
+) -> torch.Tensor:
     """Normalised hidden states [B, T, d] -> this rank's logits [B, T, V_pad/tp], padding columns at the dtype's
     minimum: they take no probability, so the loss does not depend on how much padding a TP degree needs. Only the
     padding columns are written, in place: a masked copy of the whole logits (the model's largest activation),
@@ -140,4 +143,3 @@ def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     valid = labels != IGNORE_INDEX
     losses = token_losses(logits, labels.clamp(min=0))
     return (losses * valid).sum() / valid.sum().clamp(min=1)
-

@@ -100,7 +100,7 @@ class LM2Memory(nn.Module):
         return segments.permute(1, 3, 0, 4, 2).contiguous() if keys else segments.permute(1, 3, 0, 2, 4).contiguous()
 
     def _scale(self) -> float:
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
     def _read_kv_weight(self) -> torch.Tensor:
         """The read's key (softmax scale folded in) and value weights side by side: [Hl, dh, 2dh]."""
@@ -151,8 +151,9 @@ class LM2Memory(nn.Module):
         values = self._segments(self.write_v(xn), xn.shape[1])[0]
         return read, self.write(keys, values, mem, self.write_weights())
 
-    def _scan(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
-              segment_length: int) -> torch.Tensor:
+    def _scan(
+        self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+    ) -> torch.Tensor:
         """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and the write keys and values of n segments [B, n*S, Hl*dh]:
         on CPU in fp32 one fused kernel (model/memory_kernels.py), else one write() per segment."""
         if keys.shape[1] > 0 and memory_kernels.applies(start):
@@ -194,8 +195,9 @@ class LM2Memory(nn.Module):
         states = self._states(self.write_k(written), self.write_v(written), b, segment_length)  # [Hl, B, k, N, dh]
         q = self.read_q(xn)
         if memory_kernels.applies(q):
-            gated, gate = memory_kernels.fused_read(q, states, self._read_kv_weight(), self.out_gate,
-                                                    self.out_gate_bias, segment_length)
+            gated, gate = memory_kernels.fused_read(
+                q, states, self._read_kv_weight(), self.out_gate, self.out_gate_bias, segment_length
+            )
             self.out_gate_probe(gate)
             return self.out_proj(gated)
         q = self._heads(q).view(self.local_heads, b * k, segment_length, self.head_dim)

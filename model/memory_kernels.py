@@ -52,8 +52,9 @@ def _build(compiler: str) -> Path:
     if not library.exists():
         # Ranks may build at once: each writes its own file and renames it into place (atomic).
         partial = library.with_name(f"{library.name}.{uuid.uuid4().hex}.tmp")
-        subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True,
-                       text=True)
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True, text=True
+        )
         partial.replace(library)
     return library
 
@@ -62,15 +63,21 @@ def _build(compiler: str) -> Path:
 def _library() -> ctypes.CDLL | None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warnings.warn("lm2: no C compiler (cc) found; the memory's read and write run as PyTorch operations on CPU "
-                      "(slower). Install gcc to build the fused kernels.", stacklevel=3)
+        warnings.warn(
+            "lm2: no C compiler (cc) found; the memory's read and write run as PyTorch operations on CPU "
+            "(slower). Install gcc to build the fused kernels.",
+            stacklevel=3,
+        )
         return None
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(f"lm2: the fused memory kernels did not build ({detail.strip()[:300]}); the memory's read and "
-                      "write run as PyTorch operations on CPU (slower).", stacklevel=3)
+        warnings.warn(
+            f"lm2: the fused memory kernels did not build ({detail.strip()[:300]}); the memory's read and "
+            "write run as PyTorch operations on CPU (slower).",
+            stacklevel=3,
+        )
         return None
     signature = [_INT] * 6 + [ctypes.c_long] * 2 + [_INT]
     library.write_scan_forward.argtypes = signature + [_PTR] * 11
@@ -82,8 +89,12 @@ def _library() -> ctypes.CDLL | None:
 
 def applies(tensor: torch.Tensor) -> bool:
     """Whether the fused kernels run for `tensor` (the memory or its projections): CPU fp32, eager, and built."""
-    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and _library() is not None)
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and _library() is not None
+    )
 
 
 def _pointers(*tensors: torch.Tensor) -> list[int]:
@@ -108,11 +119,21 @@ class _WriteScan(torch.autograd.Function):
         if keys.stride(0) != values.stride(0):
             keys, values = keys.contiguous(), values.contiguous()
         # Gradients of keys and values come out contiguous: rows are segments * S tokens apart.
-        shape = (heads, rows, segments, slots, head_dim, segment_length, keys.stride(0), keys.shape[1] * keys.shape[2],
-                 torch.get_num_threads())
+        shape = (
+            heads,
+            rows,
+            segments,
+            slots,
+            head_dim,
+            segment_length,
+            keys.stride(0),
+            keys.shape[1] * keys.shape[2],
+            torch.get_num_threads(),
+        )
         inputs = [t.contiguous() for t in (start, from_mem, bias, from_u)]
-        _library().write_scan_forward(*shape, *_pointers(inputs[0], keys, values, *inputs[1:], states, q, probs, u,
-                                                          gates))
+        _library().write_scan_forward(
+            *shape, *_pointers(inputs[0], keys, values, *inputs[1:], states, q, probs, u, gates)
+        )
         ctx.shape = shape
         ctx.save_for_backward(keys, values, inputs[1], inputs[3], states, q, probs, u, gates)
         ctx.mark_non_differentiable(gates)
@@ -132,14 +153,32 @@ class _WriteScan(torch.autograd.Function):
         # soon as its pointer was taken.
         transposed = [w.transpose(1, 2).contiguous() for w in (from_mem, from_u)]
         d_states = d_states.contiguous()
-        _library().write_scan_backward(*ctx.shape, *_pointers(keys, values, *transposed, states, q, probs, u, gates,
-                                                               d_states, d_start, d_keys, d_values, d_from_mem,
-                                                               d_bias, d_from_u))
+        _library().write_scan_backward(
+            *ctx.shape,
+            *_pointers(
+                keys,
+                values,
+                *transposed,
+                states,
+                q,
+                probs,
+                u,
+                gates,
+                d_states,
+                d_start,
+                d_keys,
+                d_values,
+                d_from_mem,
+                d_bias,
+                d_from_u,
+            ),
+        )
         return (d_start, d_keys, d_values, d_from_mem.sum(1), d_bias.sum(1, keepdim=True), d_from_u.sum(1), None)
 
 
-def fused_write_scan(start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
-                     segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_write_scan(
+    start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
     (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
     [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
@@ -175,13 +214,35 @@ class _Read(torch.autograd.Function):
         d_gate_bias = states.new_empty(*units, gate_weight.shape[-1])
         transposed = [w.transpose(1, 2).contiguous() for w in (kv_weight, gate_weight)]
         d_out = d_out.contiguous()  # named: see _WriteScan.backward
-        _library().read_backward(*ctx.shape, *_pointers(q_tokens, states, *transposed, kv, probs, r, gates, d_out,
-                                                         d_q, d_states, d_kv_weight, d_gate_weight, d_gate_bias))
+        _library().read_backward(
+            *ctx.shape,
+            *_pointers(
+                q_tokens,
+                states,
+                *transposed,
+                kv,
+                probs,
+                r,
+                gates,
+                d_out,
+                d_q,
+                d_states,
+                d_kv_weight,
+                d_gate_weight,
+                d_gate_bias,
+            ),
+        )
         return d_q, d_states, d_kv_weight.sum(1), d_gate_weight.sum(1), d_gate_bias.sum(1), None
 
 
-def fused_read(q_tokens: torch.Tensor, states: torch.Tensor, kv_weight: torch.Tensor, gate_weight: torch.Tensor,
-               gate_bias: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_read(
+    q_tokens: torch.Tensor,
+    states: torch.Tensor,
+    kv_weight: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    segment_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q_tokens: the read queries [B, k*S, Hl*dh] as the projection gives them; states: every segment's memory
     [Hl, B, k, N, dh]; kv_weight [Hl, dh, 2dh] (the scaled key weight, then the value weight); gate_weight
     [Hl, dh, dh] and gate_bias [Hl, dh]: the output gate. Returns the gated read [B, k*S, Hl*dh], token-major for

@@ -45,8 +45,10 @@ class RunConfig:
         dims = ParallelDims(world_size=world_size, tp=self.parallel.tp, pp=self.parallel.pp)
         self.model.validate_for_tp(dims.tp)
         if dims.pp > self.model.num_layers:
-            raise ConfigError(f"parallel.pp={dims.pp} exceeds num_layers={self.model.num_layers}: every pipeline "
-                              "stage needs at least one block; lower parallel.pp")
+            raise ConfigError(
+                f"parallel.pp={dims.pp} exceeds num_layers={self.model.num_layers}: every pipeline "
+                "stage needs at least one block; lower parallel.pp"
+            )
         self.train.grad_accum(dims.dp)
         return dims
 
@@ -102,8 +104,11 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {label}; known keys: {', '.join(fields)}")
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{label} is missing required key(s): {', '.join(missing)}")
     prefix = f"{where}." if where else ""

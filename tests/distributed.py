@@ -42,8 +42,14 @@ def _take_environment(env: dict) -> None:
 
 def _rank_main(rank: int, world_size: int, port: int, env: dict, func: Callable, args: tuple, errors) -> None:
     _take_environment(env)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         func(*args)
     except BaseException:
@@ -61,8 +67,12 @@ def run_distributed(func: Callable, world_size: int, args: tuple[Any, ...] = (),
     method = "spawn" if fresh else "forkserver"
     errors = mp.get_context(method).SimpleQueue()
     try:
-        mp.start_processes(_rank_main, args=(world_size, free_port(), dict(os.environ), func, args, errors),
-                           nprocs=world_size, start_method=method)
+        mp.start_processes(
+            _rank_main,
+            args=(world_size, free_port(), dict(os.environ), func, args, errors),
+            nprocs=world_size,
+            start_method=method,
+        )
     except mp.ProcessRaisedException as exc:
         details = []
         while not errors.empty():
@@ -96,7 +106,8 @@ def lm2_cli(argv: list[str], timeout: float = 600) -> subprocess.CompletedProces
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
         process = mp.get_context("forkserver").Process(
-            target=_cli_main, args=(argv, dict(os.environ), os.getcwd(), str(out), str(err)))
+            target=_cli_main, args=(argv, dict(os.environ), os.getcwd(), str(out), str(err))
+        )
         process.start()
         process.join(timeout)
         if process.exitcode is None:

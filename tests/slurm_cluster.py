@@ -141,20 +141,34 @@ NodeName={NODES[0][:-1]}[1-{len(NODES)}] NodeHostname={host} NodeAddr=127.0.0.1 
 CPUs={cpus} Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
-        (self.root / "gres.conf").write_text(f"NodeName={NODES[0][:-1]}[1-{len(NODES)}] Name=gpu Count=1 File=/dev/null\n")
+        (self.root / "gres.conf").write_text(
+            f"NodeName={NODES[0][:-1]}[1-{len(NODES)}] Name=gpu Count=1 File=/dev/null\n"
+        )
 
     def start(self) -> "SlurmCluster":
         _ensure_hosts()
         _ensure_munge()
         self._write_config()
-        self._daemons.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        self._daemons.append(
+            subprocess.Popen(
+                ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+        )
         for node in NODES:
             (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
             # Each "node" gets its own /dev/shm, as separate machines have: streaming's shared memory is per node.
             slurmd = f"mount -t tmpfs tmpfs /dev/shm && exec slurmd -D -N {node} -f {self.conf}"
-            self._daemons.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", slurmd],
-                                                  env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+            self._daemons.append(
+                subprocess.Popen(
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", slurmd],
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         self._wait_for_idle_nodes()
         return self
 
@@ -169,14 +183,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             time.sleep(0.5)
         raise RuntimeError(f"SLURM nodes not idle after {timeout} s: {states!r}\n{self.logs()}")
 
-    def run(self, *command: str, check: bool = True, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(command, env={**self.env, **(env or {})}, cwd=cwd, check=check, capture_output=True,
-                              text=True)
+    def run(
+        self, *command: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command, env={**self.env, **(env or {})}, cwd=cwd, check=check, capture_output=True, text=True
+        )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {path.name} ---\n{path.read_text()[-3000:]}" for path in
-                         sorted((self.root / "log").glob("*.log")))
+        return "\n".join(
+            f"--- {path.name} ---\n{path.read_text()[-3000:]}" for path in sorted((self.root / "log").glob("*.log"))
+        )
 
     def stop(self) -> None:
         self.run("scancel", "--full", "--user=root", check=False)

@@ -16,8 +16,17 @@ SMALL = ["model.num_layers=2", "train.global_batch=8"]  # two micro-batches of 4
 
 def train_step_bench(*overrides: str) -> dict:
     """One round of one step per subject; the script's JSON line."""
-    command = [sys.executable, "bench/train_step.py", "--config", "configs/tiny.yaml", "--rounds", "1", "--steps", "1",
-               *overrides]
+    command = [
+        sys.executable,
+        "bench/train_step.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        *overrides,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
@@ -28,9 +37,14 @@ def check_report(report: dict, overrides: list[str]) -> None:
     from lm2.pipeline.config import load_config
 
     config = ROOT / "configs" / "tiny.yaml"
-    flops = {name: forward_flops_per_token(load_config(config, overrides + extra).model)
-             for name, extra in (("lm2", []), ("vanilla", ["model.memory.enabled=false"]),
-                                 ("backbone", ["model.memory.layers=[]"]))}
+    flops = {
+        name: forward_flops_per_token(load_config(config, overrides + extra).model)
+        for name, extra in (
+            ("lm2", []),
+            ("vanilla", ["model.memory.enabled=false"]),
+            ("backbone", ["model.memory.layers=[]"]),
+        )
+    }
     speeds, ratios = report["tokens_per_s"], report["lm2_vs_vanilla"]
     assert set(speeds) == {"lm2/engine", "lm2/plain", "vanilla/engine", "vanilla/plain", "backbone/engine"}
     assert all(value > 0 for value in speeds.values())

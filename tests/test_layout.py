@@ -21,8 +21,11 @@ def test_every_package_folder_is_listed_in_pyproject():
 def test_every_c_source_ships_in_the_wheel():
     """Kernels are compiled from their source on the user's machine, so the wheel must carry it."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    sources = [(package, path) for package, folder in setuptools["package-dir"].items()
-               for path in (ROOT / folder).rglob("*.c")]
+    sources = [
+        (package, path)
+        for package, folder in setuptools["package-dir"].items()
+        for path in (ROOT / folder).rglob("*.c")
+    ]
     assert sources
     for package, path in sources:
         assert any(path.match(pattern) for pattern in setuptools["package-data"].get(package, [])), path
@@ -32,8 +35,13 @@ def test_model_never_imports_training_machinery():
     forbidden = {"deepspeed", "wandb", "streaming", "os", "lm2.pipeline"}
     for path in (ROOT / "model").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path}: imports {name}"
 
@@ -46,7 +54,20 @@ def test_plain_pytest_collects_from_the_repository_root(tmp_path):
 
     script = tmp_path / "pytest_console_script.py"
     script.write_text("import sys\nimport pytest\nsys.exit(pytest.main())\n")
-    result = subprocess.run([sys.executable, str(script), "--collect-only", "-q", "-p", "no:cacheprovider",
-                             "tests/model/test_config.py", "tests/pipeline/test_gate_metrics.py"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/model/test_config.py",
+            "tests/pipeline/test_gate_metrics.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Norm of every block's memory bank after each segment of a long BABILong-like prompt (books text), for the
 trained LM2 model: training rows hold 4 segments, so only memories M_0..M_3 were ever seen in training."""
+
 import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -8,16 +9,18 @@ model_dir = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
 tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
 text = open("/work/shared/data/text/austen-sense.txt", encoding="utf-8").read()[20000:40000]
-ids = torch.tensor([tok(text, add_special_tokens=False).input_ids[:64 * 24]])
+ids = torch.tensor([tok(text, add_special_tokens=False).input_ids[: 64 * 24]])
 norms = []
 captured = {}
 mems = [m for m in model.modules() if hasattr(m, "write") and hasattr(m, "init_bank")]
 original = [m.write for m in mems]
 for i, m in enumerate(mems):
+
     def write(keys, values, mem, i=i, f=original[i]):
         new = f(keys, values, mem)
         captured.setdefault(i, []).append(new.norm(dim=(-1)).mean().item())
         return new
+
     m.write = write
 with torch.no_grad():
     out = model(ids)

@@ -43,8 +43,11 @@ def tag_for(step: int) -> str:
 
 def step_folders(root: Path) -> list[Path]:
     """Checkpoint folders (step_<8 digits>) under root, newest first; converted copies and temp files are not."""
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name)),
-                  key=lambda p: p.name, reverse=True)
+    return sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name)),
+        key=lambda p: p.name,
+        reverse=True,
+    )
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -75,8 +78,13 @@ class Layout:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} zero_stage={self.zero_stage}"
 
     def to_dict(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size,
-                "zero_stage": self.zero_stage}
+        return {
+            "tp": self.tp,
+            "pp": self.pp,
+            "dp": self.dp,
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Layout":
@@ -106,10 +114,21 @@ class Manifest:
     wandb_id: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "step": self.step, "files": self.files,
-                           "topology": self.layout.to_dict(), "config": self.config, "samples": self.samples,
-                           "tokens": self.tokens, "code_version": self.code_version, "wandb_id": self.wandb_id},
-                          indent=1, default=str)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "step": self.step,
+                "files": self.files,
+                "topology": self.layout.to_dict(),
+                "config": self.config,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "code_version": self.code_version,
+                "wandb_id": self.wandb_id,
+            },
+            indent=1,
+            default=str,
+        )
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> "Manifest":
@@ -120,9 +139,16 @@ class Manifest:
         if not isinstance(values, dict) or values.get("format") != FORMAT:
             raise CheckpointError(f"{where.parent} is not an lm2 checkpoint of format {FORMAT}")
         try:
-            return cls(step=values["step"], layout=Layout.from_dict(values["topology"]), config=values["config"],
-                       files=values["files"], samples=values.get("samples"), tokens=values.get("tokens"),
-                       code_version=values.get("code_version"), wandb_id=values.get("wandb_id"))
+            return cls(
+                step=values["step"],
+                layout=Layout.from_dict(values["topology"]),
+                config=values["config"],
+                files=values["files"],
+                samples=values.get("samples"),
+                tokens=values.get("tokens"),
+                code_version=values.get("code_version"),
+                wandb_id=values.get("wandb_id"),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where} lacks or mangles {error}; the checkpoint cannot be used") from None
 
@@ -141,8 +167,11 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 def shared_hashes(folder: Path, files: list[str]) -> dict[str, dict[str, Any]]:
     """Sizes and sha256 of `files`, each rank hashing its share; every rank gets the whole table. A collective."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-            for i, name in enumerate(files) if i % world == rank}
+    mine = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        for i, name in enumerate(files)
+        if i % world == rank
+    }
     tables: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(tables, mine)
     return {name: entry for table in tables for name, entry in sorted(table.items())}

@@ -62,8 +62,9 @@ def named_checkpoint(resume: str) -> Path:
     """The folder checkpoint.resume names (neither none nor auto); raises CheckpointError if it does not exist."""
     folder = Path(resume)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} (--resume) not found: give a step_* folder of a run's "
-                              "checkpoints, or --resume auto")
+        raise CheckpointError(
+            f"checkpoint {folder} (--resume) not found: give a step_* folder of a run's checkpoints, or --resume auto"
+        )
     return folder
 
 
@@ -105,7 +106,8 @@ def resume_route(manifest: Manifest, model: ModelConfig, layout: Layout, folder:
         if saved.get(key) != current.get(key):
             raise CheckpointError(
                 f"{folder} was trained with {key}={saved.get(key)!r} but the config says {current.get(key)!r}: "
-                f"set {key}={saved.get(key)!r} to resume it, or start a new run_dir")
+                f"set {key}={saved.get(key)!r} to resume it, or start a new run_dir"
+            )
     old = manifest.layout
     if old == layout:
         return "native"
@@ -116,7 +118,8 @@ def resume_route(manifest: Manifest, model: ModelConfig, layout: Layout, folder:
     raise CheckpointError(
         f"{folder} was written with {old.describe()}, this run has {layout.describe()}: a layout can change on "
         "resume only between ZeRO stages 1 and 2 (through a universal checkpoint) or, without ZeRO, in the "
-        "data-parallel size; resume with the old layout")
+        "data-parallel size; resume with the old layout"
+    )
 
 
 SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay")
@@ -130,12 +133,16 @@ def check_schedule(manifest: Manifest, config: dict[str, Any], folder: Path, ove
     if manifest.step == 0:
         return
     saved, current = _flatten(manifest.config), _flatten(config)
-    changed = [f"{key}={saved.get(key)!r} -> {current.get(key)!r}" for key in SCHEDULE_FIELDS
-               if saved.get(key) != current.get(key)]
+    changed = [
+        f"{key}={saved.get(key)!r} -> {current.get(key)!r}"
+        for key in SCHEDULE_FIELDS
+        if saved.get(key) != current.get(key)
+    ]
     if changed and not override:
         raise CheckpointError(
             f"{folder} was trained with another LR schedule ({', '.join(changed)}): resume with the checkpoint's "
-            "values, or pass --override-schedule to recompute the schedule from the config from this step on")
+            "values, or pass --override-schedule to recompute the schedule from the config from this step on"
+        )
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -149,8 +156,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def load(engine, folder: Path) -> dict[str, Any]:
     """Loads weights, optimizer and LR scheduler into DeepSpeed's engine, written at this layout, and this rank's
     RNG state (when the world size is the same); returns lm2's client state."""
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    _, client_state = engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}")
     rng = rng_file(folder, dist.get_rank())
@@ -169,9 +177,14 @@ def inspect(root: Path) -> list[dict[str, Any]]:
         try:
             manifest = read_manifest(folder)
             missing = _size_problems(folder, manifest)
-            row.update(step=manifest.step, complete=not missing, topology=manifest.layout.to_dict(),
-                       bytes=sum(e["bytes"] for e in manifest.files.values()), samples=manifest.samples,
-                       problem=f"{len(missing)} file(s) missing or truncated" if missing else None)
+            row.update(
+                step=manifest.step,
+                complete=not missing,
+                topology=manifest.layout.to_dict(),
+                bytes=sum(e["bytes"] for e in manifest.files.values()),
+                samples=manifest.samples,
+                problem=f"{len(missing)} file(s) missing or truncated" if missing else None,
+            )
         except CheckpointError as error:
             row.update(step=None, complete=False, problem=str(error))
         rows.append(row)

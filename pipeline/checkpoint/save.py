@@ -34,8 +34,13 @@ def code_version() -> str:
     from importlib.metadata import version
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{version('lm2')}+{commit}" if commit else version("lm2")
@@ -99,8 +104,13 @@ def _not_written(folder: Path, error: Exception) -> CheckpointError:
     shutil.rmtree(folder, ignore_errors=True)
     root = folder.parent
     latest = root / LATEST
-    then = (f"continue with --resume auto from {root / latest.read_text().strip()}, which is intact"
-            if latest.is_file() else "start again")
+    then = (
+        f"continue with --resume auto from {root / latest.read_text().strip()}, which is intact"
+        if latest.is_file()
+        else "start again"
+    )
     free = shutil.disk_usage(root).free / 2**20
-    return CheckpointError(f"could not write checkpoint {folder} ({error}); {free:.0f} MiB are free on its disk: make "
-                           f"room (or lower checkpoint.keep) and {then}")
+    return CheckpointError(
+        f"could not write checkpoint {folder} ({error}); {free:.0f} MiB are free on its disk: make "
+        f"room (or lower checkpoint.keep) and {then}"
+    )

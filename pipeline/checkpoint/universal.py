@@ -80,7 +80,8 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
     if not layout.reshardable:
         raise CheckpointError(
             f"universal checkpoints are supported for ZeRO stage 1 and 2 only, this engine runs stage "
-            f"{layout.zero_stage}")
+            f"{layout.zero_stage}"
+        )
     described = []
     for name, param in ds.module.named_parameters():
         sharded = bool(getattr(param, "tensor_model_parallel", False))
@@ -88,7 +89,8 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
         if sharded and (dim not in (0, 1) or getattr(param, "partition_stride", 1) != 1):
             raise CheckpointError(
                 f"{name}: TP-sharded along dim {dim} with stride {getattr(param, 'partition_stride', 1)}; the "
-                "universal format handles contiguous shards along dim 0 or 1 only")
+                "universal format handles contiguous shards along dim 0 or 1 only"
+            )
         described.append((name, sharded, dim))
     if engine.pipelined:
         stages = [None] * layout.pp
@@ -119,8 +121,14 @@ def universal_checkpoint_info(engine, model_cfg: ModelConfig) -> dict[str, Any]:
         PIPELINE_REPLICATED_PARAMETER_PATTERNS: pipeline_replicated,
         ORIGINAL_VOCAB_SIZE: model_cfg.vocab_size,
         PADDED_VOCAB_SIZE: model_cfg.padded_vocab_size(layout.tp),
-        LAYOUT_KEY: {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "pipelined": engine.pipelined,
-                     "zero_stage": layout.zero_stage, "num_layers": model_cfg.num_layers},
+        LAYOUT_KEY: {
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "dp": layout.dp,
+            "pipelined": engine.pipelined,
+            "zero_stage": layout.zero_stage,
+            "num_layers": model_cfg.num_layers,
+        },
     }
 
 
@@ -138,7 +146,8 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     if info is None:
         raise CheckpointError(
             f"{folder} has no {UNIVERSAL_CHECKPOINT_INFO} in its client state: it was saved without "
-            "lm2.pipeline.checkpoint.universal.universal_checkpoint_info and cannot be converted")
+            "lm2.pipeline.checkpoint.universal.universal_checkpoint_info and cannot be converted"
+        )
     return info
 
 
@@ -175,9 +184,15 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
         previous_latest = latest.read_text() if latest.is_file() else None
         try:
             _stage_source(source, staging)
-            args = argparse.Namespace(input_folder=str(staging), output_folder=str(tmp), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=False)
+            args = argparse.Namespace(
+                input_folder=str(staging),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 ds_to_universal.main(args)
             _canonical_names(tmp / "zero", info)
@@ -188,7 +203,8 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
             else:
                 latest.unlink(missing_ok=True)
             raise CheckpointError(
-                f"ds_to_universal failed on {source}: {exc!r}\n--- its output ---\n{log.getvalue()[-4000:]}") from exc
+                f"ds_to_universal failed on {source}: {exc!r}\n--- its output ---\n{log.getvalue()[-4000:]}"
+            ) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         os.replace(tmp, target)
@@ -266,14 +282,16 @@ def check_loadable(engine, folder: Path, info: dict[str, Any]) -> dict[torch.nn.
     if not supports_reshard(Layout.from_dict(saved), engine.layout):
         raise CheckpointError(
             f"loading a universal checkpoint needs ZeRO stage 1 or 2 at both ends: it was written at ZeRO stage "
-            f"{saved['zero_stage']}, this engine runs stage {engine.layout.zero_stage}")
+            f"{saved['zero_stage']}, this engine runs stage {engine.layout.zero_stage}"
+        )
     names = universal_names(engine, saved["num_layers"])
     zero = folder / "zero"
     missing = sorted(name for name in names.values() if not (zero / name / "fp32.pt").is_file())
     if missing:
         raise CheckpointError(
             f"{folder} holds no state for {len(missing)} parameters of this model (e.g. {missing[:3]}): it was "
-            "written for another model (layer count, tied embeddings, memory)")
+            "written for another model (layer count, tied embeddings, memory)"
+        )
     return names
 
 
@@ -301,13 +319,16 @@ def load_universal(engine, checkpoint_dir: str, tag: str, load_lr_scheduler_stat
     """
     folder = Path(checkpoint_dir) / tag
     if not (folder / "zero" / "optimizer_state.pt").is_file():
-        raise CheckpointError(f"{folder} is not a universal checkpoint (no zero/optimizer_state.pt): "
-                                       "convert it with convert_to_universal first")
+        raise CheckpointError(
+            f"{folder} is not a universal checkpoint (no zero/optimizer_state.pt): "
+            "convert it with convert_to_universal first"
+        )
     names = check_loadable(engine, folder, read_info(folder))
     ds = engine.deepspeed
     with _universal_loading(ds, names):
-        load_path, client_state = ds.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=load_lr_scheduler_states)
+        load_path, client_state = ds.load_checkpoint(
+            str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=load_lr_scheduler_states
+        )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {folder}")
     _steps_beside_their_parameters(ds.optimizer)

@@ -25,8 +25,10 @@ class StreamConfig:
         if not self.path:
             raise ConfigError("data.streams[].path is empty: give the folder written by `lm2 data prepare`")
         if self.proportion is not None and not self.proportion > 0:
-            raise ConfigError(f"data.streams[].proportion must be > 0, got {self.proportion} "
-                                 f"(stream {self.path}); drop the stream instead of giving it 0")
+            raise ConfigError(
+                f"data.streams[].proportion must be > 0, got {self.proportion} "
+                f"(stream {self.path}); drop the stream instead of giving it 0"
+            )
         require_choice("data.streams[].split", self.split, Split)
 
     @property
@@ -71,5 +73,6 @@ class DataConfig:
             raise ConfigError("data.streams: give a proportion to every stream or to none of them")
         paths = [(s.path, s.split) for s in self.streams]
         if len(set(paths)) != len(paths):
-            raise ConfigError("data.streams lists the same path and split twice; list it once with a "
-                                 "larger proportion instead")
+            raise ConfigError(
+                "data.streams lists the same path and split twice; list it once with a larger proportion instead"
+            )

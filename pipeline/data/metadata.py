@@ -18,13 +18,16 @@ VAL_ID_OFFSET = 1 << 40
 
 def check_vocab_fits(vocab_size: int, model: ModelConfig, where: str) -> None:
     if vocab_size > model.vocab_size:
-        raise DataError(f"{where} has {vocab_size} pieces but model.vocab_size is {model.vocab_size}: ids up to "
-                        f"{vocab_size - 1} would index past the embedding; set model.vocab_size >= {vocab_size} "
-                        "or train a smaller tokenizer")
+        raise DataError(
+            f"{where} has {vocab_size} pieces but model.vocab_size is {model.vocab_size}: ids up to "
+            f"{vocab_size - 1} would index past the embedding; set model.vocab_size >= {vocab_size} "
+            "or train a smaller tokenizer"
+        )
 
 
-def check_data_compatible(metadata: dict[str, Any], model: ModelConfig, tokenizer_checksum: str | None = None,
-                          where: str = "the dataset") -> None:
+def check_data_compatible(
+    metadata: dict[str, Any], model: ModelConfig, tokenizer_checksum: str | None = None, where: str = "the dataset"
+) -> None:
     """Refuses data the model cannot train on: another row length, a larger vocabulary or another tokenizer.
 
     Args:
@@ -34,18 +37,24 @@ def check_data_compatible(metadata: dict[str, Any], model: ModelConfig, tokenize
         where: how to name the dataset in errors.
     """
     if metadata.get("format") != FORMAT:
-        raise DataError(f"{where} is not an lm2 dataset of format {FORMAT} (found {metadata.get('format')!r}): "
-                        "write it with `lm2 data prepare`")
+        raise DataError(
+            f"{where} is not an lm2 dataset of format {FORMAT} (found {metadata.get('format')!r}): "
+            "write it with `lm2 data prepare`"
+        )
     if metadata["row_length"] != model.row_length:
-        raise DataError(f"{where} holds rows of {metadata['row_length']} tokens but model.row_length is "
-                        f"{model.row_length}: re-run `lm2 data prepare --row-length {model.row_length}` or train "
-                        f"with model.row_length={metadata['row_length']}")
+        raise DataError(
+            f"{where} holds rows of {metadata['row_length']} tokens but model.row_length is "
+            f"{model.row_length}: re-run `lm2 data prepare --row-length {model.row_length}` or train "
+            f"with model.row_length={metadata['row_length']}"
+        )
     tokenizer = metadata["tokenizer"]
     check_vocab_fits(tokenizer["vocab_size"], model, f"the tokenizer of {where}")
     if tokenizer_checksum is not None and tokenizer["sha256"] != tokenizer_checksum:
-        raise DataError(f"{where} was tokenized with {tokenizer['file']} (sha256 {tokenizer['sha256'][:12]}...), "
-                        f"not with the run's tokenizer (sha256 {tokenizer_checksum[:12]}...): re-run "
-                        "`lm2 data prepare` with the run's tokenizer or point data.tokenizer at the one used")
+        raise DataError(
+            f"{where} was tokenized with {tokenizer['file']} (sha256 {tokenizer['sha256'][:12]}...), "
+            f"not with the run's tokenizer (sha256 {tokenizer_checksum[:12]}...): re-run "
+            "`lm2 data prepare` with the run's tokenizer or point data.tokenizer at the one used"
+        )
 
 
 def read_metadata(path: str, cache_dir: str | Path | None = None) -> dict[str, Any]:
@@ -58,13 +67,14 @@ def read_metadata(path: str, cache_dir: str | Path | None = None) -> dict[str, A
         try:
             CloudDownloader.direct_download(f"{path.rstrip('/')}/{METADATA_FILE}", str(local), 60)
         except Exception as error:  # every storage backend raises its own types
-            raise DataError(f"cannot fetch {path}/{METADATA_FILE} ({error}); check the URL and credentials") \
-                from None
+            raise DataError(f"cannot fetch {path}/{METADATA_FILE} ({error}); check the URL and credentials") from None
     else:
         local = Path(path) / METADATA_FILE
         if not local.is_file():
-            raise DataError(f"{local} does not exist: {path} is not a folder written by `lm2 data prepare` "
-                            "(or that run did not finish)")
+            raise DataError(
+                f"{local} does not exist: {path} is not a folder written by `lm2 data prepare` "
+                "(or that run did not finish)"
+            )
     try:
         return json.loads(local.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -88,9 +98,13 @@ def check_local_shards(split_folder: Path) -> None:
         size = file.stat().st_size if file.is_file() else None
         if size != info["bytes"]:
             found = "missing" if size is None else f"{size} bytes"
-            raise DataError(f"shard {file} is corrupt: index.json records {info['bytes']} bytes, found {found}; "
-                            "re-run `lm2 data prepare` or restore the folder")
+            raise DataError(
+                f"shard {file} is corrupt: index.json records {info['bytes']} bytes, found {found}; "
+                "re-run `lm2 data prepare` or restore the folder"
+            )
         raw = split_folder / shard["raw_data"]["basename"]
         if shard.get("zip_data") and raw.is_file() and raw.stat().st_size != shard["raw_data"]["bytes"]:
-            raise DataError(f"shard {raw} is corrupt: index.json records {shard['raw_data']['bytes']} bytes, found "
-                            f"{raw.stat().st_size}; delete it (streaming decompresses {file.name} again)")
+            raise DataError(
+                f"shard {raw} is corrupt: index.json records {shard['raw_data']['bytes']} bytes, found "
+                f"{raw.stat().st_size}; delete it (streaming decompresses {file.name} again)"
+            )

@@ -63,8 +63,10 @@ class Part:
         first, last = int(os.environ["SLURM_ARRAY_TASK_MIN"]), int(os.environ["SLURM_ARRAY_TASK_MAX"])
         count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
         if last - first + 1 != count:
-            raise DataError(f"the array job's task ids {first}..{last} are not consecutive ({count} tasks): "
-                            "submit with --array=0-K-1 (a % limit is fine, a :step is not)")
+            raise DataError(
+                f"the array job's task ids {first}..{last} are not consecutive ({count} tasks): "
+                "submit with --array=0-K-1 (a % limit is fine, a :step is not)"
+            )
         return cls(int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, count)
 
 
@@ -72,8 +74,10 @@ def pieces_of_part(pieces: list[Piece], part: Part) -> list[Piece]:
     """Part `part`'s contiguous run of `pieces`. Part i starts at the first piece whose bytes' midpoint lies past
     i/K of all bytes (balance by size), moved so that every part gets at least one piece when there are enough."""
     if len(pieces) < part.count:
-        raise DataError(f"{part.name} gets no input: the {len(pieces)} input piece(s) do not fill "
-                        f"{part.count} parts; lower --num-shards or split the inputs into more files")
+        raise DataError(
+            f"{part.name} gets no input: the {len(pieces)} input piece(s) do not fill "
+            f"{part.count} parts; lower --num-shards or split the inputs into more files"
+        )
     total, start, midpoints = sum(piece.size for piece in pieces), 0, []
     for piece in pieces:
         midpoints.append(2 * start + piece.size)
@@ -82,7 +86,7 @@ def pieces_of_part(pieces: list[Piece], part: Part) -> list[Piece]:
     for i in range(1, part.count):  # at least one piece per part, and enough left for the parts after
         starts[i] = min(max(starts[i], starts[i - 1] + 1), len(pieces) - (part.count - i))
     ends = starts[1:] + [len(pieces)]
-    return pieces[starts[part.index]:ends[part.index]]
+    return pieces[starts[part.index] : ends[part.index]]
 
 
 def merge(output: str | Path) -> dict:
@@ -92,30 +96,39 @@ def merge(output: str | Path) -> dict:
         raise DataError(f"{location.join(METADATA_FILE)} exists: {output} is already a complete dataset")
     names = [name for name in location.list(PARTS_FOLDER) if name.endswith(".json")]
     if not names:
-        raise DataError(f"{location.join(PARTS_FOLDER)} holds no finished part: run `lm2 data prepare "
-                        "--num-shards K --shard-index i` for every i first")
+        raise DataError(
+            f"{location.join(PARTS_FOLDER)} holds no finished part: run `lm2 data prepare "
+            "--num-shards K --shard-index i` for every i first"
+        )
     parts = [location.read_json(f"{PARTS_FOLDER}/{name}") for name in names]
     count = parts[0]["part"]["count"]
     expected = [Part(i, count) for i in range(count)]
     missing = [part.index for part in expected if f"{part.name}.json" not in names]
     if missing or len(names) != count:
-        raise DataError(f"{output}: parts {', '.join(map(str, missing)) or '?'} of {count} are not finished "
-                        f"(found {', '.join(names)}); run `lm2 data prepare --num-shards {count} --shard-index i` "
-                        "for each of them (or remove parts of another --num-shards)")
+        raise DataError(
+            f"{output}: parts {', '.join(map(str, missing)) or '?'} of {count} are not finished "
+            f"(found {', '.join(names)}); run `lm2 data prepare --num-shards {count} --shard-index i` "
+            "for each of them (or remove parts of another --num-shards)"
+        )
     for name, part in zip(names, parts):
         for key in _MUST_AGREE:
             if part[key] != parts[0][key]:
-                raise DataError(f"{output}: {name} differs from {names[0]} in {key} ({part[key]!r} vs "
-                                f"{parts[0][key]!r}); prepare every part with the same options")
+                raise DataError(
+                    f"{output}: {name} differs from {names[0]} in {key} ({part[key]!r} vs "
+                    f"{parts[0][key]!r}); prepare every part with the same options"
+                )
     splits = {}
     for split in parts[0]["splits"]:
         _merge_index(location, split, [part.name for part in expected])
-        splits[split] = {key: sum(part["splits"][split][key] for part in parts)
-                         for key in ("documents", "tokens", "rows", "padding")}
+        splits[split] = {
+            key: sum(part["splits"][split][key] for part in parts) for key in ("documents", "tokens", "rows", "padding")
+        }
         splits[split]["first_id"] = Part(0, 1).first_id(split)
     if "val" in splits and not splits["val"]["documents"]:
-        raise DataError(f"{output}: --val-fraction {parts[0]['val_fraction']} selects no document in any of the "
-                        f"{count} parts: raise it, or give more (smaller) documents")
+        raise DataError(
+            f"{output}: --val-fraction {parts[0]['val_fraction']} selects no document in any of the "
+            f"{count} parts: raise it, or give more (smaller) documents"
+        )
     metadata = {key: value for key, value in parts[0].items() if key not in ("part", "inputs", "splits")}
     metadata.update(parts=count, splits=splits, inputs=[item for part in parts for item in part["inputs"]])
     write_json(location, METADATA_FILE, metadata)
@@ -128,8 +141,11 @@ def _merge_index(location: Location, split: str, part_names: list[str]) -> None:
     if not location.remote:
         Path(location.join(split, "index.json")).unlink(missing_ok=True)  # a merge interrupted before the end
     try:
-        merge_index([location.join(split, name, "index.json") for name in part_names], location.join(split),
-                    keep_local=not location.remote)  # remote: drop the local temporary copy
+        merge_index(
+            [location.join(split, name, "index.json") for name in part_names],
+            location.join(split),
+            keep_local=not location.remote,
+        )  # remote: drop the local temporary copy
     except (OSError, RuntimeError) as error:
         raise DataError(f"cannot merge {location.join(split)} ({error}); is every part complete?") from None
 

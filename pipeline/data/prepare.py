@@ -99,12 +99,19 @@ class _SplitWriter:
         self.packer, self.remote = packer, remote
         self.counts = SplitCounts(first_id=first_id)
         try:
-            self.writer = MDSWriter(out=(str(folder), remote) if remote else str(folder), compression="zstd",
-                                    hashes=["xxh64"], size_limit=size_limit, keep_local=False,
-                                    columns={"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"})
+            self.writer = MDSWriter(
+                out=(str(folder), remote) if remote else str(folder),
+                compression="zstd",
+                hashes=["xxh64"],
+                size_limit=size_limit,
+                keep_local=False,
+                columns={"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"},
+            )
         except Exception as error:  # every storage backend raises its own types
-            raise DataError(f"cannot write to {remote} ({error}); check the URL, the bucket and the credentials "
-                            "(S3_ENDPOINT_URL for S3-compatible stores)") from None
+            raise DataError(
+                f"cannot write to {remote} ({error}); check the URL, the bucket and the credentials "
+                "(S3_ENDPOINT_URL for S3-compatible stores)"
+            ) from None
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.counts.documents += 1
@@ -128,8 +135,10 @@ class _SplitWriter:
             # MDSWriter reports a failed upload (in its threads) as a bare Exception on the next call.
             if not self.remote or "threads failed" not in str(error):
                 raise
-            raise DataError(f"uploading shards to {self.remote} failed (see the log above); the output is "
-                            "incomplete (no lm2_data.json): remove it and run again") from None
+            raise DataError(
+                f"uploading shards to {self.remote} failed (see the log above); the output is "
+                "incomplete (no lm2_data.json): remove it and run again"
+            ) from None
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -181,18 +190,31 @@ def encode_in_order(batches: Iterable[list[str]], tokenizer_path: str, workers: 
 
 def _resolve_row_length(row_length: int | None, model: ModelConfig | None) -> int:
     if model is not None and row_length is not None and row_length != model.row_length:
-        raise DataError(f"--row-length {row_length} differs from model.row_length {model.row_length} of the "
-                        "config; drop one of them")
+        raise DataError(
+            f"--row-length {row_length} differs from model.row_length {model.row_length} of the "
+            "config; drop one of them"
+        )
     resolved = row_length if row_length is not None else (model.row_length if model else None)
     if resolved is None or resolved < 1:
         raise DataError("give a positive --row-length, or --config to take model.row_length")
     return resolved
 
 
-def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: str | Path, *,
-            row_length: int | None = None, model: ModelConfig | None = None, workers: int = 1,
-            val_fraction: float = 0.0, text_field: str = "text", packing: str = "concat",
-            shard_size_limit: int = 1 << 26, part: Part | None = None, progress: bool = True) -> dict:
+def prepare(
+    inputs: Iterable[str | Path],
+    output: str | Path,
+    tokenizer_path: str | Path,
+    *,
+    row_length: int | None = None,
+    model: ModelConfig | None = None,
+    workers: int = 1,
+    val_fraction: float = 0.0,
+    text_field: str = "text",
+    packing: str = "concat",
+    shard_size_limit: int = 1 << 26,
+    part: Part | None = None,
+    progress: bool = True,
+) -> dict:
     """Tokenizes, packs and shards `inputs` into `output`; returns the metadata written to lm2_data.json.
 
     Args:
@@ -227,12 +249,31 @@ def prepare(inputs: Iterable[str | Path], output: str | Path, tokenizer_path: st
     _check_output(location, part)
     staging = _staging_folder(location)
     try:
-        counts = _write_splits(pieces, staging, location, part, tokenizer, row_length, workers, val_fraction,
-                               text_field, packing == "whole", shard_size_limit, progress)
-        metadata = {"format": FORMAT, "tokenizer": tokenizer.describe(), "row_length": row_length,
-                    "dtype": _row_dtype(tokenizer).name, "val_fraction": val_fraction, "text_field": text_field,
-                    "packing": packing, "splits": {k: asdict(v) for k, v in counts.items()},
-                    "inputs": [str(f) for f in files] if part is None else [str(p) for p in pieces]}
+        counts = _write_splits(
+            pieces,
+            staging,
+            location,
+            part,
+            tokenizer,
+            row_length,
+            workers,
+            val_fraction,
+            text_field,
+            packing == "whole",
+            shard_size_limit,
+            progress,
+        )
+        metadata = {
+            "format": FORMAT,
+            "tokenizer": tokenizer.describe(),
+            "row_length": row_length,
+            "dtype": _row_dtype(tokenizer).name,
+            "val_fraction": val_fraction,
+            "text_field": text_field,
+            "packing": packing,
+            "splits": {k: asdict(v) for k, v in counts.items()},
+            "inputs": [str(f) for f in files] if part is None else [str(p) for p in pieces],
+        }
         if part is not None:
             metadata["part"] = {"index": part.index, "count": part.count}
         _publish(location, part, staging, metadata)
@@ -258,8 +299,9 @@ def _staging_folder(location: Location) -> Path:
 def _check_output(location: Location, part: Part | None) -> None:
     if part is None:
         if Path(location.url).exists() if not location.remote else location.holds_anything():
-            raise DataError(f"{location.url} already exists: delete it or choose another --output "
-                            "(prepare never overwrites shards)")
+            raise DataError(
+                f"{location.url} already exists: delete it or choose another --output (prepare never overwrites shards)"
+            )
         return
     if location.read_json(part.metadata_name) is not None:
         raise DataError(f"{location.join(part.metadata_name)} exists: {part.name} is already prepared")
@@ -267,8 +309,10 @@ def _check_output(location: Location, part: Part | None) -> None:
         if not location.holds_anything(f"{split}/{part.name}"):
             continue
         if location.remote:
-            raise DataError(f"{location.join(split, part.name)} holds objects of an unfinished run: delete them "
-                            "and run this part again")
+            raise DataError(
+                f"{location.join(split, part.name)} holds objects of an unfinished run: delete them "
+                "and run this part again"
+            )
         shutil.rmtree(location.join(split, part.name))  # an interrupted run's: local parts are renamed in last
 
 
@@ -306,17 +350,35 @@ def _documents(pieces: list[Piece], text_field: str, bar: tqdm) -> Iterator[str]
         bar.update(piece.size)
 
 
-def _write_splits(pieces: list[Piece], staging: Path, location: Location, part: Part | None, tokenizer: Tokenizer,
-                  row_length: int, workers: int, val_fraction: float, text_field: str, whole: bool,
-                  size_limit: int, progress: bool) -> dict[str, SplitCounts]:
+def _write_splits(
+    pieces: list[Piece],
+    staging: Path,
+    location: Location,
+    part: Part | None,
+    tokenizer: Tokenizer,
+    row_length: int,
+    workers: int,
+    val_fraction: float,
+    text_field: str,
+    whole: bool,
+    size_limit: int,
+    progress: bool,
+) -> dict[str, SplitCounts]:
     numbering = part or Part(0, 1)
     names = ["train", "val"] if val_fraction else ["train"]
-    splits = {name: _SplitWriter(*_split_places(location, part, staging, name),
-                                 RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole),
-                                 numbering.first_id(name), size_limit) for name in names}
+    splits = {
+        name: _SplitWriter(
+            *_split_places(location, part, staging, name),
+            RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole),
+            numbering.first_id(name),
+            size_limit,
+        )
+        for name in names
+    }
     index = tokens = 0
-    with tqdm(desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True,
-              disable=not progress) as bar:
+    with tqdm(
+        desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True, disable=not progress
+    ) as bar:
         for encoded in encode_in_order(_batches(_documents(pieces, text_field, bar)), str(tokenizer.path), workers):
             for document in encoded:
                 splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(document)
@@ -329,6 +391,8 @@ def _write_splits(pieces: list[Piece], staging: Path, location: Location, part: 
         raise DataError(f"no documents in {len(pieces)} input piece(s): every one is empty or whitespace")
     if val_fraction and not splits["val"].counts.documents and (part is None or part.count == 1):
         # A part may hold too few documents for one; merge checks the dataset's total instead.
-        raise DataError(f"--val-fraction {val_fraction} of {index} document(s) selects none: raise it, or give "
-                        "more (smaller) documents")
+        raise DataError(
+            f"--val-fraction {val_fraction} of {index} document(s) selects none: raise it, or give "
+            "more (smaller) documents"
+        )
     return {name: writer.counts for name, writer in splits.items()}

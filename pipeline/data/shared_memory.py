@@ -32,8 +32,11 @@ def _mapped_shared_memory() -> set[str]:
             text = maps.read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):  # ended meanwhile, or not ours
             continue
-        names.update(line.split("/dev/shm/", 1)[1].removesuffix(" (deleted)")
-                     for line in text.splitlines() if "/dev/shm/" in line)
+        names.update(
+            line.split("/dev/shm/", 1)[1].removesuffix(" (deleted)")
+            for line in text.splitlines()
+            if "/dev/shm/" in line
+        )
     return names
 
 
@@ -45,7 +48,7 @@ def clean_stale_shared_memory(local_folders: list[str]) -> list[str]:
     mapped = _mapped_shared_memory()
     ours, removed = {os.path.abspath(folder) for folder in local_folders}, []
     for registry in SHM.glob(f"*_{LOCALS}"):
-        prefix = registry.name[:-len(LOCALS) - 1]
+        prefix = registry.name[: -len(LOCALS) - 1]
         try:
             if registry.stat().st_uid != os.getuid():
                 continue

@@ -129,8 +129,7 @@ def _open(path: Path) -> BinaryIO:
         import zstandard
 
         raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                             closefd=True))
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
     return open(path, "rb")
 
 
@@ -144,8 +143,10 @@ def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{where}: byte {error.start} is not valid UTF-8 ({error.reason}); re-encode the "
-                        "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise DataError(
+            f"{where}: byte {error.start} is not valid UTF-8 ({error.reason}); re-encode the "
+            "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -166,8 +167,10 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not JSON ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(f"{where}: no string field {text_field!r}; set the text field name "
-                            "(--text-field) to the one the records use")
+            raise DataError(
+                f"{where}: no string field {text_field!r}; set the text field name "
+                "(--text-field) to the one the records use"
+            )
         yield record[text_field]
 
 
@@ -185,8 +188,10 @@ def _column(batches: Iterable, text_field: str, where: str) -> Iterator[str]:
 
     for batch in batches:
         if text_field not in batch.schema.names:
-            raise DataError(f"{where}: no column {text_field!r} (it has {', '.join(batch.schema.names)}); set "
-                            "the text field name (--text-field) to the one holding the text")
+            raise DataError(
+                f"{where}: no column {text_field!r} (it has {', '.join(batch.schema.names)}); set "
+                "the text field name (--text-field) to the one holding the text"
+            )
         column = batch.column(text_field)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise DataError(f"{where}: column {text_field!r} holds {column.type}, not strings")
@@ -196,8 +201,10 @@ def _column(batches: Iterable, text_field: str, where: str) -> Iterator[str]:
 def _parquet_documents(piece: Piece, text_field: str) -> Iterator[str]:
     parquet = _parquet_file(piece.path)
     if text_field not in parquet.schema_arrow.names:
-        raise DataError(f"{piece.path}: no column {text_field!r} (it has {', '.join(parquet.schema_arrow.names)}); "
-                        "set the text field name (--text-field) to the one holding the text")
+        raise DataError(
+            f"{piece.path}: no column {text_field!r} (it has {', '.join(parquet.schema_arrow.names)}); "
+            "set the text field name (--text-field) to the one holding the text"
+        )
     batches = parquet.iter_batches(batch_size=_RECORD_BATCH, row_groups=[piece.part], columns=[text_field])
     yield from _column(batches, text_field, str(piece))
 
@@ -230,4 +237,3 @@ def read_all(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
     """Every document of `files`, in order."""
     for piece in list_pieces(files):
         yield from read_piece(piece, text_field)
-

@@ -31,7 +31,7 @@ class Location:
             return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
         prefix = f"{folder.strip('/')}/" if folder else ""
         keys = self._uploader(self.url).list_objects(prefix) or []
-        return sorted({key.rsplit("/", 1)[-1] for key in keys if "/" not in key[len(self._key(prefix)):]})
+        return sorted({key.rsplit("/", 1)[-1] for key in keys if "/" not in key[len(self._key(prefix)) :]})
 
     def holds_anything(self, folder: str = "") -> bool:
         if not self.remote:
@@ -54,8 +54,7 @@ class Location:
             except Exception as error:  # every storage backend raises its own types
                 if isinstance(error, FileNotFoundError) or _error_code(error) in ("404", "NoSuchKey"):
                     return None
-                raise DataError(f"cannot fetch {self.join(name)} ({error}); check the URL and credentials") \
-                    from None
+                raise DataError(f"cannot fetch {self.join(name)} ({error}); check the URL and credentials") from None
             return json.loads(Path(local).read_text())
 
     def upload(self, local_file: Path, name: str) -> None:
@@ -79,8 +78,10 @@ class Location:
         try:
             return CloudUploader.get((local, remote), exist_ok=True, keep_local=True)
         except Exception as error:  # every storage backend raises its own types
-            raise DataError(f"cannot reach {remote} ({error}); check the URL, the bucket and the credentials "
-                            "(S3_ENDPOINT_URL for S3-compatible stores)") from None
+            raise DataError(
+                f"cannot reach {remote} ({error}); check the URL, the bucket and the credentials "
+                "(S3_ENDPOINT_URL for S3-compatible stores)"
+            ) from None
 
 
 def _error_code(error: Exception) -> str | None:

@@ -73,8 +73,11 @@ class _ReplicaDataset(StreamingDataset):
         except IndexError as error:
             shard = self.shards[self.spanner[sample_id][0]]
             path = Path(shard.dirname) / shard.split / shard.raw_data.basename
-            fix = (f"delete it (streaming decompresses {shard.zip_data.basename} again)" if shard.zip_data
-                   else "re-run `lm2 data prepare`")
+            fix = (
+                f"delete it (streaming decompresses {shard.zip_data.basename} again)"
+                if shard.zip_data
+                else "re-run `lm2 data prepare`"
+            )
             raise DataError(f"shard {path} is corrupt ({error}): {fix}") from None
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
@@ -136,8 +139,14 @@ def _streams(cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None
         if not stream.is_remote:
             check_local_shards(Path(stream.path) / stream.split)
         pad_ids.add(metadata["tokenizer"]["pad_id"])
-        streams.append(Stream(remote=stream.path if stream.is_remote else None, local=local, split=stream.split,
-                              proportion=stream.proportion))
+        streams.append(
+            Stream(
+                remote=stream.path if stream.is_remote else None,
+                local=local,
+                split=stream.split,
+                proportion=stream.proportion,
+            )
+        )
     if len(pad_ids) > 1:
         raise DataError("data.streams were tokenized with different tokenizers; prepare them with one")
     return streams, pad_ids.pop()
@@ -151,13 +160,20 @@ class RowLoader:
     rank of a replica yields the same rows. `state_dict()` is a small JSON-able dict for checkpoints.
     """
 
-    def __init__(self, dataset: _ReplicaDataset, dims: ParallelDims, micro_batch: int, num_workers: int,
-                 pad_id: int) -> None:
+    def __init__(
+        self, dataset: _ReplicaDataset, dims: ParallelDims, micro_batch: int, num_workers: int, pad_id: int
+    ) -> None:
         self.dataset, self.dims, self.micro_batch, self.pad_id = dataset, dims, micro_batch, pad_id
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, and
         # the global RNG state is part of what an exact resume must reproduce.
-        self._loader = DataLoader(dataset, batch_size=micro_batch, num_workers=num_workers, drop_last=True,
-                                  collate_fn=self._collate, generator=torch.Generator().manual_seed(0))
+        self._loader = DataLoader(
+            dataset,
+            batch_size=micro_batch,
+            num_workers=num_workers,
+            drop_last=True,
+            collate_fn=self._collate,
+            generator=torch.Generator().manual_seed(0),
+        )
         self._epoch, self._offset, self._rows_read = 0, 0, 0
         self._resumed: dict[str, Any] | None = None
         self._started = False
@@ -170,8 +186,11 @@ class RowLoader:
         tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
         labels = tokens[:, 1:].clone()
         labels[labels == self.pad_id] = IGNORE_INDEX
-        return {"input_ids": tokens[:, :-1], "labels": labels,
-                "id": torch.tensor([int(s["id"]) for s in samples], dtype=torch.int64)}
+        return {
+            "input_ids": tokens[:, :-1],
+            "labels": labels,
+            "id": torch.tensor([int(s["id"]) for s in samples], dtype=torch.int64),
+        }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = iter(self._loader)
@@ -183,21 +202,24 @@ class RowLoader:
         self._offset, self._rows_read = (resumed["sample_in_epoch"] if resumed else 0), 0
         total = (self.dataset.epoch_size - self._offset) // self.rows_per_global_batch
         if total == 0 and not resumed:
-            raise DataError(f"an epoch has {self.dataset.epoch_size} rows, fewer than one global micro-batch "
-                            f"({self.rows_per_global_batch} = dp {self.dims.dp} x micro batch "
-                            f"{self.micro_batch}): prepare more data or lower the batch")
+            raise DataError(
+                f"an epoch has {self.dataset.epoch_size} rows, fewer than one global micro-batch "
+                f"({self.rows_per_global_batch} = dp {self.dims.dp} x micro batch "
+                f"{self.micro_batch}): prepare more data or lower the batch"
+            )
         for step in range(total):
             batch = first if step == 0 else self._next(batches, step)
             if batch is None:
-                raise self._shard_error(f"the data ended after {step} of {total} micro-batches of epoch "
-                                        f"{self._epoch}")
+                raise self._shard_error(f"the data ended after {step} of {total} micro-batches of epoch {self._epoch}")
             self._rows_read += len(batch["id"])
             yield batch
 
     @staticmethod
     def _shard_error(what: str) -> DataError:
-        return DataError(f"{what}: a shard failed to download or its checksum did not match (see the log above); "
-                         "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams")
+        return DataError(
+            f"{what}: a shard failed to download or its checksum did not match (see the log above); "
+            "re-run `lm2 data prepare`, or delete data.cache_dir for remote streams"
+        )
 
     def _next(self, batches: Iterator, step: int) -> dict[str, torch.Tensor] | None:
         # streaming reports a failed shard in one of three ways, depending on which thread reached it first:
@@ -221,9 +243,13 @@ class RowLoader:
         if self._resumed is not None and not self._started:
             return dict(self._resumed)
         epoch_done = self._offset + self._rows_read * self.dims.dp
-        return {"epoch": self._epoch, "sample_in_epoch": epoch_done,
-                "num_canonical_nodes": self.dataset.num_canonical_nodes, "shuffle_seed": self.dataset.shuffle_seed,
-                "initial_physical_nodes": 1}
+        return {
+            "epoch": self._epoch,
+            "sample_in_epoch": epoch_done,
+            "num_canonical_nodes": self.dataset.num_canonical_nodes,
+            "shuffle_seed": self.dataset.shuffle_seed,
+            "initial_physical_nodes": 1,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resumes from `state_dict()` of an earlier run, with the same or another data-parallel size.
@@ -244,8 +270,13 @@ def _remove_cut_short_files(dataset: StreamingDataset) -> None:
         if stream.remote is None:  # the user's dataset folder, not a cache
             continue
         folder = Path(stream.local, stream.split)
-        named = {get_index_basename()} | {info.basename for shard in dataset.shards[begin:begin + count]
-                                          for pair in shard.file_pairs for info in pair if info}
+        named = {get_index_basename()} | {
+            info.basename
+            for shard in dataset.shards[begin : begin + count]
+            for pair in shard.file_pairs
+            for info in pair
+            if info
+        }
         for path in folder.rglob("*"):
             if path.is_file() and str(path.relative_to(folder)) not in named:
                 path.unlink(missing_ok=True)
@@ -253,18 +284,27 @@ def _remove_cut_short_files(dataset: StreamingDataset) -> None:
 
 def _dataset(cfg: DataConfig, streams: list[Stream], dp_rank: int, dp_size: int, micro_batch: int) -> StreamingDataset:
     try:
-        return _ReplicaDataset(dp_rank=dp_rank, dp_size=dp_size, streams=streams, batch_size=micro_batch,
-                               shuffle=cfg.shuffle, shuffle_seed=cfg.shuffle_seed,
-                               num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="orig",
-                               cache_limit=cfg.cache_limit, validate_hash="xxh64" if cfg.validate_hash else None)
+        return _ReplicaDataset(
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            streams=streams,
+            batch_size=micro_batch,
+            shuffle=cfg.shuffle,
+            shuffle_seed=cfg.shuffle_seed,
+            num_canonical_nodes=cfg.num_canonical_nodes,
+            partition_algo="orig",
+            cache_limit=cfg.cache_limit,
+            validate_hash="xxh64" if cfg.validate_hash else None,
+        )
     except ValueError as error:
         if "Cache limit" not in str(error):
             raise
         raise DataError(f"data.cache_limit {cfg.cache_limit}: {error}") from None
 
 
-def build_train_loader(cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int,
-                       model: ModelConfig) -> RowLoader:
+def build_train_loader(
+    cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int, model: ModelConfig
+) -> RowLoader:
     """The loader of rank `rank`; every rank must call it (streaming synchronises them while building).
 
     Args:

@@ -43,11 +43,13 @@ class Tokenizer:
         try:
             processor.load(str(path))
         except (OSError, RuntimeError) as error:
-            raise DataError(f"{path} is not a sentencepiece model ({error}); retrain it with "
-                            "`lm2 data tokenizer`") from None
+            raise DataError(
+                f"{path} is not a sentencepiece model ({error}); retrain it with `lm2 data tokenizer`"
+            ) from None
         if processor.eos_id() < 0 or processor.pad_id() < 0:
-            raise DataError(f"tokenizer {path} has no EOS or PAD id; lm2 needs both: retrain it with "
-                            "`lm2 data tokenizer`")
+            raise DataError(
+                f"tokenizer {path} has no EOS or PAD id; lm2 needs both: retrain it with `lm2 data tokenizer`"
+            )
         return cls(path=path, processor=processor, checksum=sha256_file(path))
 
     @property
@@ -74,13 +76,18 @@ class Tokenizer:
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Each document's tokens followed by EOS (one thread: callers parallelise over processes)."""
-        return [np.array([*ids, self.eos_id], dtype=np.int64)
-                for ids in self.processor.encode(texts, num_threads=1)]
+        return [np.array([*ids, self.eos_id], dtype=np.int64) for ids in self.processor.encode(texts, num_threads=1)]
 
     def describe(self) -> dict:
         """What shard metadata records about the tokenizer."""
-        return {"file": self.path.name, "sha256": self.checksum, "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {
+            "file": self.path.name,
+            "sha256": self.checksum,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
 
 
 def _training_sentences(documents: Iterable[str], counter: list[int]) -> Iterator[str]:
@@ -91,8 +98,9 @@ def _training_sentences(documents: Iterable[str], counter: list[int]) -> Iterato
                 yield line[:_MAX_SENTENCE_CHARS]
 
 
-def train_tokenizer(documents: Iterable[str], output: str | Path, vocab_size: int,
-                    model_type: str = "bpe") -> Tokenizer:
+def train_tokenizer(
+    documents: Iterable[str], output: str | Path, vocab_size: int, model_type: str = "bpe"
+) -> Tokenizer:
     """Trains a sentencepiece model on `documents` and writes it to `output` (atomically).
 
     Args:
@@ -104,26 +112,42 @@ def train_tokenizer(documents: Iterable[str], output: str | Path, vocab_size: in
     if model_type not in MODEL_TYPES:
         raise DataError(f"tokenizer type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 300:
-        raise DataError(f"vocabulary size {vocab_size} is too small: 260 ids go to specials and bytes; "
-                        "use at least 300")
+        raise DataError(
+            f"vocabulary size {vocab_size} is too small: 260 ids go to specials and bytes; use at least 300"
+        )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = _SpmBytes()
     documents_seen = [0]
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(documents, documents_seen), model_writer=model,
-            model_type=model_type, vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-            allow_whitespace_only_pieces=True, max_sentence_length=4 * _MAX_SENTENCE_CHARS,
-            input_sentence_size=_MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            sentence_iterator=_training_sentences(documents, documents_seen),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=4 * _MAX_SENTENCE_CHARS,
+            input_sentence_size=_MAX_TRAINING_SENTENCES,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as error:
         if not documents_seen[0]:
             raise DataError("no documents to train the tokenizer on: the inputs are empty") from None
-        raise DataError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model: {error}. "
-                        "Lower --vocab-size or give more text.") from None
+        raise DataError(
+            f"sentencepiece could not train a {vocab_size}-piece {model_type} model: {error}. "
+            "Lower --vocab-size or give more text."
+        ) from None
     write_atomic(output, model.data)
     return Tokenizer.load(output)
 

@@ -78,8 +78,10 @@ def task_file(folder: Path, task: str) -> Path:
     found = sorted(p for p in Path(folder).glob(f"{task}_*") if p.name.endswith((".txt", ".txt.gz")))
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
-        raise EvalError(f"{what} {task}_*.txt file(s) in {folder}: give --babi a folder with one bAbI file per "
-                        "task (e.g. ../shared/data/babi)")
+        raise EvalError(
+            f"{what} {task}_*.txt file(s) in {folder}: give --babi a folder with one bAbI file per "
+            "task (e.g. ../shared/data/babi)"
+        )
     return found[0]
 
 

@@ -47,8 +47,10 @@ def book_files(paths: list[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         found += sorted(p for p in path.glob("*") if p.name.endswith((".txt", ".txt.gz"))) if path.is_dir() else [path]
     if not found or not all(p.is_file() for p in found):
-        raise EvalError(f"no books in {', '.join(map(str, paths))}: give .txt/.txt.gz files or folders of them "
-                        "(e.g. corpus or ../shared/data/text)")
+        raise EvalError(
+            f"no books in {', '.join(map(str, paths))}: give .txt/.txt.gz files or folders of them "
+            "(e.g. corpus or ../shared/data/text)"
+        )
     return found
 
 
@@ -64,8 +66,10 @@ class Background:
     def take(self, tokens: int, rng: np.random.Generator) -> list[str]:
         """Consecutive sentences from a random start (wrapping around) holding exactly `tokens` tokens."""
         if tokens > self.total:
-            raise EvalError(f"the background holds {self.total} tokens, fewer than the {tokens} asked for: "
-                            "give --background a larger folder of books")
+            raise EvalError(
+                f"the background holds {self.total} tokens, fewer than the {tokens} asked for: "
+                "give --background a larger folder of books"
+            )
         index, taken, count = int(rng.integers(len(self.sentences))), [], 0
         while count < tokens:
             sentence, length = self.sentences[index], self.lengths[index]

@@ -31,8 +31,10 @@ def eval_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise EvalError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} usable GPU(s): run on a GPU "
-                        "node or pass --device cpu")
+        raise EvalError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} usable GPU(s): run on a GPU "
+            "node or pass --device cpu"
+        )
     if device.type not in ("cpu", "cuda"):
         raise EvalError(f"--device {name}: lm2 evaluates on cpu or cuda")
     return device

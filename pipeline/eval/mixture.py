@@ -44,8 +44,9 @@ def training_stories(babi: Path, task: str) -> list[list[str]]:
     return [s for s in stories(read_text(task_file(babi, task))) if tuple(s) not in heldout]
 
 
-def babi_documents(babi: Path, tasks: list[str], per_task: int, background: Background, row_length: int,
-                   rng: np.random.Generator) -> list[str]:
+def babi_documents(
+    babi: Path, tasks: list[str], per_task: int, background: Background, row_length: int, rng: np.random.Generator
+) -> list[str]:
     """per_task documents per task: a random question of a random story, in a haystack of random length."""
     documents = []
     for task in tasks:
@@ -63,12 +64,20 @@ def book_documents(books: list[str | Path]) -> list[str]:
     documents = []
     for path in book_files(books):
         sentences = split_sentences(read_text(path))
-        documents += [" ".join(sentences[i:i + BOOK_CHUNK]) for i in range(0, len(sentences), BOOK_CHUNK)]
+        documents += [" ".join(sentences[i : i + BOOK_CHUNK]) for i in range(0, len(sentences), BOOK_CHUNK)]
     return documents
 
 
-def write_mixture(output: str | Path, tokenizer: str | Path, books: list[str | Path], babi: str | Path, row_length: int,
-                  per_task: int, tasks: list[str], seed: int = 0) -> str:
+def write_mixture(
+    output: str | Path,
+    tokenizer: str | Path,
+    books: list[str | Path],
+    babi: str | Path,
+    row_length: int,
+    per_task: int,
+    tasks: list[str],
+    seed: int = 0,
+) -> str:
     """Writes the mixture; returns a one-line summary."""
     if row_length <= PROMPT_ROOM:
         raise EvalError(f"--row-length {row_length} leaves no room for a haystack: use more than {PROMPT_ROOM}")
@@ -83,5 +92,7 @@ def write_mixture(output: str | Path, tokenizer: str | Path, books: list[str | P
     with open(output, "w", encoding="utf-8") as handle:
         for index in order:
             handle.write(json.dumps({"text": documents[index]}) + "\n")
-    return (f"wrote {output}: {book_count} book pieces and {len(documents) - book_count} bAbI haystacks "
-            f"({', '.join(tasks)}; 0 to {row_length - PROMPT_ROOM} tokens)")
+    return (
+        f"wrote {output}: {book_count} book pieces and {len(documents) - book_count} bAbI haystacks "
+        f"({', '.join(tasks)}; 0 to {row_length - PROMPT_ROOM} tokens)"
+    )

@@ -72,17 +72,20 @@ def mds_rows(folder: Path, split: str, model_dir: Path) -> list[torch.Tensor]:
         raise EvalError(f"{folder} has no {split!r} split: prepare it with --val-fraction, or pass --split train")
     ours = model_dir / "tokenizer.model"
     if ours.is_file() and sha256_file(ours) != metadata["tokenizer"]["sha256"]:
-        raise EvalError(f"{folder} was tokenized with another tokenizer than {model_dir}'s: evaluate on data "
-                        "prepared with the model's tokenizer, or on text files")
+        raise EvalError(
+            f"{folder} was tokenized with another tokenizer than {model_dir}'s: evaluate on data "
+            "prepared with the model's tokenizer, or on text files"
+        )
     return list(shard_rows(folder / split))
 
 
-def mds_perplexity(model: EvalModel, folder: Path, split: str, model_dir: Path, batch: int = 8,
-                   progress: bool = True) -> Perplexity:
+def mds_perplexity(
+    model: EvalModel, folder: Path, split: str, model_dir: Path, batch: int = 8, progress: bool = True
+) -> Perplexity:
     pad = model.tokenizer.pad_token_id
     total, rows = Perplexity(0.0, 0), mds_rows(folder, split, model_dir)
     for start in tqdm(range(0, len(rows), batch), desc="ppl", unit="batch", disable=not progress):
-        block = torch.stack(rows[start:start + batch])
+        block = torch.stack(rows[start : start + batch])
         labels = block[:, 1:].clone()
         labels[labels == pad] = IGNORE
         nll, count = token_nll(model.model, block[:, :-1], labels)
@@ -96,7 +99,7 @@ def text_windows(model: EvalModel, files: list[Path], context: int) -> list[torc
     stream: list[int] = []
     for document in read_all(files):
         stream += model.encode(document) + [model.tokenizer.eos_token_id]
-    return [torch.tensor(stream[i:i + context]) for i in range(0, len(stream), context) if len(stream) - i > 1]
+    return [torch.tensor(stream[i : i + context]) for i in range(0, len(stream), context) if len(stream) - i > 1]
 
 
 def text_perplexity(model: EvalModel, files: list[Path], context: int, progress: bool = True) -> Perplexity:
@@ -107,8 +110,14 @@ def text_perplexity(model: EvalModel, files: list[Path], context: int, progress:
     return total
 
 
-def perplexity(model_dir: str, data: list[str], split: str = "val", context: int | None = None,
-               progress: bool = True, device: str | None = None) -> tuple[Perplexity, str]:
+def perplexity(
+    model_dir: str,
+    data: list[str],
+    split: str = "val",
+    context: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> tuple[Perplexity, str]:
     """(perplexity, what was scored) of the model in model_dir on one prepared dataset or on text files.
     device: a torch device name, None for the GPU when there is one."""
     from lm2.pipeline.data.metadata import METADATA_FILE

@@ -14,24 +14,33 @@ def accuracy_grid(results: dict) -> list[list[float]]:
 
 
 def truncation_notes(results: dict) -> list[str]:
-    return [f"{c['task']} {c['length']}: {c['truncated']} of {c['samples']} prompts (mean "
-            f"{c['mean_prompt_tokens']:.0f} tokens) cut to their last {c['kept_tokens']} tokens"
-            for c in results["cells"] if c["truncated"]]
+    return [
+        f"{c['task']} {c['length']}: {c['truncated']} of {c['samples']} prompts (mean "
+        f"{c['mean_prompt_tokens']:.0f} tokens) cut to their last {c['kept_tokens']} tokens"
+        for c in results["cells"]
+        if c["truncated"]
+    ]
 
 
 def markdown(results: dict) -> str:
     truncated = {(c["task"], c["length"]) for c in results["cells"] if c["truncated"]}
-    lines = [f"BABILong accuracy (%) of `{results['model']}` ({results['kind']}), {results['samples']} samples "
-             f"per cell, seed {results['seed']}", "",
-             "| task | " + " | ".join(results["lengths"]) + " |",
-             "|---|" + "---|" * len(results["lengths"])]
+    lines = [
+        f"BABILong accuracy (%) of `{results['model']}` ({results['kind']}), {results['samples']} samples "
+        f"per cell, seed {results['seed']}",
+        "",
+        "| task | " + " | ".join(results["lengths"]) + " |",
+        "|---|" + "---|" * len(results["lengths"]),
+    ]
     for task, row in zip(results["tasks"], accuracy_grid(results)):
         marks = ["*" if (task, n) in truncated else "" for n in results["lengths"]]
         lines.append(f"| {task} | " + " | ".join(f"{a:.0f}{m}" for a, m in zip(row, marks)) + " |")
     notes = truncation_notes(results)
     if notes:
-        lines += ["", f"\\* the model holds {results['max_tokens']} tokens; it read the tail of longer prompts "
-                  "(the question stays): " + "; ".join(notes)]
+        lines += [
+            "",
+            f"\\* the model holds {results['max_tokens']} tokens; it read the tail of longer prompts "
+            "(the question stays): " + "; ".join(notes),
+        ]
     return "\n".join(lines) + "\n"
 
 

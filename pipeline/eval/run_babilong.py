@@ -47,16 +47,30 @@ class Cell:
 def greedy_answer(model: EvalModel, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
     """The decoded greedy continuation and the number of prompt tokens the model read."""
     if model.max_tokens is not None:
-        ids = ids[-(model.max_tokens - max_new_tokens):]
+        ids = ids[-(model.max_tokens - max_new_tokens) :]
     tokens = torch.tensor([ids], device=model.model.device)
     with torch.no_grad():
-        out = model.model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
-    return model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), len(ids)
+        out = model.model.generate(
+            tokens,
+            attention_mask=torch.ones_like(tokens),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    return model.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True), len(ids)
 
 
-def evaluate(model: EvalModel, tasks: list[str], lengths: list[str], samples: int, babi: Path, background: Path,
-             seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True) -> list[Cell]:
+def evaluate(
+    model: EvalModel,
+    tasks: list[str],
+    lengths: list[str],
+    samples: int,
+    babi: Path,
+    background: Path,
+    seed: int = 0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+) -> list[Cell]:
     if model.max_tokens is not None and model.max_tokens <= max_new_tokens:
         raise EvalError(f"the model holds {model.max_tokens} tokens, not more than --max-new-tokens {max_new_tokens}")
     data = {task: task_samples(babi, task) for task in tasks}
@@ -78,16 +92,34 @@ def evaluate(model: EvalModel, tasks: list[str], lengths: list[str], samples: in
             cell.prompt_tokens.append(len(ids))
             if read < len(ids):
                 cell.truncated, cell.kept_tokens = cell.truncated + 1, read
-            cell.records.append({"index": index, "question": sample.question, "target": sample.answer,
-                                 "output": output, "correct": correct, "prompt_tokens": len(ids)})
+            cell.records.append(
+                {
+                    "index": index,
+                    "question": sample.question,
+                    "target": sample.answer,
+                    "output": output,
+                    "correct": correct,
+                    "prompt_tokens": len(ids),
+                }
+            )
             bar.update(1)
     bar.close()
     return cells
 
 
-def run(model_dir: str, tasks: list[str], lengths: list[str], samples: int, babi: Path, background: Path,
-        output: Path, seed: int = 0, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
-        device: str | None = None) -> dict:
+def run(
+    model_dir: str,
+    tasks: list[str],
+    lengths: list[str],
+    samples: int,
+    babi: Path,
+    background: Path,
+    output: Path,
+    seed: int = 0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
     """Evaluates and writes results.json, results.md and heatmap.png into `output`; returns the JSON.
     device: a torch device name, None for the GPU when there is one."""
     from lm2.pipeline.eval.hf_model import load_model
@@ -100,9 +132,18 @@ def run(model_dir: str, tasks: list[str], lengths: list[str], samples: int, babi
     model = load_model(model_dir, device)
     start = time.time()
     cells = evaluate(model, tasks, lengths, samples, babi, background, seed, max_new_tokens, progress)
-    results = {"model": str(model_dir), "kind": model.kind, "max_tokens": model.max_tokens, "tasks": tasks,
-               "lengths": lengths, "samples": samples, "seed": seed, "babi": str(babi),
-               "background": str(background), "seconds": round(time.time() - start, 1),
-               "cells": [cell.summary() for cell in cells]}
+    results = {
+        "model": str(model_dir),
+        "kind": model.kind,
+        "max_tokens": model.max_tokens,
+        "tasks": tasks,
+        "lengths": lengths,
+        "samples": samples,
+        "seed": seed,
+        "babi": str(babi),
+        "background": str(background),
+        "seconds": round(time.time() - start, 1),
+        "cells": [cell.summary() for cell in cells],
+    }
     write_reports(results, output)
     return results

@@ -21,11 +21,28 @@ class LM2Config(PretrainedConfig):
     model_type = "lm2"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(self, vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, segment_length=2048, memory_slots=2048,
-                 memory_dim=None, memory_heads=16, memory_layers=None, rms_norm_eps=1e-5, rope_theta=500000.0,
-                 tie_word_embeddings=False, initializer_range=0.02, bos_token_id=1, eos_token_id=2,
-                 pad_token_id=None, **kwargs):
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        segment_length=2048,
+        memory_slots=2048,
+        memory_dim=None,
+        memory_heads=16,
+        memory_layers=None,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -41,8 +58,13 @@ class LM2Config(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
-        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
 
     def has_memory(self, layer: int) -> bool:
         return self.memory_layers is None or layer in self.memory_layers

@@ -11,8 +11,14 @@ from tqdm import tqdm
 
 from lm2.pipeline.checkpoint.format import Manifest
 from lm2.pipeline.export.hf_folder import hf_model, special_token_ids, write_folder, write_tokenizer
-from lm2.pipeline.export.reader import (ExportError, manifest_of, model_config, read_full_state, resolve,
-                                       verified_manifest)
+from lm2.pipeline.export.reader import (
+    ExportError,
+    manifest_of,
+    model_config,
+    read_full_state,
+    resolve,
+    verified_manifest,
+)
 from lm2.pipeline.export.verify import verify_export
 
 
@@ -27,18 +33,25 @@ class ExportResult:
     max_logit_difference: float | None
 
     def summary(self) -> str:
-        verified = ("" if self.max_logit_difference is None
-                    else f", verified (max logit difference {self.max_logit_difference:.2g})")
-        return (f"wrote {self.folder}: {self.architecture}, {self.parameters:,} parameters in "
-                f"{len(self.weight_files)} safetensors file(s), tokenizer, from {self.checkpoint} (step {self.step})"
-                f"{verified}")
+        verified = (
+            ""
+            if self.max_logit_difference is None
+            else f", verified (max logit difference {self.max_logit_difference:.2g})"
+        )
+        return (
+            f"wrote {self.folder}: {self.architecture}, {self.parameters:,} parameters in "
+            f"{len(self.weight_files)} safetensors file(s), tokenizer, from {self.checkpoint} (step {self.step})"
+            f"{verified}"
+        )
 
 
 def _tokenizer_path(manifest: Manifest, given: str | None) -> Path:
     path = Path(given or manifest.config["data"]["tokenizer"])
     if not path.is_file():
-        raise ExportError(f"the tokenizer {path} does not exist (the run's data.tokenizer, relative to where it "
-                          "trained): pass --tokenizer PATH to the run's sentencepiece .model")
+        raise ExportError(
+            f"the tokenizer {path} does not exist (the run's data.tokenizer, relative to where it "
+            "trained): pass --tokenizer PATH to the run's sentencepiece .model"
+        )
     return path
 
 
@@ -62,8 +75,16 @@ def _write(tmp: Path, model, cfg, state, sentencepiece: Path, verify: bool, max_
     return weight_files, difference
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, verify: bool = False,
-              tokenizer: str | None = None, max_shard_size: str = "5GB", progress: bool = True) -> ExportResult:
+def export_hf(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    verify: bool = False,
+    tokenizer: str | None = None,
+    max_shard_size: str = "5GB",
+    progress: bool = True,
+) -> ExportResult:
     """Reads, merges and writes into a temp folder renamed into place: the folder appears only complete (and
     verified, when asked)."""
     folder, out = resolve(checkpoint), Path(out)
@@ -71,6 +92,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
     listed = manifest_of(folder)
     steps = len(listed.files) + listed.layout.tp + 2 + int(verify)  # files, TP ranks, writes
     with tqdm(total=steps, desc=f"export {folder.name}", unit="step", disable=not progress) as bar:
+
         def tick(what: str) -> None:
             bar.set_postfix_str(what, refresh=False)
             bar.update()
@@ -91,5 +113,12 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: b
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return ExportResult(out, folder, manifest.step, type(model).__name__, sum(t.numel() for t in state.values()),
-                        weight_files, difference)
+    return ExportResult(
+        out,
+        folder,
+        manifest.step,
+        type(model).__name__,
+        sum(t.numel() for t in state.values()),
+        weight_files,
+        difference,
+    )

@@ -24,16 +24,37 @@ LM2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: torch.dtype):
     """The Hugging Face config of an lm2 model; special_ids: bos_token_id, eos_token_id, pad_token_id."""
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                  tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, torch_dtype=dtype,
-                  **special_ids)
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        torch_dtype=dtype,
+        **special_ids,
+    )
     if not cfg.memory.enabled:
-        return LlamaConfig(**common, max_position_embeddings=cfg.row_length, head_dim=cfg.head_dim,
-                           hidden_act="silu", attention_bias=False, mlp_bias=False)
-    return LM2Config(**common, segment_length=cfg.segment_length, memory_slots=cfg.memory.slots,
-                     memory_dim=cfg.memory_dim, memory_heads=cfg.memory.heads, memory_layers=cfg.memory.layers)
+        return LlamaConfig(
+            **common,
+            max_position_embeddings=cfg.row_length,
+            head_dim=cfg.head_dim,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+        )
+    return LM2Config(
+        **common,
+        segment_length=cfg.segment_length,
+        memory_slots=cfg.memory.slots,
+        memory_dim=cfg.memory_dim,
+        memory_heads=cfg.memory.heads,
+        memory_layers=cfg.memory.layers,
+    )
 
 
 def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special_ids: dict[str, int]):
@@ -48,8 +69,10 @@ def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], special_ids: dict
         model = (LlamaForCausalLM if isinstance(config, LlamaConfig) else LM2ForCausalLM)(config)
     result = model.load_state_dict(weights, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"the weights do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]}")
+        raise ExportError(
+            f"the weights do not fit {type(model).__name__}: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
     model.tie_weights()
     model.generation_config = GenerationConfig(**special_ids)
     return model
@@ -62,11 +85,24 @@ def write_tokenizer(sentencepiece_model: Path, out: Path) -> LlamaTokenizerFast:
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
-    specials = {name: processor.id_to_piece(index) for name, index in
-                (("unk_token", processor.unk_id()), ("bos_token", processor.bos_id()),
-                 ("eos_token", processor.eos_id()), ("pad_token", processor.pad_id())) if index >= 0}
-    slow = LlamaTokenizer(str(sentencepiece_model), legacy=True, add_bos_token=False, add_eos_token=False,
-                          split_special_tokens=True, **specials)
+    specials = {
+        name: processor.id_to_piece(index)
+        for name, index in (
+            ("unk_token", processor.unk_id()),
+            ("bos_token", processor.bos_id()),
+            ("eos_token", processor.eos_id()),
+            ("pad_token", processor.pad_id()),
+        )
+        if index >= 0
+    }
+    slow = LlamaTokenizer(
+        str(sentencepiece_model),
+        legacy=True,
+        add_bos_token=False,
+        add_eos_token=False,
+        split_special_tokens=True,
+        **specials,
+    )
     slow.save_pretrained(out)  # tokenizer.model; the fast tokenizer is converted from the slow one's files
     fast = LlamaTokenizerFast.from_pretrained(out, from_slow=True, legacy=True)
     fast.save_pretrained(out)

@@ -50,16 +50,24 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def check_shapes(hf: dict, cfg: ModelConfig) -> None:
     """Refuses a Hugging Face model that is not the run's backbone, naming the field that disagrees."""
-    defaults = {"num_key_value_heads": hf.get("num_attention_heads"), "tie_word_embeddings": False,
-                "rope_theta": 10000.0, "rms_norm_eps": 1e-6}  # LlamaConfig's defaults for fields it may omit
+    defaults = {
+        "num_key_value_heads": hf.get("num_attention_heads"),
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+    }  # LlamaConfig's defaults for fields it may omit
     for hf_field, field in HF_FIELDS.items():
         theirs, ours = hf.get(hf_field, defaults.get(hf_field)), getattr(cfg, field)
         if theirs != ours:
-            raise ExportError(f"the Hugging Face model has {hf_field}={theirs!r} but the config has model.{field}="
-                              f"{ours!r}: set model.{field}={theirs!r}")
+            raise ExportError(
+                f"the Hugging Face model has {hf_field}={theirs!r} but the config has model.{field}="
+                f"{ours!r}: set model.{field}={theirs!r}"
+            )
     if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
-        raise ExportError(f"the Hugging Face model has head_dim={hf['head_dim']} but lm2 uses hidden_size/num_heads="
-                          f"{cfg.head_dim}: it cannot be imported")
+        raise ExportError(
+            f"the Hugging Face model has head_dim={hf['head_dim']} but lm2 uses hidden_size/num_heads="
+            f"{cfg.head_dim}: it cannot be imported"
+        )
     for field, value in UNSUPPORTED.items():
         if hf.get(field, value) != value:
             raise ExportError(f"the Hugging Face model has {field}={hf[field]!r}; lm2's backbone needs {value!r}")
@@ -70,8 +78,9 @@ def read_hf_weights(hf_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     if not all((hf_dir / name).is_file() for name in files):
         raise ExportError(f"{hf_dir} lacks {files[0]}: only safetensors weights can be imported")
     weights = {}
@@ -91,8 +100,9 @@ def merged_state(engine, cfg: ModelConfig, backbone: dict[str, torch.Tensor]) ->
         raise ExportError(f"the Hugging Face weights hold {unknown[:3]}, which the lm2 model has not")
     for name, tensor in backbone.items():
         if tensor.shape != state[name].shape:
-            raise ExportError(f"{name}: the Hugging Face weight is {tuple(tensor.shape)}, the lm2 model's "
-                              f"{tuple(state[name].shape)}")
+            raise ExportError(
+                f"{name}: the Hugging Face weight is {tuple(tensor.shape)}, the lm2 model's {tuple(state[name].shape)}"
+            )
     missing = sorted(name for name in state if name not in backbone and ".memory." not in name)
     if missing:
         raise ExportError(f"the Hugging Face weights lack {missing[:3]}")
@@ -122,8 +132,10 @@ def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -
     named = list(ds.module.named_parameters())
     zero3 = ds.zero_optimization_stage() == 3
     if zero3 and tp > 1:
-        raise ExportError("importing at ZeRO-3 with tensor parallelism is not supported: use parallel.tp=1 or "
-                          "another ZeRO stage (a ZeRO-1/2 checkpoint resumes at other stages)")
+        raise ExportError(
+            "importing at ZeRO-3 with tensor parallelism is not supported: use parallel.tp=1 or "
+            "another ZeRO stage (a ZeRO-1/2 checkpoint resumes at other stages)"
+        )
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0, enabled=zero3), torch.no_grad():
         for name, param in named:
             lm2 = model_name(name, cfg.num_layers) if engine.pipelined else name
@@ -132,8 +144,9 @@ def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -
         ds.optimizer.refresh_fp32_params()
 
 
-def import_hf(hf_dir: str | os.PathLike, config: str, output: str | os.PathLike,
-              overrides: list[str] | tuple[str, ...] = ()) -> str | None:
+def import_hf(
+    hf_dir: str | os.PathLike, config: str, output: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> str | None:
     """Writes `<output>/step_00000000`; returns the summary line on rank 0 (None on the others)."""
     from lm2.pipeline.train.loop import Trainer
 
@@ -150,5 +163,7 @@ def import_hf(hf_dir: str | os.PathLike, config: str, output: str | os.PathLike,
     folder = trainer.save_checkpoint()
     if dist.get_rank() != 0:
         return None
-    return (f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory freshly initialised; "
-            f"continue with `lm2 train --config {config} --resume {folder}` at this layout")
+    return (
+        f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory freshly initialised; "
+        f"continue with `lm2 train --config {config} --resume {folder}` at this layout"
+    )

@@ -225,8 +225,14 @@ class LM2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, LM2RMSNorm):
             module.weight.data.fill_(1.0)
         elif isinstance(module, LM2MemoryBank):
-            for weight in (module.read_k, module.read_v, module.out_gate, module.write_q, module.in_gate,
-                           module.forget_gate):
+            for weight in (
+                module.read_k,
+                module.read_v,
+                module.out_gate,
+                module.write_q,
+                module.in_gate,
+                module.forget_gate,
+            ):
                 weight.data.normal_(mean=0.0, std=std)
             module.out_gate_bias.data.zero_()
             module.in_gate_bias.data.zero_()
@@ -258,7 +264,7 @@ class LM2Model(LM2PreTrainedModel):
         while start < length:
             offset = cache.seen % S
             n = min(length - start, S - offset)
-            h = self.embed_tokens(input_ids[:, start:start + n])
+            h = self.embed_tokens(input_ids[:, start : start + n])
             positions = torch.arange(offset, offset + n, device=h.device)
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
             for layer in self.layers:
@@ -294,17 +300,25 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: LM2Cache | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: LM2Cache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """input_ids [B, T]: the next T tokens after those in past_key_values (a new sequence without it).
         attention_mask may only be all ones: padding would shift the segment boundaries of a row.
         logits_to_keep: logits of the last that many positions only (0: all), as in transformers' Llama; generate()
         asks for 1, so a long prompt never builds its [T, vocab] logits (67 GB at 128K tokens and 128K words)."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("LM2 does not support padded batches (memory segments are counted from each "
-                             "sequence's first token): run sequences of different lengths separately")
+            raise ValueError(
+                "LM2 does not support padded batches (memory segments are counted from each "
+                "sequence's first token): run sequences of different lengths separately"
+            )
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
         cache = past_key_values if past_key_values is not None else LM2Cache(self.config.num_hidden_layers)
@@ -315,13 +329,18 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
         keep_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if keep_cache else None)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
-                                      **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs
+    ):
         """Only the tokens the cache has not seen."""
         if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen:]
-        inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                  "use_cache": use_cache}
+            input_ids = input_ids[:, past_key_values.seen :]
+        inputs = {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+        }
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs

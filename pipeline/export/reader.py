@@ -48,8 +48,10 @@ def resolve(path: str | os.PathLike) -> Path:
         return path / (path / LATEST).read_text().strip()
     if path.is_dir() and complete_checkpoints(path):
         return complete_checkpoints(path)[0]
-    raise ExportError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a checkpoints folder with one: "
-                      "give a run's checkpoints folder, its `latest` file or a step_* folder")
+    raise ExportError(
+        f"{path} is neither a checkpoint (no {MANIFEST}) nor a checkpoints folder with one: "
+        "give a run's checkpoints folder, its `latest` file or a step_* folder"
+    )
 
 
 def manifest_of(folder: Path) -> Manifest:
@@ -68,8 +70,10 @@ def verified_manifest(folder: Path, progress: Progress = lambda _: None) -> Mani
         if not path.is_file():
             raise ExportError(f"{folder} is incomplete: {name} of its manifest is missing; export another step")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ExportError(f"{path} does not match its size or checksum in the manifest: the checkpoint is "
-                              "corrupt; export another step")
+            raise ExportError(
+                f"{path} does not match its size or checksum in the manifest: the checkpoint is "
+                "corrupt; export another step"
+            )
         progress(f"checked {name}")
     return manifest
 
@@ -97,8 +101,12 @@ def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, t
     for index in range(cfg.num_layers + 3):
         path = folder / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
         if path.is_file():
-            shard.update({model_name(f"{index}.{name}", cfg.num_layers): tensor
-                          for name, tensor in _tensors(_load(path)).items()})
+            shard.update(
+                {
+                    model_name(f"{index}.{name}", cfg.num_layers): tensor
+                    for name, tensor in _tensors(_load(path)).items()
+                }
+            )
     return shard
 
 
@@ -116,15 +124,21 @@ def _zero3_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
                 return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
         except (ValueError, KeyError, FileNotFoundError) as error:
-            raise ExportError(f"{folder}: the ZeRO-3 partitions of TP rank {tp_rank} cannot be joined ({error}): "
-                              "the checkpoint is incomplete or of an unknown layout; export another step") from None
+            raise ExportError(
+                f"{folder}: the ZeRO-3 partitions of TP rank {tp_rank} cannot be joined ({error}): "
+                "the checkpoint is incomplete or of an unknown layout; export another step"
+            ) from None
 
 
 def _expected_files(layout: Layout, num_layers: int) -> list[str]:
     tp, pp, dp, stage = layout.tp, layout.pp, layout.dp, layout.zero_stage
     if stage == 3:
-        return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt" for t in range(tp) for d in range(dp)
-                for kind in ("model", "optim")]
+        return [
+            f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt"
+            for t in range(tp)
+            for d in range(dp)
+            for kind in ("model", "optim")
+        ]
     if pp > 1:
         return [f"layer_{i:02d}-model_{t:02d}-model_states.pt" for t in range(tp) for i in range(num_layers + 2)]
     return [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
@@ -134,8 +148,9 @@ def _check_layout(folder: Path, manifest: Manifest, cfg: ModelConfig) -> Layout:
     layout = manifest.layout
     missing = [name for name in _expected_files(layout, cfg.num_layers) if name not in manifest.files]
     if missing or (layout.zero_stage == 3 and layout.pp > 1):
-        raise ExportError(f"{folder}: unknown layout: {layout.describe()} should have written "
-                          f"{missing[:1] or 'no pipeline'}")
+        raise ExportError(
+            f"{folder}: unknown layout: {layout.describe()} should have written {missing[:1] or 'no pipeline'}"
+        )
     return layout
 
 
@@ -165,7 +180,8 @@ def read_full_state(folder: Path, manifest: Manifest, progress: Progress = lambd
         if set(shard) != set(splits):
             raise ExportError(
                 f"{folder}: TP rank {tp_rank} holds {sorted(set(shard) - set(splits))[:3]} and lacks "
-                f"{sorted(set(splits) - set(shard))[:3]} for the model in its manifest: unknown layout or model")
+                f"{sorted(set(splits) - set(shard))[:3]} for the model in its manifest: unknown layout or model"
+            )
     full = {}
     for name, split in splits.items():
         tensor = _join_tp(name, [shard[name] for shard in shards], split)

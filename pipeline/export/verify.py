@@ -20,6 +20,8 @@ from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import load_full_state
 
 TOLERANCE = 1e-4
+
+
 def verification_tokens(cfg: ModelConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """Random rows of row_length tokens, or of three segments if a row is shorter."""
     length = max(cfg.row_length, 3 * cfg.segment_length) if cfg.memory.enabled else cfg.row_length
@@ -47,6 +49,8 @@ def verify_export(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     tokens = verification_tokens(cfg)
     difference = (hf_logits(folder, tokens) - lm2_logits(cfg, state, tokens)).abs().max().item()
     if not difference <= TOLERANCE:
-        raise ExportError(f"verification failed: the exported model's logits differ from the training model's by "
-                          f"up to {difference:.3g} (tolerance {TOLERANCE}); the folder was not written")
+        raise ExportError(
+            f"verification failed: the exported model's logits differ from the training model's by "
+            f"up to {difference:.3g} (tolerance {TOLERANCE}); the folder was not written"
+        )
     return difference

@@ -43,8 +43,9 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None) -> Pa
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its per-step INFO lines drown lm2's own log
     dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             order="tp-cp-ep-dp-pp")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, order="tp-cp-ep-dp-pp"
+    )
     return dims
 
 

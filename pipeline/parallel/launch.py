@@ -57,8 +57,14 @@ def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
         return {}
     if _is_srun_task(env):
         return slurm.distributed_environment(env)
-    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
 
 
 def _is_srun_task(env: Mapping[str, str]) -> bool:
@@ -91,8 +97,15 @@ def _die_with_parent() -> None:
 
 
 def _rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
 
@@ -121,8 +134,10 @@ def run_local(nproc: int, train_args: list[str]) -> int:
     for signum in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
-        ranks.extend(subprocess.Popen(command, env=_rank_environment(rank, nproc, port), preexec_fn=_die_with_parent)
-                     for rank in range(nproc))
+        ranks.extend(
+            subprocess.Popen(command, env=_rank_environment(rank, nproc, port), preexec_fn=_die_with_parent)
+            for rank in range(nproc)
+        )
         return _wait_for_ranks(ranks)
     finally:
         for process in ranks:
@@ -154,15 +169,19 @@ def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
         return 0
     if first_failure == EXIT_LM2_ERROR and ranks[0].returncode != EXIT_LM2_ERROR:
         failed = [rank for rank, process in enumerate(ranks) if process.returncode == EXIT_LM2_ERROR]
-        print(f"lm2 launch: rank(s) {', '.join(map(str, failed))} stopped on an lm2 error that rank 0 did not report; "
-              "rerun with --verbose to have every rank print its errors", file=sys.stderr)
+        print(
+            f"lm2 launch: rank(s) {', '.join(map(str, failed))} stopped on an lm2 error that rank 0 did not report; "
+            "rerun with --verbose to have every rank print its errors",
+            file=sys.stderr,
+        )
     return 128 - first_failure if first_failure < 0 else first_failure
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lm2.pipeline.parallel.launch --nproc N -- TRAIN_ARGS...` (what launch/local.sh runs)."""
-    parser = argparse.ArgumentParser(prog="python -m lm2.pipeline.parallel.launch",
-                                     description="Train on this machine, one process per rank.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lm2.pipeline.parallel.launch", description="Train on this machine, one process per rank."
+    )
     parser.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of `lm2 train`")
     args = parser.parse_args(argv)

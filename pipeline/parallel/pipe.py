@@ -67,20 +67,33 @@ def topology(dims: ParallelDims) -> PipeModelDataParallelTopology:
     """DeepSpeed's grid, checked against megatron-core's groups: both put TP fastest and PP slowest."""
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
     coord = topo.get_coord(torch.distributed.get_rank())
-    ours = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank())
+    ours = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
     if (coord.pipe, coord.data, coord.model) != ours:
-        raise RuntimeError(f"DeepSpeed's pipeline grid puts this rank at (pipe, data, model)="
-                           f"{(coord.pipe, coord.data, coord.model)} but megatron-core at {ours}")
+        raise RuntimeError(
+            f"DeepSpeed's pipeline grid puts this rank at (pipe, data, model)="
+            f"{(coord.pipe, coord.data, coord.model)} but megatron-core at {ours}"
+        )
     return topo
 
 
-def build_pipeline_model(cfg: ModelConfig, dims: ParallelDims, tp: TensorParallel, seed: int,
-                         activation_checkpointing: bool) -> PipelineModule:
+def build_pipeline_model(
+    cfg: ModelConfig, dims: ParallelDims, tp: TensorParallel, seed: int, activation_checkpointing: bool
+) -> PipelineModule:
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="embed_tokens.weight")
-        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="embed_tokens.weight",
-                             forward_fn=EmbeddingStage.tied_output)
+        last = TiedLayerSpec(
+            "embed",
+            EmbeddingStage,
+            cfg,
+            tp,
+            seed,
+            tied_weight_attr="embed_tokens.weight",
+            forward_fn=EmbeddingStage.tied_output,
+        )
     else:
         first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(OutputStage, cfg, tp, seed)
     blocks = [LayerSpec(PipeBlock, cfg, tp, i, seed) for i in range(cfg.num_layers)]

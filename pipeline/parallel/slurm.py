@@ -52,7 +52,7 @@ def distributed_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def requeue_note(env: Mapping[str, str]) -> str:
-    """" (requeue k of job J)" for a job SLURM restarted, else ""."""
+    """ " (requeue k of job J)" for a job SLURM restarted, else ""."""
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     return f" (requeue {restarts} of job {env['SLURM_JOB_ID']})" if restarts and "SLURM_JOB_ID" in env else ""
 

@@ -47,8 +47,11 @@ def gather_full_state(model: LM2Model) -> dict[str, torch.Tensor]:
 
 def gather_full_grads(model: LM2Model) -> dict[str, torch.Tensor]:
     """The full gradient of every parameter (zeros where none was computed), gathered like the weights."""
-    return gather_named(model.named_parameters(), model.cfg.vocab_size,
-                        lambda param: param.grad if param.grad is not None else torch.zeros_like(param))
+    return gather_named(
+        model.named_parameters(),
+        model.cfg.vocab_size,
+        lambda param: param.grad if param.grad is not None else torch.zeros_like(param),
+    )
 
 
 def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
@@ -57,8 +60,10 @@ def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
     rank = parallel_state.get_tensor_model_parallel_rank()
     expected, given = {n for n, _ in model.named_parameters()}, set(full)
     if expected != given:
-        raise ValueError(f"full state does not match the model: missing {sorted(expected - given)}, "
-                         f"unexpected {sorted(given - expected)}")
+        raise ValueError(
+            f"full state does not match the model: missing {sorted(expected - given)}, "
+            f"unexpected {sorted(given - expected)}"
+        )
     with torch.no_grad():
         for name, param in model.named_parameters():
             tensor = full[name]
@@ -69,6 +74,8 @@ def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
             if _is_sharded(param) and tp > 1:
                 tensor = tensor.chunk(tp, dim=param.partition_dim)[rank]
             if tensor.shape != param.shape:
-                raise ValueError(f"{name}: full tensor gives a {tuple(tensor.shape)} shard, the model has "
-                                 f"{tuple(param.shape)}: the checkpoint was written for another model shape")
+                raise ValueError(
+                    f"{name}: full tensor gives a {tuple(tensor.shape)} shard, the model has "
+                    f"{tuple(param.shape)}: the checkpoint was written for another model shape"
+                )
             param.copy_(tensor)

@@ -99,9 +99,11 @@ class TrainConfig:
     def grad_accum(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         steps, rest = divmod(self.global_batch, self.micro_batch * dp)
-        require(rest == 0 and steps > 0,
-                 f"train.global_batch={self.global_batch} must be a multiple of train.micro_batch * data-parallel "
-                 f"size = {self.micro_batch} * {dp}: change global_batch or micro_batch, or the world size")
+        require(
+            rest == 0 and steps > 0,
+            f"train.global_batch={self.global_batch} must be a multiple of train.micro_batch * data-parallel "
+            f"size = {self.micro_batch} * {dp}: change global_batch or micro_batch, or the world size",
+        )
         return steps
 
 

@@ -102,11 +102,21 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
     optim = run.optim
     # fused: one pass over each (flat, under ZeRO) parameter tensor, where the default implementation allocates
     # parameter-sized temporaries every step (bench/README.md: 4.8 % of an LM2 step at d=512 on CPU).
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                                  betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=True,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, run.train.steps))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                      config=ds_config(run, dims), mpu=None if dims.pp_enabled else DeepSpeedMPU())
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=ds_config(run, dims),
+        mpu=None if dims.pp_enabled else DeepSpeedMPU(),
+    )
     layout = Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, zero_stage=run.parallel.zero_stage)
     return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout)
 
@@ -120,7 +130,9 @@ def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[s
     params = list(module.named_parameters())
     if engine.pipelined:
         params = [(model_name(name, num_layers), param) for name, param in params]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.deepspeed.zero_optimization_stage() == 3):
+    with deepspeed.zero.GatheredParameters(
+        [p for _, p in params], enabled=engine.deepspeed.zero_optimization_stage() == 3
+    ):
         state = gather_named(params, vocab_size)
     if engine.pipelined:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()

@@ -31,8 +31,11 @@ class GateMonitor:
 
     def __init__(self, module: nn.Module, num_layers: int, device: torch.device):
         self.num_layers, self.device = num_layers, device
-        self.memories = {block.layer_index: block.memory for block in module.modules()
-                         if isinstance(block, DecoderBlock) and block.memory is not None}
+        self.memories = {
+            block.layer_index: block.memory
+            for block in module.modules()
+            if isinstance(block, DecoderBlock) and block.memory is not None
+        }
         self._latest: dict[int, dict[str, list[torch.Tensor]]] = {}
         self._running: int | None = None  # the layer whose row-level forward is running
 

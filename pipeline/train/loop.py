@@ -103,21 +103,30 @@ class Trainer:
         """What a user checks before a run goes on: the model, the layout, the data, where it writes, where it starts."""
         run, dims = self.run, self.dims
         counts = parameter_counts(run.model)
-        memory = (f"{run.model.memory.slots} memory slots x {run.model.memory_dim}" if run.model.memory.enabled
-                  else "no memory (vanilla)")
-        streams = ", ".join(f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "")
-                            for s in run.data.streams)
-        start = (f"resumed from step {self.step}{requeue_note(os.environ)}: {self.resumed_from}"
-                 if self.resumed_from is not None else "fresh run from step 0")
-        return "\n".join([
-            f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), {run.model.num_layers} layers, "
-            f"{memory}, rows of {run.model.row_length}",
-            f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} zero={run.parallel.zero_stage}, "
-            f"{self.engine.grad_accum} micro-batch(es) of {run.train.micro_batch} per step and rank",
-            f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) per step",
-            f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every {run.checkpoint.every or '-'})",
-            f"start   {start}",
-        ])
+        memory = (
+            f"{run.model.memory.slots} memory slots x {run.model.memory_dim}"
+            if run.model.memory.enabled
+            else "no memory (vanilla)"
+        )
+        streams = ", ".join(
+            f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "") for s in run.data.streams
+        )
+        start = (
+            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.resumed_from}"
+            if self.resumed_from is not None
+            else "fresh run from step 0"
+        )
+        return "\n".join(
+            [
+                f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), {run.model.num_layers} layers, "
+                f"{memory}, rows of {run.model.row_length}",
+                f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} zero={run.parallel.zero_stage}, "
+                f"{self.engine.grad_accum} micro-batch(es) of {run.train.micro_batch} per step and rank",
+                f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) per step",
+                f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every {run.checkpoint.every or '-'})",
+                f"start   {start}",
+            ]
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -138,11 +147,25 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
-        state = {"step": self.step, "samples": samples, "tokens": tokens, "data": self.train_loader.state_dict(),
-                 "wandb_id": self.wandb_id, "world_size": self.dims.world_size, "config": self.run.to_dict(),
-                 "code_version": code_version()}
-        manifest = Manifest(step=self.step, layout=self.engine.layout, config=self.run.to_dict(), samples=samples,
-                            tokens=tokens, code_version=state["code_version"], wandb_id=self.wandb_id)
+        state = {
+            "step": self.step,
+            "samples": samples,
+            "tokens": tokens,
+            "data": self.train_loader.state_dict(),
+            "wandb_id": self.wandb_id,
+            "world_size": self.dims.world_size,
+            "config": self.run.to_dict(),
+            "code_version": code_version(),
+        }
+        manifest = Manifest(
+            step=self.step,
+            layout=self.engine.layout,
+            config=self.run.to_dict(),
+            samples=samples,
+            tokens=tokens,
+            code_version=state["code_version"],
+            wandb_id=self.wandb_id,
+        )
         client_state = {"lm2": state}
         if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
@@ -204,8 +227,11 @@ class Trainer:
         finally:
             logger.finish()
         if self.rank == 0 and logged_loss is not None:  # the last step always logs: no extra host read
-            print(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
-                  f"{logged_loss:.4f}; checkpoints in {self.checkpoints}", flush=True)
+            print(
+                f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
+                f"{logged_loss:.4f}; checkpoints in {self.checkpoints}",
+                flush=True,
+            )
 
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
@@ -215,11 +241,16 @@ class Trainer:
         one host sync of a log step), before the throughput clock is read."""
         gates = self.gates.means()  # a collective: every rank logs the same steps
         norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
-        values = torch.cat([loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device),
-                            gates.flatten()]).tolist()
+        values = torch.cat(
+            [loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device), gates.flatten()]
+        ).tolist()
         run = self.run
-        return {"loss": values[0], "lr": lr,
-                "grad_norm": values[1] if grad_norm is not None else None,
-                "samples": self.step * run.train.global_batch, "tokens": self.step * self.tokens_per_step,
-                **throughput.report(),
-                **gate_metrics([values[2 + 3 * i:5 + 3 * i] for i in range(run.model.num_layers)])}
+        return {
+            "loss": values[0],
+            "lr": lr,
+            "grad_norm": values[1] if grad_norm is not None else None,
+            "samples": self.step * run.train.global_batch,
+            "tokens": self.step * self.tokens_per_step,
+            **throughput.report(),
+            **gate_metrics([values[2 + 3 * i : 5 + 3 * i] for i in range(run.model.num_layers)]),
+        }

@@ -48,16 +48,24 @@ class Throughput:
 
 def _console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                     ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                     ("tflops_per_device", "{:.3g} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"),
-                     ("samples", "samples {:,}")):
+    for key, fmt in (
+        ("loss", "loss {:.4f}"),
+        ("val_loss", "val {:.4f}"),
+        ("lr", "lr {:.2e}"),
+        ("grad_norm", "grad {:.3f}"),
+        ("tokens_per_s", "{:,.0f} tok/s"),
+        ("tflops_per_device", "{:.3g} TFLOP/s/dev"),
+        ("mfu", "MFU {:.1%}"),
+        ("samples", "samples {:,}"),
+    ):
         if metrics.get(key) is not None:
             parts.append(fmt.format(metrics[key]))
     gates = [(k, v) for k, v in metrics.items() if k.startswith("gates/") and not math.isnan(v)]
     if gates:
-        means = {g: sum(v for k, v in gates if k.endswith(g)) / max(1, sum(k.endswith(g) for k, _ in gates))
-                 for g in ("g_in", "g_forget", "g_out")}
+        means = {
+            g: sum(v for k, v in gates if k.endswith(g)) / max(1, sum(k.endswith(g) for k, _ in gates))
+            for g in ("g_in", "g_forget", "g_out")
+        }
         parts.append("gates in/forget/out {g_in:.2f}/{g_forget:.2f}/{g_out:.2f}".format(**means))
     return " | ".join(parts)
 
@@ -83,8 +91,15 @@ class MetricsLogger:
         if self.enabled and run.logging.wandb != "disabled":
             import wandb  # only rank 0 pays for the import
 
-            self.wandb = wandb.init(project=run.logging.project, name=run.logging.run_name, dir=str(self.jsonl.parent),
-                                    mode=run.logging.wandb, config=run.to_dict(), id=wandb_id, resume="allow")
+            self.wandb = wandb.init(
+                project=run.logging.project,
+                name=run.logging.run_name,
+                dir=str(self.jsonl.parent),
+                mode=run.logging.wandb,
+                config=run.to_dict(),
+                id=wandb_id,
+                resume="allow",
+            )
 
     @property
     def wandb_id(self) -> str | None:

@@ -49,8 +49,10 @@ def _params_per_device(run: RunConfig) -> float:
     m, par = run.model, run.parallel
     counts = parameter_counts(m, m.padded_vocab_size(par.tp))
     layers_here = -(-m.num_layers // par.pp)
-    return (counts.embedding // (1 if m.tie_embeddings else 2)
-            + (counts.backbone + counts.memory) * layers_here // m.num_layers) / par.tp
+    return (
+        counts.embedding // (1 if m.tie_embeddings else 2)
+        + (counts.backbone + counts.memory) * layers_here // m.num_layers
+    ) / par.tp
 
 
 def reduce_bucket_elements(run: RunConfig) -> int:
@@ -102,12 +104,29 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
     # Each memory block's forward also keeps its head-local weights rearranged for the scan: 7 x d_m x d_h.
     arranged = memory_layers * in_flight * 7 * m.memory_dim * (m.memory_dim // m.memory.heads) / par.tp * params_bytes
     activations = tokens * in_flight * (sum(layers) * params_bytes + head) + arranged
-    checkpointed = tokens * in_flight * (layers_here * m.hidden_size * params_bytes + head) \
-        + tokens * max(layers) * params_bytes
-    state = (memory_layers * train.micro_batch * in_flight * (m.num_segments + 1) * m.memory.slots * m.memory_dim
-             / par.tp * params_bytes)
-    return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(checkpointed),
-                          int(state), train.activation_checkpointing, int(bucket))
+    checkpointed = (
+        tokens * in_flight * (layers_here * m.hidden_size * params_bytes + head) + tokens * max(layers) * params_bytes
+    )
+    state = (
+        memory_layers
+        * train.micro_batch
+        * in_flight
+        * (m.num_segments + 1)
+        * m.memory.slots
+        * m.memory_dim
+        / par.tp
+        * params_bytes
+    )
+    return MemoryEstimate(
+        int(weights),
+        int(gradients),
+        int(optimizer),
+        int(activations),
+        int(checkpointed),
+        int(state),
+        train.activation_checkpointing,
+        int(bucket),
+    )
 
 
 def tokens_per_s_per_device(run: RunConfig, mfu: float, peak_tflops: float) -> float:

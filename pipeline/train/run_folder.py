@@ -22,8 +22,11 @@ LOCK = ".lock"
 
 def _holder() -> str:
     job = os.environ.get("SLURM_JOB_ID")
-    return (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
-            + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return (
+        f"host {socket.gethostname()}, pid {os.getpid()}"
+        + (f", SLURM job {job}" if job else "")
+        + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
 
 
 def lock_run_folder(run_dir: Path) -> IO:
@@ -38,8 +41,10 @@ def lock_run_folder(run_dir: Path) -> IO:
         handle.seek(0)
         holder = handle.read().strip() or "a process that has not written its name yet"
         handle.close()
-        raise CheckpointError(f"{run_dir} is in use by another job ({holder}): wait for it to end, or set "
-                              "logging.run_dir to another folder") from None
+        raise CheckpointError(
+            f"{run_dir} is in use by another job ({holder}): wait for it to end, or set "
+            "logging.run_dir to another folder"
+        ) from None
     handle.truncate(0)
     handle.write(_holder() + "\n")
     handle.flush()
@@ -57,10 +62,14 @@ def check_start(run_dir: Path, checkpoints: Path, resume: str) -> None:
     if not newer:
         return
     if resume == "none":
-        raise CheckpointError(f"{run_dir} already holds checkpoints of a run (newest {newer[0].name}): pass "
-                              "--resume auto to continue it, or set logging.run_dir to a new folder to start another")
-    raise CheckpointError(f"{run_dir} holds checkpoints newer than {resume} (newest {newer[0].name}), which this "
-                          "run's saves would mix with: set logging.run_dir to a new folder to resume it there")
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints of a run (newest {newer[0].name}): pass "
+            "--resume auto to continue it, or set logging.run_dir to a new folder to start another"
+        )
+    raise CheckpointError(
+        f"{run_dir} holds checkpoints newer than {resume} (newest {newer[0].name}), which this "
+        "run's saves would mix with: set logging.run_dir to a new folder to resume it there"
+    )
 
 
 def claim_run_folder(run: RunConfig) -> IO | None:

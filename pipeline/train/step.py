@@ -72,7 +72,8 @@ class FiniteWatch:
             raise NonFiniteLossError(
                 f"non-finite loss {loss} / grad norm {norm} at step {int(step)}: stopping without saving. Lower "
                 "optim.lr, raise optim.warmup_steps or check the data; resume from the last checkpoint with "
-                "--override-schedule")
+                "--override-schedule"
+            )
 
 
 @torch.no_grad()
@@ -88,4 +89,3 @@ def eval_loss(engine: Engine, micro_batches: MicroBatches) -> torch.Tensor:
         total += mean_loss(ds(inputs), labels)
     ds.module.train(was_training)
     return _dp_mean(total / len(micro_batches))
-

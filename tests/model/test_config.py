@@ -8,27 +8,36 @@ from lm2.pipeline.config import load_config
 from tests.model.tiny import tiny_config
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(hidden_size=65), "hidden_size=65 must be divisible by num_heads=4"),
-    (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
-    (dict(row_length=36), "row_length=36 must be a multiple of segment_length=8"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(vocab_size=-5), "vocab_size must be a positive integer"),
-    (dict(memory=MemoryConfig(heads=3)), r"memory.dim \(defaults to hidden_size=64\) = 64 must be divisible by memory.heads=3"),
-    (dict(memory=MemoryConfig(layers=[0, 2])), "memory.layers contains 2"),
-    (dict(hidden_size=20, num_heads=4, num_kv_heads=2), "head dim hidden_size/num_heads=5 must be even for RoPE"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hidden_size=65), "hidden_size=65 must be divisible by num_heads=4"),
+        (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
+        (dict(row_length=36), "row_length=36 must be a multiple of segment_length=8"),
+        (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+        (
+            dict(memory=MemoryConfig(heads=3)),
+            r"memory.dim \(defaults to hidden_size=64\) = 64 must be divisible by memory.heads=3",
+        ),
+        (dict(memory=MemoryConfig(layers=[0, 2])), "memory.layers contains 2"),
+        (dict(hidden_size=20, num_heads=4, num_kv_heads=2), "head dim hidden_size/num_heads=5 must be even for RoPE"),
+    ],
+)
 def test_model_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(slots=0), "memory.slots must be a positive integer"),
-    (dict(bptt_segments=0), "memory.bptt_segments must be an integer >= 2"),
-    (dict(bptt_segments=1), "memory.bptt_segments must be an integer >= 2, got 1: with 1 every segment"),
-    (dict(dim=30, heads=4), "memory.dim=30 must be divisible by memory.heads=4"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(slots=0), "memory.slots must be a positive integer"),
+        (dict(bptt_segments=0), "memory.bptt_segments must be an integer >= 2"),
+        (dict(bptt_segments=1), "memory.bptt_segments must be an integer >= 2, got 1: with 1 every segment"),
+        (dict(dim=30, heads=4), "memory.dim=30 must be divisible by memory.heads=4"),
+    ],
+)
 def test_memory_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         MemoryConfig(**kwargs)
@@ -38,10 +47,13 @@ def test_vanilla_does_not_need_whole_segments():
     assert tiny_config(with_memory=False, row_length=36).num_segments == 1
 
 
-@pytest.mark.parametrize("tp,message", [
-    (4, "num_kv_heads=2 must be divisible by the tensor-parallel size 4"),
-    (3, "num_kv_heads=2 must be divisible by the tensor-parallel size 3"),
-])
+@pytest.mark.parametrize(
+    "tp,message",
+    [
+        (4, "num_kv_heads=2 must be divisible by the tensor-parallel size 4"),
+        (3, "num_kv_heads=2 must be divisible by the tensor-parallel size 3"),
+    ],
+)
 def test_tp_errors(tp, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config().validate_for_tp(tp)
@@ -58,16 +70,19 @@ def test_padded_vocab_is_a_multiple_of_tp_times_128():
     assert [cfg.padded_vocab_size(tp) for tp in (1, 2, 4)] == [384, 512, 512]
 
 
-@pytest.mark.parametrize("text,overrides,message", [
-    ("model:\n  vocab_size: 10\n", [], "model is missing required key"),
-    ("model: {}\nmodle: {}\n", [], "unknown key.s. modle in RunConfig; known keys: model"),
-    (None, ["model.hidden_size=big"], "model.hidden_size must be an integer, got 'big'"),
-    (None, ["model.memory.slotz=3"], "unknown key.s. slotz in model.memory"),
-    (None, ["model.memory.enabled=1"], "model.memory.enabled must be true or false"),
-    (None, ["model.hidden_size"], "must look like section.key=value"),
-    (None, ["optim.decay=cosin"], "optim.decay must be cosine or linear, got 'cosin'"),
-    (None, ["parallel.zero_stage=true"], "parallel.zero_stage must be 0, 1, 2 or 3, got True"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        ("model:\n  vocab_size: 10\n", [], "model is missing required key"),
+        ("model: {}\nmodle: {}\n", [], "unknown key.s. modle in RunConfig; known keys: model"),
+        (None, ["model.hidden_size=big"], "model.hidden_size must be an integer, got 'big'"),
+        (None, ["model.memory.slotz=3"], "unknown key.s. slotz in model.memory"),
+        (None, ["model.memory.enabled=1"], "model.memory.enabled must be true or false"),
+        (None, ["model.hidden_size"], "must look like section.key=value"),
+        (None, ["optim.decay=cosin"], "optim.decay must be cosine or linear, got 'cosin'"),
+        (None, ["parallel.zero_stage=true"], "parallel.zero_stage must be 0, 1, 2 or 3, got True"),
+    ],
+)
 def test_load_config_errors(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
     path.write_text(text if text is not None else open("configs/tiny.yaml").read())
@@ -81,30 +96,34 @@ def test_missing_config_file_names_it(tmp_path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/tiny.yaml", ["model.memory.slots=32", "model.rope_theta=1e4",
-                                            "model.memory.layers=[0, 2]"])
+    cfg = load_config(
+        "configs/tiny.yaml", ["model.memory.slots=32", "model.rope_theta=1e4", "model.memory.layers=[0, 2]"]
+    )
     assert cfg.model.memory.slots == 32 and cfg.model.rope_theta == 10000.0 and cfg.model.memory.layers == [0, 2]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.norm_eps=0", "norm_eps must be positive"),
-    ("model.norm_eps=-1e-5", "norm_eps must be positive"),
-    ("model.init_std=0", "init_std must be positive"),
-    ("model.rope_theta=.inf", "model.rope_theta must be a finite number"),
-    ("optim.lr=.nan", "optim.lr must be a finite number"),
-    ("optim.eps=0", "optim.eps must be positive"),
-    ("optim.beta2=1.0", "optim.beta1 and optim.beta2 must lie in"),
-    ("optim.min_lr=1.0", "optim.min_lr=1.0 must lie between 0 and optim.lr"),
-    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
-    ("parallel.tp=0", "parallel.tp must be a positive integer, got 0"),
-    ("parallel.pp=-2", "parallel.pp must be a positive integer, got -2"),
-    ("train.seed=-1", r"train.seed must lie in \[0, 2\*\*32\)"),
-    ("train.micro_batch=0", "train.micro_batch must be positive"),
-    ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
-    ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
-    ("data.num_workers=-1", "data.num_workers must be >= 0"),
-    ("logging.run_dir=''", "logging.run_dir is empty"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.norm_eps=0", "norm_eps must be positive"),
+        ("model.norm_eps=-1e-5", "norm_eps must be positive"),
+        ("model.init_std=0", "init_std must be positive"),
+        ("model.rope_theta=.inf", "model.rope_theta must be a finite number"),
+        ("optim.lr=.nan", "optim.lr must be a finite number"),
+        ("optim.eps=0", "optim.eps must be positive"),
+        ("optim.beta2=1.0", "optim.beta1 and optim.beta2 must lie in"),
+        ("optim.min_lr=1.0", "optim.min_lr=1.0 must lie between 0 and optim.lr"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("parallel.tp=0", "parallel.tp must be a positive integer, got 0"),
+        ("parallel.pp=-2", "parallel.pp must be a positive integer, got -2"),
+        ("train.seed=-1", r"train.seed must lie in \[0, 2\*\*32\)"),
+        ("train.micro_batch=0", "train.micro_batch must be positive"),
+        ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
+        ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("logging.run_dir=''", "logging.run_dir is empty"),
+    ],
+)
 def test_numeric_fields_are_range_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", [override])
@@ -124,12 +143,19 @@ def test_an_override_that_is_not_yaml_is_a_config_error():
         load_config("configs/tiny.yaml", ["model.memory.layers=[0,"])
 
 
-@pytest.mark.parametrize("overrides,world_size,message", [
-    (["parallel.tp=2", "model.num_kv_heads=1"], 2, "num_kv_heads=1 must be divisible by the tensor-parallel size 2"),
-    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp . parallel.pp = 2"),
-    (["parallel.pp=8"], 8, "parallel.pp=8 exceeds num_layers=4"),
-    ([], 3, r"train.global_batch=16 must be a multiple of train.micro_batch \* data-parallel size = 4 \* 3"),
-])
+@pytest.mark.parametrize(
+    "overrides,world_size,message",
+    [
+        (
+            ["parallel.tp=2", "model.num_kv_heads=1"],
+            2,
+            "num_kv_heads=1 must be divisible by the tensor-parallel size 2",
+        ),
+        (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp . parallel.pp = 2"),
+        (["parallel.pp=8"], 8, "parallel.pp=8 exceeds num_layers=4"),
+        ([], 3, r"train.global_batch=16 must be a multiple of train.micro_batch \* data-parallel size = 4 \* 3"),
+    ],
+)
 def test_validate_checks_the_layout_against_the_world_size(overrides, world_size, message):
     run = load_config("configs/tiny.yaml", overrides)
     with pytest.raises(ConfigError, match=message):

@@ -38,12 +38,15 @@ def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
 
 
 @requires_kernel
-@pytest.mark.parametrize("fields,row_length,bptt", [
-    (dict(slots=6), 40, 2),  # 5 segments of 8: three windows; rows and columns off the 4 x 16 blocks
-    (dict(slots=6), 40, 3),  # a short last window
-    (dict(slots=16), 96, 8),  # one window; 16 slots, 32-wide heads: whole blocks
-    (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
-])
+@pytest.mark.parametrize(
+    "fields,row_length,bptt",
+    [
+        (dict(slots=6), 40, 2),  # 5 segments of 8: three windows; rows and columns off the 4 x 16 blocks
+        (dict(slots=6), 40, 3),  # a short last window
+        (dict(slots=16), 96, 8),  # one window; 16 slots, 32-wide heads: whole blocks
+        (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
+    ],
+)
 def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, monkeypatch, fields, row_length, bptt):
     """Against the module's PyTorch operations in fp64, the kernels (fp32) err no more than the same operations in
     fp32 do, up to a small factor, on the module's output and on every gradient."""
@@ -72,8 +75,10 @@ def test_the_probes_see_the_same_gates(single_process, monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(memory_kernels, "applies", memory_kernels.applies if fused else (lambda start: False))
         gates = seen[fused] = []
-        hooks = [probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
-                 for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)]
+        hooks = [
+            probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
+            for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)
+        ]
         with torch.no_grad():
             module(xn, cfg.segment_length)
         for hook in hooks:
@@ -97,13 +102,21 @@ def test_the_kernels_give_the_same_bits_at_any_thread_count(single_process):
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             inputs = [t.clone().requires_grad_() for t in (keys[:, :-segment], values[:, :-segment], q)]
-            states, _ = memory_kernels.fused_write_scan(module.initial_state(4), *inputs[:2], module.write_weights(),
-                                                        segment)
-            out, _ = memory_kernels.fused_read(inputs[2], states, module._read_kv_weight(), module.out_gate,
-                                               module.out_gate_bias, segment)
+            states, _ = memory_kernels.fused_write_scan(
+                module.initial_state(4), *inputs[:2], module.write_weights(), segment
+            )
+            out, _ = memory_kernels.fused_read(
+                inputs[2], states, module._read_kv_weight(), module.out_gate, module.out_gate_bias, segment
+            )
             out.square().sum().backward()
-            runs.append([states.detach(), out.detach(), *(t.grad for t in inputs),
-                         *(p.grad.clone() for p in module.parameters() if p.grad is not None)])
+            runs.append(
+                [
+                    states.detach(),
+                    out.detach(),
+                    *(t.grad for t in inputs),
+                    *(p.grad.clone() for p in module.parameters() if p.grad is not None),
+                ]
+            )
             module.zero_grad(set_to_none=True)
     finally:
         torch.set_num_threads(threads)

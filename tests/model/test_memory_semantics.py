@@ -53,7 +53,7 @@ def reference_loop(model, x):
     memory = model.initial_memory(x.shape[0])
     outputs = []
     for s in range(cfg.num_segments):
-        logits, memory = model.forward_segment(x[:, s * cfg.segment_length:(s + 1) * cfg.segment_length], memory, s)
+        logits, memory = model.forward_segment(x[:, s * cfg.segment_length : (s + 1) * cfg.segment_length], memory, s)
         outputs.append(logits)
     return torch.cat(outputs, dim=1)
 
@@ -90,7 +90,7 @@ def explicit_read(memory, xn, mem):
     q = (xn @ memory.read_q.weight.T).view(b, s, heads, dh)
     k = torch.einsum("bnhi,hij->bnhj", m, memory.read_k)
     v = torch.einsum("bnhi,hij->bnhj", m, memory.read_v)
-    weights = torch.softmax(torch.einsum("bshd,bnhd->bhsn", q, k) / dh ** 0.5, dim=-1)
+    weights = torch.softmax(torch.einsum("bshd,bnhd->bhsn", q, k) / dh**0.5, dim=-1)
     r = torch.einsum("bhsn,bnhd->bshd", weights, v)
     gate = torch.sigmoid(torch.einsum("bshi,hij->bshj", r, memory.out_gate) + memory.out_gate_bias)
     return (gate * r).flatten(-2) @ memory.out_proj.weight.T
@@ -104,7 +104,7 @@ def explicit_write(memory, xn, mem):
     q = torch.einsum("bnhi,hij->bnhj", m, memory.write_q)
     k = (xn @ memory.write_k.weight.T).view(b, s, heads, dh)
     v = (xn @ memory.write_v.weight.T).view(b, s, heads, dh)
-    u = torch.einsum("bhns,bshd->bnhd", torch.softmax(torch.einsum("bnhd,bshd->bhns", q, k) / dh ** 0.5, -1), v)
+    u = torch.einsum("bhns,bshd->bnhd", torch.softmax(torch.einsum("bnhd,bshd->bhns", q, k) / dh**0.5, -1), v)
     both = torch.cat((u, m), dim=-1)
     g_in = torch.sigmoid(torch.einsum("bnhi,hij->bnhj", both, memory.in_gate) + memory.in_gate_bias)
     g_forget = torch.sigmoid(torch.einsum("bnhi,hij->bnhj", both, memory.forget_gate) + memory.forget_gate_bias)
@@ -122,7 +122,7 @@ def windowed_bptt_reference(model, x):
     for s in range(cfg.num_segments):
         if s > 0 and s % bptt == 0:
             memory = [mem.detach() for mem in memory]
-        h = model.embed_tokens(x[:, s * seg:(s + 1) * seg])
+        h = model.embed_tokens(x[:, s * seg : (s + 1) * seg])
         for i, layer in enumerate(model.layers):
             xn = layer.input_layernorm(h)
             h = h + layer._attention(xn) + explicit_read(layer.memory, xn, memory[i])
@@ -168,11 +168,11 @@ def test_no_gradient_leaves_a_bptt_window_in_any_block(single_process, bptt, los
     for layer in model.layers:
         layer.register_forward_pre_hook(keep_input)
     seg = cfg.segment_length
-    model(tokens(cfg))[:, loss_segment * seg:(loss_segment + 1) * seg, :cfg.vocab_size].sum().backward()
+    model(tokens(cfg))[:, loss_segment * seg : (loss_segment + 1) * seg, : cfg.vocab_size].sum().backward()
     window_start = loss_segment - loss_segment % bptt
     expected = [window_start <= s <= loss_segment for s in range(cfg.num_segments)]
     for block, h in enumerate(inputs):
-        reached = [bool(h.grad[:, s * seg:(s + 1) * seg].abs().sum() > 0) for s in range(cfg.num_segments)]
+        reached = [bool(h.grad[:, s * seg : (s + 1) * seg].abs().sum() > 0) for s in range(cfg.num_segments)]
         assert reached == expected, f"block {block}"
 
 

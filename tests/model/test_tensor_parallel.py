@@ -57,8 +57,7 @@ def _tp2_matches_tp1(cases):
 
 
 def test_tp2_logits_loss_and_gradients_equal_tp1():
-    run_distributed(_tp2_matches_tp1, world_size=2,
-                    args=([(True, True), (True, False), (False, True)],))
+    run_distributed(_tp2_matches_tp1, world_size=2, args=([(True, True), (True, False), (False, True)],))
 
 
 def _tp2_initialises_the_tp1_weights(vocab_size):
@@ -85,5 +84,11 @@ def _bad_tp(cfg_kwargs, match):
 
 
 def test_model_refuses_heads_that_do_not_split_over_tp():
-    run_distributed(_bad_tp, world_size=2, args=({"num_heads": 3, "num_kv_heads": 1, "hidden_size": 48},
-                                                 "num_kv_heads=1 must be divisible by the tensor-parallel size 2"))
+    run_distributed(
+        _bad_tp,
+        world_size=2,
+        args=(
+            {"num_heads": 3, "num_kv_heads": 1, "hidden_size": 48},
+            "num_kv_heads=1 must be divisible by the tensor-parallel size 2",
+        ),
+    )

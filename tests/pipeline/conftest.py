@@ -24,8 +24,15 @@ def prepared(text_inputs, tokenizer_path, tmp_path_factory):
     from lm2.pipeline.data.prepare import prepare
 
     output = tmp_path_factory.mktemp("prepared") / "shards"
-    prepare([text_inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, shard_size_limit=1 << 12,
-            progress=False)
+    prepare(
+        [text_inputs],
+        output,
+        tokenizer_path,
+        row_length=16,
+        val_fraction=0.25,
+        shard_size_limit=1 << 12,
+        progress=False,
+    )
     return output
 
 

@@ -25,8 +25,16 @@ def write_inputs(folder: Path) -> Path:
 def tiny_model_config(row_length: int = 16, vocab_size: int = 512):
     from lm2.model.config import ModelConfig
 
-    return ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                       ffn_hidden_size=64, row_length=row_length, segment_length=row_length)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        ffn_hidden_size=64,
+        row_length=row_length,
+        segment_length=row_length,
+    )
 
 
 def scene_texts() -> list[str]:
@@ -42,8 +50,9 @@ def write_zst_jsonl(path: Path, texts: list[str], frames: int = 3) -> None:
     lines = [json.dumps({"text": t}) + "\n" for t in texts]
     step = -(-len(lines) // frames)
     compressor = zstandard.ZstdCompressor()
-    path.write_bytes(b"".join(compressor.compress("".join(lines[i:i + step]).encode())
-                              for i in range(0, len(lines), step)))
+    path.write_bytes(
+        b"".join(compressor.compress("".join(lines[i : i + step]).encode()) for i in range(0, len(lines), step))
+    )
 
 
 def write_parquet(path: Path, texts: list[str | None], row_group_size: int, column: str = "text") -> None:

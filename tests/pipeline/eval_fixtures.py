@@ -15,9 +15,20 @@ def lm2_folder(tokenizer_path: Path, out: Path) -> Path:
     from lm2.pipeline.export.modeling_lm2 import LM2Config, LM2ForCausalLM
 
     torch.manual_seed(0)
-    config = LM2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, segment_length=16, memory_slots=4,
-                       memory_heads=2, rope_theta=10000.0, tie_word_embeddings=True, **special_token_ids(tokenizer_path))
+    config = LM2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        segment_length=16,
+        memory_slots=4,
+        memory_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        **special_token_ids(tokenizer_path),
+    )
     LM2ForCausalLM(config).save_pretrained(out)  # hf_folder registered the class: the folder gets its code
     write_tokenizer(tokenizer_path, out)
     return out
@@ -29,9 +40,17 @@ def vanilla_folder(tokenizer_path: Path, out: Path) -> Path:
     from lm2.pipeline.export.hf_folder import special_token_ids, write_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=VANILLA_TOKENS,
-                         tie_word_embeddings=True, **special_token_ids(tokenizer_path))
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=VANILLA_TOKENS,
+        tie_word_embeddings=True,
+        **special_token_ids(tokenizer_path),
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     write_tokenizer(tokenizer_path, out)
     return out

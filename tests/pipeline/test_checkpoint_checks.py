@@ -27,20 +27,26 @@ def test_resume_refuses_another_model_shape_naming_the_field():
         resume_route(manifest_for(saved), current.model, LAYOUT, Path("ckpt"))
 
 
-@pytest.mark.parametrize("old,route", [
-    ({}, "native"),
-    ({"dp": 1}, "universal"),
-    ({"tp": 2, "zero_stage": 2}, "universal"),
-])
+@pytest.mark.parametrize(
+    "old,route",
+    [
+        ({}, "native"),
+        ({"dp": 1}, "universal"),
+        ({"tp": 2, "zero_stage": 2}, "universal"),
+    ],
+)
 def test_resume_route_follows_the_layout(old, route):
     run = load_config(CONFIG)
     assert resume_route(manifest_for(run, **old), run.model, LAYOUT, Path("ckpt")) == route
 
 
-@pytest.mark.parametrize("old,new", [
-    ({"zero_stage": 0, "tp": 2}, {"zero_stage": 0}),
-    ({"zero_stage": 3, "dp": 4}, {"zero_stage": 3}),
-])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ({"zero_stage": 0, "tp": 2}, {"zero_stage": 0}),
+        ({"zero_stage": 3, "dp": 4}, {"zero_stage": 3}),
+    ],
+)
 def test_resume_refuses_layout_changes_it_cannot_do(old, new):
     run = load_config(CONFIG)
     with pytest.raises(CheckpointError, match="a layout can change on resume only between ZeRO stages"):
@@ -92,8 +98,18 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
 
 
 def test_trainer_refuses_data_of_another_row_length(train_data, tmp_path):
-    result = lm2_cli(["train", "--config", str(CONFIG), *train_data, "model.row_length=64",
-                      "model.segment_length=16", f"logging.run_dir={tmp_path}", "logging.wandb=disabled"])
+    result = lm2_cli(
+        [
+            "train",
+            "--config",
+            str(CONFIG),
+            *train_data,
+            "model.row_length=64",
+            "model.segment_length=16",
+            f"logging.run_dir={tmp_path}",
+            "logging.wandb=disabled",
+        ]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "holds rows of 32 tokens but model.row_length is 64" in result.stderr
     assert "Traceback" not in result.stderr

@@ -25,10 +25,26 @@ STEPS = 8
 
 
 def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-               "--standalone", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", f"train.steps={STEPS}",
-               "checkpoint.every=1", "checkpoint.keep=3", *overrides, *extra]  # later overrides win
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world_size}",
+        "--standalone",
+        "-m",
+        "lm2.pipeline.cli",
+        "train",
+        "--config",
+        str(CONFIG),
+        f"logging.run_dir={run_dir}",
+        "logging.wandb=disabled",
+        "train.log_every=1",
+        f"train.steps={STEPS}",
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
+        *overrides,
+        *extra,
+    ]  # later overrides win
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -104,8 +120,12 @@ def wait_for_kill_point(process: subprocess.Popen, run_dir: Path, during_save: b
     return f"step {kill_after + 1}"
 
 
-LAYOUTS = {"single": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
-           "dp2-zero2": (2, ["parallel.zero_stage=2"])}
+LAYOUTS = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -117,24 +137,29 @@ def references(train_data, tmp_path_factory):
         if layout not in folders:
             world_size, overrides = LAYOUTS[layout]
             folders[layout] = tmp_path_factory.mktemp(f"reference-{layout}") / "run"
-            finish(launch(folders[layout], world_size, train_data + overrides + ["checkpoint.every=3"]),
-                   folders[layout])
+            finish(
+                launch(folders[layout], world_size, train_data + overrides + ["checkpoint.every=3"]), folders[layout]
+            )
         return folders[layout]
 
     return reference
 
 
 # make test: one process, killed between checkpoints; make test-all: every layout at both kill points.
-@pytest.mark.parametrize("layout,during_save", [
-    ("single", False),
-    pytest.param("dp2-zero2", True, marks=pytest.mark.slow),
-    pytest.param("single", True, marks=pytest.mark.slow),
-    pytest.param("dp2-zero2", False, marks=pytest.mark.slow),
-    pytest.param("tp2", False, marks=pytest.mark.slow),
-    pytest.param("tp2", True, marks=pytest.mark.slow),
-    pytest.param("pp2", False, marks=pytest.mark.slow),
-    pytest.param("pp2", True, marks=pytest.mark.slow),
-], ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value))
+@pytest.mark.parametrize(
+    "layout,during_save",
+    [
+        ("single", False),
+        pytest.param("dp2-zero2", True, marks=pytest.mark.slow),
+        pytest.param("single", True, marks=pytest.mark.slow),
+        pytest.param("dp2-zero2", False, marks=pytest.mark.slow),
+        pytest.param("tp2", False, marks=pytest.mark.slow),
+        pytest.param("tp2", True, marks=pytest.mark.slow),
+        pytest.param("pp2", False, marks=pytest.mark.slow),
+        pytest.param("pp2", True, marks=pytest.mark.slow),
+    ],
+    ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value),
+)
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, references, layout, during_save):
     world_size, overrides = LAYOUTS[layout]
     overrides = train_data + overrides + ["checkpoint.every=3"]
@@ -156,9 +181,20 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, reference
 
 def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-               f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", "train.steps=1000",
-               "checkpoint.every=0", *train_data]
+    command = [
+        sys.executable,
+        "-m",
+        "lm2.pipeline.cli",
+        "train",
+        "--config",
+        str(CONFIG),
+        f"logging.run_dir={run_dir}",
+        "logging.wandb=disabled",
+        "train.log_every=1",
+        "train.steps=1000",
+        "checkpoint.every=0",
+        *train_data,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while not (run_dir / "metrics.jsonl").exists():
         assert process.poll() is None, process.stdout.read()
@@ -173,8 +209,18 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
 
 def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
     run_dir = tmp_path / "run"
-    trained = lm2_cli(["train", "--config", str(CONFIG), f"logging.run_dir={run_dir}", "logging.wandb=disabled",
-                       "train.steps=2", "checkpoint.every=1", *train_data])
+    trained = lm2_cli(
+        [
+            "train",
+            "--config",
+            str(CONFIG),
+            f"logging.run_dir={run_dir}",
+            "logging.wandb=disabled",
+            "train.steps=2",
+            "checkpoint.every=1",
+            *train_data,
+        ]
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir / "checkpoints" / "step_00000001" / MANIFEST).unlink()
     inspected = lm2_cli(["ckpt", "inspect", str(run_dir / "checkpoints")])
@@ -197,8 +243,10 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     kill_job(process)
-    finish(launch(interrupted, 1, train_data + single, "--resume", str(interrupted / "checkpoints" / "step_00000003")),
-           interrupted)
+    finish(
+        launch(interrupted, 1, train_data + single, "--resume", str(interrupted / "checkpoints" / "step_00000003")),
+        interrupted,
+    )
     assert "resumed from" in (tmp_path / "interrupted.log").read_text()
     ours, theirs = logged_losses(interrupted), logged_losses(reference)
     assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
@@ -209,20 +257,52 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
 def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data):
     """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
     (4.6 MB) fits, the second does not."""
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
-                            "tmpfs", str(tmp_path)], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "tmpfs",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
-    train = [sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG), *train_data,
-             f"logging.run_dir={disk}/run", "logging.wandb=disabled", "train.steps=2", "checkpoint.every=1",
-             "checkpoint.keep=1"]
+    train = [
+        sys.executable,
+        "-m",
+        "lm2.pipeline.cli",
+        "train",
+        "--config",
+        str(CONFIG),
+        *train_data,
+        f"logging.run_dir={disk}/run",
+        "logging.wandb=disabled",
+        "train.steps=2",
+        "checkpoint.every=1",
+        "checkpoint.keep=1",
+    ]
     # The tmpfs vanishes with the namespace: the run folder is copied out before it ends.
-    script = (f"mount -t tmpfs -o size=7m tmpfs {disk} && {subprocess.list2cmdline(train)}; code=$?; "
-              f"cp -a {disk}/run {copy}; exit $code")
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                            capture_output=True, text=True, timeout=600)
+    script = (
+        f"mount -t tmpfs -o size=7m tmpfs {disk} && {subprocess.list2cmdline(train)}; code=$?; "
+        f"cp -a {disk}/run {copy}; exit $code"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "checkpoint error" in line]

@@ -10,8 +10,13 @@ from lm2.model.errors import DataError
 from lm2.pipeline.data.prepare import prepare
 from lm2.pipeline.data.sources import find_input_files, list_pieces, read_all, read_piece
 from lm2.pipeline.data.tokenizer import Tokenizer
-from tests.pipeline.data_fixtures import (scene_texts, write_mixed_inputs, write_parquet, write_saved_dataset,
-                                          write_zst_jsonl)
+from tests.pipeline.data_fixtures import (
+    scene_texts,
+    write_mixed_inputs,
+    write_parquet,
+    write_saved_dataset,
+    write_zst_jsonl,
+)
 from tests.pipeline.test_data_prepare import read_rows
 
 
@@ -21,14 +26,20 @@ def test_every_input_kind_is_read_in_path_order_and_prepared(tmp_path, tokenizer
     assert [f.name for f in files] == ["a.jsonl.zst", "b.parquet", "c_saved", "d.txt.zst", "e.jsonl"]
     pieces = list_pieces(files)
     assert [(p.path.name, p.part) for p in pieces] == [
-        ("a.jsonl.zst", None), ("b.parquet", 0), ("b.parquet", 1), ("b.parquet", 2), ("c_saved", 0),
-        ("c_saved", 1), ("d.txt.zst", None), ("e.jsonl", None)]
+        ("a.jsonl.zst", None),
+        ("b.parquet", 0),
+        ("b.parquet", 1),
+        ("b.parquet", 2),
+        ("c_saved", 0),
+        ("c_saved", 1),
+        ("d.txt.zst", None),
+        ("e.jsonl", None),
+    ]
     assert list(read_all(files)) == documents  # the parquet null is skipped
-    metadata = prepare([tmp_path / "in"], tmp_path / "out", tokenizer_path, row_length=16, workers=2,
-                       progress=False)
+    metadata = prepare([tmp_path / "in"], tmp_path / "out", tokenizer_path, row_length=16, workers=2, progress=False)
     expected = np.concatenate(Tokenizer.load(tokenizer_path).encode_documents(documents))
     rows, _ = read_rows(tmp_path / "out" / "train")
-    assert np.array_equal(rows.reshape(-1)[:len(expected)], expected)
+    assert np.array_equal(rows.reshape(-1)[: len(expected)], expected)
     assert metadata["splits"]["train"]["documents"] == len(documents)
 
 
@@ -38,8 +49,10 @@ def test_compressed_json_lines_are_streamed_not_read_whole(tmp_path):
     path = tmp_path / "docs.jsonl.zst"
     write_zst_jsonl(path, texts, frames=1)
     good = path.read_bytes()
-    path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(
-        json.dumps({"text": t}).encode() + b"\n" for t in texts)) + b"\x28\xb5\x2f\xfd garbage" * 1000)
+    path.write_bytes(
+        zstandard.ZstdCompressor().compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts))
+        + b"\x28\xb5\x2f\xfd garbage" * 1000
+    )
     (piece,) = list_pieces([path])
     documents = read_piece(piece)
     assert [next(documents) for _ in range(3)] == texts[:3]

@@ -15,8 +15,9 @@ from tests.distributed import run_distributed
 from tests.pipeline.data_fixtures import tiny_model_config
 
 
-def _read_rows(dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: int, batches: int | None,
-               state_file: str | None) -> None:
+def _read_rows(
+    dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: int, batches: int | None, state_file: str | None
+) -> None:
     """One rank: build the loader, optionally resume, read `batches` micro-batches (None: the epoch)."""
     import torch.distributed as dist
     from lm2.pipeline.data.streaming import build_train_loader
@@ -24,8 +25,9 @@ def _read_rows(dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: 
 
     dims = init_distributed(tp=tp, pp=pp)
     rank = dist.get_rank()
-    loader = build_train_loader(DataConfig(streams=[StreamConfig(dataset)]), dims, rank, micro_batch,
-                                tiny_model_config())
+    loader = build_train_loader(
+        DataConfig(streams=[StreamConfig(dataset)]), dims, rank, micro_batch, tiny_model_config()
+    )
     if state_file:
         loader.load_state_dict(json.loads(Path(state_file).read_text()))
     ids = [id_ for batch in islice(loader, batches) for id_ in batch["id"].tolist()]
@@ -34,8 +36,9 @@ def _read_rows(dataset: str, out: str, tag: str, tp: int, pp: int, micro_batch: 
 
 
 def run(prepared, tmp_path, tag, world_size, tp=1, pp=1, micro_batch=2, batches=None, state=None) -> list[dict]:
-    run_distributed(_read_rows, world_size, (str(prepared), str(tmp_path), tag, tp, pp, micro_batch, batches,
-                                            state and str(state)))
+    run_distributed(
+        _read_rows, world_size, (str(prepared), str(tmp_path), tag, tp, pp, micro_batch, batches, state and str(state))
+    )
     return [json.loads((tmp_path / f"{tag}-{rank}.json").read_text()) for rank in range(world_size)]
 
 
@@ -51,8 +54,9 @@ def train_rows(prepared) -> int:
     return json.loads((prepared / "lm2_data.json").read_text())["splits"]["train"]["rows"]
 
 
-@pytest.mark.parametrize("world_size, tp, pp", [(2, 2, 1), pytest.param(4, 1, 2, marks=pytest.mark.slow)],
-                         ids=["tp2-dp1", "pp2-dp2"])
+@pytest.mark.parametrize(
+    "world_size, tp, pp", [(2, 2, 1), pytest.param(4, 1, 2, marks=pytest.mark.slow)], ids=["tp2-dp1", "pp2-dp2"]
+)
 def test_ranks_of_a_replica_read_the_same_rows_and_replicas_are_disjoint(prepared, tmp_path, world_size, tp, pp):
     by_dp = replicas(run(prepared, tmp_path, "epoch", world_size, tp=tp, pp=pp))
     dp = world_size // (tp * pp)
@@ -88,10 +92,16 @@ def test_loader_state_survives_a_second_resume_in_one_process(prepared, tmp_path
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    state = {"epoch": 0, "sample_in_epoch": 8, "num_canonical_nodes": 1, "shuffle_seed": 1234,
-             "initial_physical_nodes": 1}
-    loader = build_train_loader(DataConfig(streams=[StreamConfig(str(prepared))]), ParallelDims(1), 0, 4,
-                                tiny_model_config())
+    state = {
+        "epoch": 0,
+        "sample_in_epoch": 8,
+        "num_canonical_nodes": 1,
+        "shuffle_seed": 1234,
+        "initial_physical_nodes": 1,
+    }
+    loader = build_train_loader(
+        DataConfig(streams=[StreamConfig(str(prepared))]), ParallelDims(1), 0, 4, tiny_model_config()
+    )
     loader.load_state_dict(state)
     assert loader.state_dict() == state  # a checkpoint before the first step keeps the resume point
     batch = next(iter(loader))
@@ -124,8 +134,9 @@ def _loader(dataset: Path, **data):
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.dims import ParallelDims
 
-    return build_train_loader(DataConfig(streams=[StreamConfig(str(dataset))], **data), ParallelDims(1), 0, 4,
-                              tiny_model_config())
+    return build_train_loader(
+        DataConfig(streams=[StreamConfig(str(dataset))], **data), ParallelDims(1), 0, 4, tiny_model_config()
+    )
 
 
 def test_a_truncated_shard_is_refused_when_the_loader_is_built(prepared, tmp_path):
@@ -211,8 +222,9 @@ def _build_when_released(dataset: str, start, out: str) -> None:
 
     start.wait()
     try:
-        loader = build_train_loader(DataConfig(streams=[StreamConfig(dataset)]), ParallelDims(1), 0, 2,
-                                    tiny_model_config())
+        loader = build_train_loader(
+            DataConfig(streams=[StreamConfig(dataset)]), ParallelDims(1), 0, 2, tiny_model_config()
+        )
         Path(out).write_text(f"ok {len(next(iter(loader))['id'])}")
     except Exception as error:  # noqa: BLE001 (the test reports any failure)
         Path(out).write_text(f"{type(error).__name__}: {error}")
@@ -230,8 +242,10 @@ def test_jobs_starting_on_one_node_at_once_all_get_their_loader(prepared, tmp_pa
     copies = [shutil.copytree(prepared, tmp_path / f"copy{i}") for i in range(6)]
     start = context.Event()
     outs = [tmp_path / f"out-{i}" for i in range(len(copies))]
-    jobs = [context.Process(target=_build_when_released, args=(str(copy), start, str(out)))
-            for copy, out in zip(copies, outs)]
+    jobs = [
+        context.Process(target=_build_when_released, args=(str(copy), start, str(out)))
+        for copy, out in zip(copies, outs)
+    ]
     for job in jobs:
         job.start()
     start.set()

@@ -33,8 +33,11 @@ def _read_mixture(paths: list[str], out: str) -> None:
         loader = build_train_loader(cfg, dims, dist.get_rank(), 4, tiny_model_config())
         if state:
             loader.load_state_dict(state)
-        rows = [[i, t[:8]] for batch in islice(loader, batches)
-                for i, t in zip(batch["id"].tolist(), batch["input_ids"].tolist())]
+        rows = [
+            [i, t[:8]]
+            for batch in islice(loader, batches)
+            for i, t in zip(batch["id"].tolist(), batch["input_ids"].tolist())
+        ]
         return {"rows": rows, "state": loader.state_dict()}
 
     whole = read()
@@ -58,8 +61,14 @@ def two_streams(tokenizer_path, tmp_path_factory):
     texts = scene_texts()
     for name, part in (("first", texts[:60]), ("second", texts[60:110])):
         write_zst_jsonl(folder / f"{name}.jsonl.zst", part)
-        prepare([folder / f"{name}.jsonl.zst"], folder / name, tokenizer_path, row_length=16,
-                shard_size_limit=1 << 12, progress=False)
+        prepare(
+            [folder / f"{name}.jsonl.zst"],
+            folder / name,
+            tokenizer_path,
+            row_length=16,
+            shard_size_limit=1 << 12,
+            progress=False,
+        )
     return [folder / "first", folder / "second"]
 
 
@@ -107,8 +116,9 @@ def test_a_stream_that_does_not_fit_the_run_is_refused_by_name(two_streams, text
     other_tokenizer = train_tokenizer(read_all(find_input_files([text_inputs])), tmp_path / "other.model", 400)
     odd = {
         "rows": prepare([text_inputs], tmp_path / "rows32", tokenizer_path, row_length=32, progress=False),
-        "tokenizer": prepare([text_inputs], tmp_path / "tokenizer", other_tokenizer.path, row_length=16,
-                             progress=False),
+        "tokenizer": prepare(
+            [text_inputs], tmp_path / "tokenizer", other_tokenizer.path, row_length=16, progress=False
+        ),
     }
     good = str(two_streams[0])
     assert two_streams[0].parent == two_streams[1].parent

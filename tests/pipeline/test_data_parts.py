@@ -23,7 +23,7 @@ WIDTH = 17  # row_length 16 + 1
 def concat_rows(documents: list[list[int]], width: int, pad: int) -> list[list[int]]:
     stream = [token for document in documents for token in document]
     stream += [pad] * (-len(stream) % width)
-    return [stream[i:i + width] for i in range(0, len(stream), width)]
+    return [stream[i : i + width] for i in range(0, len(stream), width)]
 
 
 def real_tokens(rows: np.ndarray, pad: int) -> list[int]:
@@ -44,22 +44,48 @@ def test_parts_are_contiguous_runs_of_pieces_balanced_by_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("packing", ["concat", "whole"])
-def test_merged_parts_hold_the_single_process_documents_in_order(tmp_path, tokenizer_path, packing, monkeypatch,
-                                                                 capsys):
+def test_merged_parts_hold_the_single_process_documents_in_order(
+    tmp_path, tokenizer_path, packing, monkeypatch, capsys
+):
     write_mixed_inputs(tmp_path / "in")
     tokenizer = Tokenizer.load(tokenizer_path)
-    single = prepare([tmp_path / "in"], tmp_path / "single", tokenizer_path, row_length=16, packing=packing,
-                     progress=False)
+    single = prepare(
+        [tmp_path / "in"], tmp_path / "single", tokenizer_path, row_length=16, packing=packing, progress=False
+    )
     count = 3
     for index in range(count):
         if packing == "concat":
-            prepare([tmp_path / "in"], tmp_path / "dist", tokenizer_path, row_length=16, packing=packing,
-                    part=Part(index, count), shard_size_limit=1 << 12, progress=False)
+            prepare(
+                [tmp_path / "in"],
+                tmp_path / "dist",
+                tokenizer_path,
+                row_length=16,
+                packing=packing,
+                part=Part(index, count),
+                shard_size_limit=1 << 12,
+                progress=False,
+            )
         else:  # the way an array job runs it: the part from SLURM's environment
             for key, value in (("ID", index), ("MIN", 0), ("MAX", count - 1), ("COUNT", count)):
                 monkeypatch.setenv(f"SLURM_ARRAY_TASK_{key}", str(value))
-            assert main(["data", "prepare", str(tmp_path / "in"), "--tokenizer", str(tokenizer_path), "--row-length",
-                         "16", "--packing", packing, "--output", str(tmp_path / "dist")]) == 0
+            assert (
+                main(
+                    [
+                        "data",
+                        "prepare",
+                        str(tmp_path / "in"),
+                        "--tokenizer",
+                        str(tokenizer_path),
+                        "--row-length",
+                        "16",
+                        "--packing",
+                        packing,
+                        "--output",
+                        str(tmp_path / "dist"),
+                    ]
+                )
+                == 0
+            )
             assert f"part-{index:05d}-of-00003" in capsys.readouterr().out
     assert main(["data", "merge", str(tmp_path / "dist")]) == 0
     merged = json.loads((tmp_path / "dist" / "lm2_data.json").read_text())
@@ -93,15 +119,27 @@ def test_a_merged_dataset_with_val_is_read_by_the_loader(tmp_path, tokenizer_pat
     from tests.pipeline.data_fixtures import tiny_model_config
 
     write_mixed_inputs(tmp_path / "in")
-    parts = [prepare([tmp_path / "in"], tmp_path / "dist", tokenizer_path, row_length=16, val_fraction=0.25,
-                     part=Part(i, 2), shard_size_limit=1 << 12, progress=False) for i in range(2)]
+    parts = [
+        prepare(
+            [tmp_path / "in"],
+            tmp_path / "dist",
+            tokenizer_path,
+            row_length=16,
+            val_fraction=0.25,
+            part=Part(i, 2),
+            shard_size_limit=1 << 12,
+            progress=False,
+        )
+        for i in range(2)
+    ]
     merged = merge(tmp_path / "dist")
     for split in ("train", "val"):
         rows, ids = read_rows(tmp_path / "dist" / split)
         assert len(rows) == merged["splits"][split]["rows"] == sum(p["splits"][split]["rows"] for p in parts)
         assert len(set(ids.tolist())) == len(ids) and (ids >= VAL_ID_OFFSET).all() == (split == "val")
-    loader = build_train_loader(DataConfig(streams=[StreamConfig(str(tmp_path / "dist"))]), ParallelDims(1), 0, 4,
-                                tiny_model_config())
+    loader = build_train_loader(
+        DataConfig(streams=[StreamConfig(str(tmp_path / "dist"))]), ParallelDims(1), 0, 4, tiny_model_config()
+    )
     read = [i for batch in loader for i in batch["id"].tolist()]
     _, ids = read_rows(tmp_path / "dist" / "train")
     assert len(read) == len(set(read)) == len(ids) // 4 * 4 and set(read) <= set(ids.tolist())
@@ -109,13 +147,17 @@ def test_a_merged_dataset_with_val_is_read_by_the_loader(tmp_path, tokenizer_pat
 
 def test_a_part_too_small_for_a_val_document_merges_and_the_total_is_checked(tmp_path, tokenizer_path):
     """Every 4th document of a part goes to val (counted within the part): a one-document part has none."""
+
     def prepare_parts(inputs, output):
-        return [prepare([inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, part=Part(i, 2),
-                        progress=False) for i in range(2)]
+        return [
+            prepare([inputs], output, tokenizer_path, row_length=16, val_fraction=0.25, part=Part(i, 2), progress=False)
+            for i in range(2)
+        ]
 
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": f"Document {i} of many."}) + "\n"
-                                                     for i in range(8)))
+    (tmp_path / "in" / "a.jsonl").write_text(
+        "".join(json.dumps({"text": f"Document {i} of many."}) + "\n" for i in range(8))
+    )
     (tmp_path / "in" / "b.txt").write_text("The only document of the small file.\n")
     parts = prepare_parts(tmp_path / "in", tmp_path / "dist")
     assert [p["splits"]["val"]["documents"] for p in parts] == [2, 0]
@@ -133,8 +175,15 @@ def test_a_part_too_small_for_a_val_document_merges_and_the_total_is_checked(tmp
 
 def test_incomplete_or_disagreeing_parts_are_not_merged(tmp_path, tokenizer_path, text_inputs):
     def part(index: int, count: int = 2, **options) -> dict:
-        return prepare([text_inputs], tmp_path / "dist", tokenizer_path, row_length=16, part=Part(index, count),
-                       progress=False, **options)
+        return prepare(
+            [text_inputs],
+            tmp_path / "dist",
+            tokenizer_path,
+            row_length=16,
+            part=Part(index, count),
+            progress=False,
+            **options,
+        )
 
     with pytest.raises(DataError, match="holds no finished part"):
         merge(tmp_path / "dist")
@@ -150,8 +199,7 @@ def test_incomplete_or_disagreeing_parts_are_not_merged(tmp_path, tokenizer_path
     (tmp_path / "dist" / "parts" / "part-00001-of-00002.json").unlink()
     shutil.rmtree(tmp_path / "dist" / "train" / "part-00001-of-00002")
     part(1)
-    assert merge(tmp_path / "dist")["splits"]["train"]["documents"] == \
-        sum(1 for _ in read_piece_all(text_inputs))
+    assert merge(tmp_path / "dist")["splits"]["train"]["documents"] == sum(1 for _ in read_piece_all(text_inputs))
     with pytest.raises(DataError, match="already a complete dataset"):
         merge(tmp_path / "dist")
     with pytest.raises(DataError, match="gets no input: the 2 input piece"):

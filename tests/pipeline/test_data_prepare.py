@@ -55,8 +55,8 @@ def test_rows_are_the_documents_with_eos_packed_in_order(prepared, text_inputs, 
         assert counts["documents"] == len(chosen) and counts["tokens"] == len(expected)
         assert counts["rows"] * 17 == counts["tokens"] + counts["padding"] and counts["padding"] < 17
         flat = rows.reshape(-1)
-        assert np.array_equal(flat[:len(expected)], expected)
-        assert (flat[len(expected):] == tokenizer.pad_id).all()
+        assert np.array_equal(flat[: len(expected)], expected)
+        assert (flat[len(expected) :] == tokenizer.pad_id).all()
         assert np.array_equal(ids, first_id + np.arange(len(ids)))
     assert metadata["row_length"] == 16 and metadata["tokenizer"]["sha256"] == tokenizer.checksum
     assert len(list((prepared / "train").glob("*.mds.zstd"))) > 1
@@ -106,10 +106,24 @@ def test_validation_documents_are_spread_evenly():
 
 
 def test_same_inputs_give_byte_identical_shards(text_inputs, tokenizer_path, tmp_path):
-    one = prepare([text_inputs], tmp_path / "one", tokenizer_path, row_length=16, workers=1, progress=False,
-                  shard_size_limit=1 << 12)
-    two = prepare([text_inputs], tmp_path / "two", tokenizer_path, row_length=16, workers=2, progress=False,
-                  shard_size_limit=1 << 12)
+    one = prepare(
+        [text_inputs],
+        tmp_path / "one",
+        tokenizer_path,
+        row_length=16,
+        workers=1,
+        progress=False,
+        shard_size_limit=1 << 12,
+    )
+    two = prepare(
+        [text_inputs],
+        tmp_path / "two",
+        tokenizer_path,
+        row_length=16,
+        workers=2,
+        progress=False,
+        shard_size_limit=1 << 12,
+    )
     assert one == two
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
 
@@ -120,20 +134,29 @@ def test_the_prepared_folder_gets_the_mode_of_any_new_folder(text_inputs, tokeni
     prepare([text_inputs], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
     (tmp_path / "probe").mkdir()
     mode = (tmp_path / "probe").stat().st_mode & 0o777
-    assert {oct(path.stat().st_mode & 0o777) for path in [tmp_path / "out", *(tmp_path / "out").rglob("*")]
-            if path.is_dir()} == {oct(mode)}
+    assert {
+        oct(path.stat().st_mode & 0o777) for path in [tmp_path / "out", *(tmp_path / "out").rglob("*")] if path.is_dir()
+    } == {oct(mode)}
 
 
 def test_model_config_sets_row_length_and_bounds_the_vocabulary(text_inputs, tokenizer_path, tmp_path):
-    metadata = prepare([text_inputs], tmp_path / "ok", tokenizer_path, model=tiny_model_config(row_length=32),
-                       progress=False)
+    metadata = prepare(
+        [text_inputs], tmp_path / "ok", tokenizer_path, model=tiny_model_config(row_length=32), progress=False
+    )
     assert metadata["row_length"] == 32
     with pytest.raises(DataError, match="model.vocab_size is 256"):
-        prepare([text_inputs], tmp_path / "small", tokenizer_path, model=tiny_model_config(vocab_size=256),
-                progress=False)
+        prepare(
+            [text_inputs], tmp_path / "small", tokenizer_path, model=tiny_model_config(vocab_size=256), progress=False
+        )
     with pytest.raises(DataError, match="differs from model.row_length"):
-        prepare([text_inputs], tmp_path / "mismatch", tokenizer_path, row_length=8, model=tiny_model_config(),
-                progress=False)
+        prepare(
+            [text_inputs],
+            tmp_path / "mismatch",
+            tokenizer_path,
+            row_length=8,
+            model=tiny_model_config(),
+            progress=False,
+        )
     assert not (tmp_path / "small").exists() and not (tmp_path / "mismatch").exists()
 
 
@@ -143,13 +166,16 @@ def write(folder: Path, name: str, data: bytes) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name, data, message", [
-    ("latin1.txt", "caf\u00e9".encode("latin-1"), "not valid UTF-8"),
-    ("docs.jsonl", b'{"body": "x"}\n', "no string field 'text'"),
-    ("docs.jsonl", b'{"text": "ok"}\nnot json\n', "line 2: not JSON"),
-    ("broken.txt.gz", b"\x1f\x8b not gzip", "cannot read"),
-    ("empty.txt", b"   \n\n", "no documents"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("latin1.txt", "caf\u00e9".encode("latin-1"), "not valid UTF-8"),
+        ("docs.jsonl", b'{"body": "x"}\n', "no string field 'text'"),
+        ("docs.jsonl", b'{"text": "ok"}\nnot json\n', "line 2: not JSON"),
+        ("broken.txt.gz", b"\x1f\x8b not gzip", "cannot read"),
+        ("empty.txt", b"   \n\n", "no documents"),
+    ],
+)
 def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, tokenizer_path, name, data, message):
     inputs = write(tmp_path / "in", name, data)
     with pytest.raises(DataError, match=message):
@@ -166,18 +192,54 @@ def test_missing_inputs_and_existing_output_are_refused(tmp_path, tokenizer_path
     with pytest.raises(DataError, match="already exists"):
         prepare([text_inputs], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
     with pytest.raises(DataError, match="selects none"):
-        prepare([write(tmp_path / "one", "a.txt", b"one doc")], tmp_path / "o2", tokenizer_path, row_length=16,
-                val_fraction=0.3, progress=False)
+        prepare(
+            [write(tmp_path / "one", "a.txt", b"one doc")],
+            tmp_path / "o2",
+            tokenizer_path,
+            row_length=16,
+            val_fraction=0.3,
+            progress=False,
+        )
     assert not (tmp_path / "o2").exists()
 
 
 def test_cli_prepares_and_reports_errors_without_traceback(tmp_path, tokenizer_path, text_inputs, capsys):
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-    assert main(["data", "prepare", str(text_inputs), "--tokenizer", str(tokenizer_path), "--config", str(config),
-                 "--output", str(tmp_path / "shards"), "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(text_inputs),
+                "--tokenizer",
+                str(tokenizer_path),
+                "--config",
+                str(config),
+                "--output",
+                str(tmp_path / "shards"),
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "shards" / "lm2_data.json").read_text())["row_length"] == 256
-    assert main(["data", "prepare", str(tmp_path / "missing"), "--tokenizer", str(tokenizer_path),
-                 "--row-length", "8", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(tmp_path / "missing"),
+                "--tokenizer",
+                str(tokenizer_path),
+                "--row-length",
+                "8",
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "data error: input" in error and "Traceback" not in error
     assert main(["data", "tokenizer", str(text_inputs), "--output", str(tmp_path / "t.model")]) == 2

@@ -19,8 +19,14 @@ from lm2.pipeline.data.parts import Part, merge
 from lm2.pipeline.data.prepare import prepare
 from tests.distributed import free_port, run_distributed
 from tests.pipeline.data_fixtures import tiny_model_config, write_mixed_inputs
-from tests.pipeline.test_checkpoint_resume import (STEPS, _shared_memory_of, assert_ends_like, finish, kill_job,
-                                                   wait_for_kill_point)
+from tests.pipeline.test_checkpoint_resume import (
+    STEPS,
+    _shared_memory_of,
+    assert_ends_like,
+    finish,
+    kill_job,
+    wait_for_kill_point,
+)
 from tests.pipeline.test_launch_local import start_local
 
 # The module stays on one pytest-xdist worker: its tests share one S3 server and dataset.
@@ -49,8 +55,12 @@ def s3():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the spawned ranks inherit it
     client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
@@ -66,7 +76,7 @@ def s3():
 
 def keys(client, prefix: str) -> dict[str, bytes]:
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix):]: client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
+    return {o["Key"][len(prefix) :]: client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +87,20 @@ def remote_dataset(s3, tokenizer_path, tmp_path_factory):
     url = f"s3://{BUCKET}/mixed"
     for output in (url, folder / "local"):
         for index in range(2):
-            prepare([folder / "in"], output, tokenizer_path, row_length=16, part=Part(index, 2),
-                    shard_size_limit=1 << 10, progress=False)
+            prepare(
+                [folder / "in"],
+                output,
+                tokenizer_path,
+                row_length=16,
+                part=Part(index, 2),
+                shard_size_limit=1 << 10,
+                progress=False,
+            )
         merge(output)
     return url, folder / "local"
 
 
-def test_parts_prepared_into_s3_and_merged_there_equal_a_local_prepare(s3, remote_dataset, tokenizer_path,
-                                                                       tmp_path):
+def test_parts_prepared_into_s3_and_merged_there_equal_a_local_prepare(s3, remote_dataset, tokenizer_path, tmp_path):
     url, local = remote_dataset
     remote_files = keys(s3, "mixed/")
     local_files = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
@@ -135,8 +151,14 @@ def _read_remote(url: str, cache: str, out: str, tick: float | None = None) -> N
             on_disk = max(on_disk, _cached_bytes(folder))
             usage = max(usage, loader.dataset.cache_usage)  # streaming's own count: shards and index.json
         largest = max(shard.get_max_size() for shard in loader.dataset.shards)
-        return {"ids": ids, "state": loader.state_dict(), "on_disk": on_disk, "usage": usage, "largest": largest,
-                "index": loader.dataset.streams[0].get_index_size()}
+        return {
+            "ids": ids,
+            "state": loader.state_dict(),
+            "on_disk": on_disk,
+            "usage": usage,
+            "largest": largest,
+            "index": loader.dataset.streams[0].get_index_size(),
+        }
 
     first = read("first", batches=5)
     record = {"whole": read("whole"), "first": first, "rest": read("rest", state=first["state"])}
@@ -195,8 +217,9 @@ def _check_reads(local, runs) -> None:
 
 
 @pytest.mark.slow
-def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_ends(remote_dataset, tokenizer_path,
-                                                                                   tmp_path):
+def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_ends(
+    remote_dataset, tokenizer_path, tmp_path
+):
     """Real `lm2 train` jobs (launch/local.sh, 2 gloo ranks, the tiny model on rows of 16): one reads a local copy of
     the dataset uninterrupted; one streams it from s3:// through data.cache_limit, is SIGKILLed (launcher and ranks)
     between its step-3 and step-6 checkpoints and resumed with --resume auto on the same cache. Every step's loss and
@@ -206,10 +229,19 @@ def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_en
     url, local = remote_dataset
     copy, cache = tmp_path / "local", tmp_path / "cache"
     shutil.copytree(local, copy)  # streaming decompresses a local dataset's shards beside them; the fixture's stays
-    common = [f"data.tokenizer={tokenizer_path}", "model.row_length=16", "model.vocab_size=512",
-              f"train.steps={STEPS}", "checkpoint.every=3"]
-    from_s3 = [*common, f"data.streams=[{{path: {url}}}]", f"data.cache_dir={cache}",
-               f"data.cache_limit='{CACHE_LIMIT}'"]
+    common = [
+        f"data.tokenizer={tokenizer_path}",
+        "model.row_length=16",
+        "model.vocab_size=512",
+        f"train.steps={STEPS}",
+        "checkpoint.every=3",
+    ]
+    from_s3 = [
+        *common,
+        f"data.streams=[{{path: {url}}}]",
+        f"data.cache_dir={cache}",
+        f"data.cache_limit='{CACHE_LIMIT}'",
+    ]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     finish(start_local(reference, [*common, f"data.streams=[{{path: {copy}}}]"]), reference)
     job = start_local(interrupted, from_s3)

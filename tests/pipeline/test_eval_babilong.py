@@ -31,9 +31,12 @@ def test_a_question_becomes_a_sample_with_the_facts_before_it():
     first, second = stories(STORY)
     assert [s.facts for s in story_samples(first)] == [
         ("Mary moved to the bathroom.", "John went to the hallway."),
-        ("Mary moved to the bathroom.", "John went to the hallway.", "Daniel went back to the hallway.")]
-    assert [(s.question, s.answer) for s in story_samples(first)] == [("Where is Mary?", "bathroom"),
-                                                                      ("Where is Daniel?", "hallway")]
+        ("Mary moved to the bathroom.", "John went to the hallway.", "Daniel went back to the hallway."),
+    ]
+    assert [(s.question, s.answer) for s in story_samples(first)] == [
+        ("Where is Mary?", "bathroom"),
+        ("Where is Daniel?", "hallway"),
+    ]
     assert story_samples(second)[0].facts == ("Sandra journeyed to the garden.",)
 
 
@@ -49,19 +52,22 @@ def test_held_out_stories_are_the_tail_of_the_training_files_and_answers_are_tas
         assert train.endswith(heldout) and train[: -len(heldout)].endswith("\n")
 
 
-@pytest.mark.parametrize(("task", "target", "output", "question", "right"), [
-    ("qa1", "kitchen", " kitchen.", "Where is Mary?", True),
-    ("qa1", "kitchen", " the Kitchen, I think", "Where is Mary?", True),
-    ("qa1", "kitchen", " kitchen or garden.", "Where is Mary?", False),  # two answer words: wrong
-    ("qa1", "kitchen", " garden. Then kitchen.", "Where is Mary?", False),  # only the first sentence counts
-    ("qa1", "kitchen", " nothing", "Where is Mary?", False),
-    ("qa4", "office", " office, not the garden", "What is the garden east of?", True),  # question words ignored
-    ("qa5", "Fred", " fred gave it", "Who did Mary give the milk to?", True),
-    ("qa8", "apple,milk", " milk and apple.", "What is Mary carrying?", True),
-    ("qa8", "apple,milk", " milk.", "What is Mary carrying?", False),
-    ("qa8", "nothing", " nothing.", "What is Mary carrying?", True),
-    ("qa10", "maybe", " maybe.", "Is Bill in the park?", True),
-])
+@pytest.mark.parametrize(
+    ("task", "target", "output", "question", "right"),
+    [
+        ("qa1", "kitchen", " kitchen.", "Where is Mary?", True),
+        ("qa1", "kitchen", " the Kitchen, I think", "Where is Mary?", True),
+        ("qa1", "kitchen", " kitchen or garden.", "Where is Mary?", False),  # two answer words: wrong
+        ("qa1", "kitchen", " garden. Then kitchen.", "Where is Mary?", False),  # only the first sentence counts
+        ("qa1", "kitchen", " nothing", "Where is Mary?", False),
+        ("qa4", "office", " office, not the garden", "What is the garden east of?", True),  # question words ignored
+        ("qa5", "Fred", " fred gave it", "Who did Mary give the milk to?", True),
+        ("qa8", "apple,milk", " milk and apple.", "What is Mary carrying?", True),
+        ("qa8", "apple,milk", " milk.", "What is Mary carrying?", False),
+        ("qa8", "nothing", " nothing.", "What is Mary carrying?", True),
+        ("qa10", "maybe", " maybe.", "Is Bill in the park?", True),
+    ],
+)
 def test_answer_matching_is_the_benchmarks(task, target, output, question, right):
     assert is_correct(task, target, output, question) is right
 
@@ -73,7 +79,7 @@ def test_lengths_parse_and_bad_ones_are_refused():
 
 
 def test_sentences_split_at_ends_before_capitals():
-    text = "He came home. She said: \"Go!\" Then\nhe left? Yes, at once. ok Go."
+    text = 'He came home. She said: "Go!" Then\nhe left? Yes, at once. ok Go.'
     assert split_sentences(text) == ["He came home.", 'She said: "Go!"', "Then he left?", "Yes, at once. ok Go."]
 
 
@@ -112,13 +118,32 @@ def greedy(model, ids, steps):
     with torch.no_grad():
         for _ in range(steps):
             tokens = torch.cat((tokens, model(tokens, use_cache=False).logits[:, -1:].argmax(-1)), dim=1)
-    return tokens[0, len(ids):].tolist()
+    return tokens[0, len(ids) :].tolist()
 
 
 def run_command(model, out, lengths, capsys):
-    code = main(["eval", "babilong", "--model", str(model), "--tasks", "qa1,qa5", "--lengths", lengths,
-                 "--samples", "3", "--background", str(CORPUS), "--output", str(out), "--max-new-tokens", "4",
-                 "--device", "cpu"])  # answers are compared with the CPU's (the GPU's run in test_gpu.py)
+    code = main(
+        [
+            "eval",
+            "babilong",
+            "--model",
+            str(model),
+            "--tasks",
+            "qa1,qa5",
+            "--lengths",
+            lengths,
+            "--samples",
+            "3",
+            "--background",
+            str(CORPUS),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )  # answers are compared with the CPU's (the GPU's run in test_gpu.py)
     assert code == 0
     return json.loads((out / "results.json").read_text()), capsys.readouterr()
 
@@ -146,8 +171,12 @@ def check_answers(results, folder, tokenizer, background, kept=None):
 def test_babilong_command_on_lm2_runs_any_length(hf_lm2, tokenizer, background, tmp_path, capsys):
     results, printed = run_command(hf_lm2, tmp_path / "out", "0k,200", capsys)
     assert results["kind"] == "LM2" and not any(c["truncated"] for c in results["cells"])
-    assert [(c["task"], c["length"]) for c in results["cells"]] == [("qa1", "0k"), ("qa1", "200"),
-                                                                    ("qa5", "0k"), ("qa5", "200")]
+    assert [(c["task"], c["length"]) for c in results["cells"]] == [
+        ("qa1", "0k"),
+        ("qa1", "200"),
+        ("qa5", "0k"),
+        ("qa5", "200"),
+    ]
     check_answers(results, hf_lm2, tokenizer, background)
     assert "| qa1 |" in printed.out and f"wrote {tmp_path / 'out'}/results.json" in printed.out
     assert "babilong" in printed.err and "100%" in printed.err  # the progress bar
@@ -157,8 +186,7 @@ def test_babilong_command_on_lm2_runs_any_length(hf_lm2, tokenizer, background, 
     assert matplotlib.image.imread(tmp_path / "out" / "heatmap.png").ndim == 3
 
 
-def test_babilong_command_on_vanilla_reads_the_tail_and_says_so(hf_vanilla, tokenizer, background, tmp_path,
-                                                                capsys):
+def test_babilong_command_on_vanilla_reads_the_tail_and_says_so(hf_vanilla, tokenizer, background, tmp_path, capsys):
     results, printed = run_command(hf_vanilla, tmp_path / "out", "0k,200", capsys)
     long = [c for c in results["cells"] if c["length"] == "200"]
     assert all(c["truncated"] == 3 and c["kept_tokens"] == VANILLA_TOKENS - 4 for c in long)
@@ -167,8 +195,22 @@ def test_babilong_command_on_vanilla_reads_the_tail_and_says_so(hf_vanilla, toke
 
 
 def test_bad_babilong_input_is_one_line(hf_lm2, tmp_path, capsys):
-    code = main(["eval", "babilong", "--model", str(hf_lm2), "--tasks", "qa1", "--lengths", "0k",
-                 "--babi", str(tmp_path), "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "eval",
+            "babilong",
+            "--model",
+            str(hf_lm2),
+            "--tasks",
+            "qa1",
+            "--lengths",
+            "0k",
+            "--babi",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "qa1_*.txt" in err[0] and "--babi" in err[0]
     assert main(["eval", "babilong", "--model", str(tmp_path), "--lengths", "0k"]) == 2

@@ -33,8 +33,17 @@ def local_task(tmp_path):
     data = tmp_path / "babi_choice.jsonl"
     with open(data, "w") as handle:
         for sample in task_samples(HELDOUT_FOLDER, "qa1")[:8]:
-            handle.write(json.dumps({"context": " ".join(sample.facts), "question": sample.question,
-                                     "choices": LOCATIONS, "answer": LOCATIONS.index(sample.answer)}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "context": " ".join(sample.facts),
+                        "question": sample.question,
+                        "choices": LOCATIONS,
+                        "answer": LOCATIONS.index(sample.answer),
+                    }
+                )
+                + "\n"
+            )
     (tmp_path / "lm2_babi_choice.yaml").write_text(TASK_YAML.format(data=data))
     return tmp_path, [json.loads(line) for line in data.read_text().splitlines()]
 
@@ -60,9 +69,15 @@ def test_lm_eval_harness_runs_the_exported_lm2_model(hf_lm2, local_task, monkeyp
     from lm_eval.tasks import TaskManager
 
     folder, docs = local_task
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_lm2},trust_remote_code=True",
-                                      tasks=["lm2_babi_choice"], task_manager=TaskManager(include_path=str(folder)),
-                                      batch_size=1, device="cpu", log_samples=True)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={hf_lm2},trust_remote_code=True",
+        tasks=["lm2_babi_choice"],
+        task_manager=TaskManager(include_path=str(folder)),
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+    )
     samples = sorted(results["samples"]["lm2_babi_choice"], key=lambda s: s["doc_id"])
     assert len(samples) == len(docs)
     model = AutoModelForCausalLM.from_pretrained(hf_lm2, trust_remote_code=True).eval()

@@ -25,8 +25,29 @@ def write(tmp_path, tokenizer_path, name):
     heldout = read_text(next(HELDOUT_FOLDER.glob("qa1_*")))
     (babi / "qa1_single-supporting-fact_train.txt").write_text(NEW_STORY + heldout)
     out = tmp_path / name
-    assert main(["eval", "mixture", "--output", str(out), "--tokenizer", str(tokenizer_path), "--books", str(BOOK),
-                 "--babi", str(babi), "--row-length", "128", "--tasks", "qa1", "--stories-per-task", "30"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "mixture",
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(tokenizer_path),
+                "--books",
+                str(BOOK),
+                "--babi",
+                str(babi),
+                "--row-length",
+                "128",
+                "--tasks",
+                "qa1",
+                "--stories-per-task",
+                "30",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -53,6 +74,12 @@ def test_mixture_holds_books_and_babi_haystacks_without_held_out_stories(tmp_pat
 def test_mixture_prepares_into_rows(tmp_path, tokenizer_path):
     from lm2.pipeline.data.prepare import prepare
 
-    metadata = prepare([write(tmp_path, tokenizer_path, "m.jsonl")], tmp_path / "data", tokenizer_path,
-                       row_length=128, val_fraction=0.1, progress=False)
+    metadata = prepare(
+        [write(tmp_path, tokenizer_path, "m.jsonl")],
+        tmp_path / "data",
+        tokenizer_path,
+        row_length=128,
+        val_fraction=0.1,
+        progress=False,
+    )
     assert metadata["splits"]["val"]["documents"] > 0

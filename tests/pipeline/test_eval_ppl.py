@@ -43,10 +43,24 @@ def test_perplexity_of_text_files_equals_the_models_own_loss(hf_lm2, text_inputs
     text = (text_inputs / "macbeth.txt").read_text()
     stream = processor.encode(text) + [processor.eos_id()]
     model = AutoModelForCausalLM.from_pretrained(hf_lm2, trust_remote_code=True).eval()
-    sums = [hf_loss_sum(model, torch.tensor(stream[i:i + 100]), pad=None) for i in range(0, len(stream), 100)]
+    sums = [hf_loss_sum(model, torch.tensor(stream[i : i + 100]), pad=None) for i in range(0, len(stream), 100)]
     expected = math.exp(sum(s for s, _ in sums) / sum(c for _, c in sums))
-    assert main(["eval", "ppl", "--model", str(hf_lm2), str(text_inputs / "macbeth.txt"), "--context", "100",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "--model",
+                str(hf_lm2),
+                str(text_inputs / "macbeth.txt"),
+                "--context",
+                "100",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"over {sum(c for _, c in sums):,} tokens of 1 text file(s), windows of 100 tokens" in out
     assert float(out.split()[1]) == pytest.approx(expected, rel=1e-3)  # printed with 3 decimals

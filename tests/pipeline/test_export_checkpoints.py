@@ -40,9 +40,23 @@ def checkpoints(train_data, tmp_path_factory):
         if name not in done:
             processes, layout = LAYOUTS[name]
             run_dir = root / name
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                       "--standalone", "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-                       f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.steps=2", *train_data, *layout]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={processes}",
+                "--standalone",
+                "-m",
+                "lm2.pipeline.cli",
+                "train",
+                "--config",
+                str(CONFIG),
+                f"logging.run_dir={run_dir}",
+                "logging.wandb=disabled",
+                "train.steps=2",
+                *train_data,
+                *layout,
+            ]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             done[name] = run_dir / "checkpoints"
@@ -56,8 +70,9 @@ def merged(checkpoints_folder: Path) -> dict[str, torch.Tensor]:
     return read_full_state(folder, verified_manifest(folder))
 
 
-@pytest.mark.parametrize("layout", [pytest.param("tp2", marks=pytest.mark.slow), "pp2",
-                                    pytest.param("zero3-dp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "layout", [pytest.param("tp2", marks=pytest.mark.slow), "pp2", pytest.param("zero3-dp2", marks=pytest.mark.slow)]
+)
 def test_export_of_a_parallel_checkpoint_is_verified(checkpoints, tmp_path, layout):
     """The shards merge into the weights one process trains (same seed and data: equal up to float reduction
     order; a wrong split would be off by the weights' scale), and the exported model gives lm2's logits."""
@@ -69,8 +84,16 @@ def test_export_of_a_parallel_checkpoint_is_verified(checkpoints, tmp_path, layo
     result = export_hf(checkpoints(layout), tmp_path / "hf", verify=True, max_shard_size="200KB", progress=False)
     assert result.max_logit_difference <= 1e-4
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "configuration_lm2.py",
-            "modeling_lm2.py", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "configuration_lm2.py",
+        "modeling_lm2.py",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    } <= files
     assert len(result.weight_files) > 1  # above the size limit: shards plus index
     assert_files_share_the_mode_of_config_json(tmp_path / "hf")
 
@@ -91,8 +114,10 @@ def test_export_command_writes_a_loadable_lm2_folder(checkpoints, tmp_path):
     assert "export step_00000002" in result.stderr and "100%" in result.stderr  # the progress bar
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lm2" and config["segment_length"] == 8 and config["memory_slots"] == 6
-    assert config["auto_map"] == {"AutoConfig": "configuration_lm2.LM2Config",
-                                  "AutoModelForCausalLM": "modeling_lm2.LM2ForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_lm2.LM2Config",
+        "AutoModelForCausalLM": "modeling_lm2.LM2ForCausalLM",
+    }
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 3)
     assert_files_share_the_mode_of_config_json(out)
@@ -138,9 +163,13 @@ def test_lm2_folder_loads_and_generates_without_lm2(checkpoints, tmp_path):
     cfg = model_config(verified_manifest(resolve(checkpoints("single"))))
     tokens = verification_tokens(cfg, seed=5)
     torch.save(tokens, tmp_path / "tokens.pt")
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LM2, str(out), str(tmp_path / "tokens.pt"),
-                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_LM2, str(out), str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(tmp_path / "out.pt")
     assert loaded["class"] == "LM2ForCausalLM"
@@ -184,8 +213,12 @@ def test_exported_tokenizer_gives_sentencepiece_ids(checkpoints, train_data, tmp
         assert tokenizer(TEXT)["input_ids"] == processor.encode(TEXT)  # training rows: no BOS, text as is
         if use_fast:  # the slow tokenizer's decode drops one more leading space than sentencepiece's
             assert tokenizer.decode(processor.encode(TEXT)) == processor.decode(processor.encode(TEXT)) == TEXT
-        assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == \
-            (processor.unk_id(), processor.bos_id(), processor.eos_id(), processor.pad_id())
+        assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+            processor.unk_id(),
+            processor.bos_id(),
+            processor.eos_id(),
+            processor.pad_id(),
+        )
 
 
 def test_name_table_splits_match_the_model_tensor_parallel_attributes(single_process):
@@ -195,8 +228,10 @@ def test_name_table_splits_match_the_model_tensor_parallel_attributes(single_pro
 
     cfg = load_config(CONFIG, ["model.tie_embeddings=false", "model.memory.layers=[1, 3]"]).model
     model = LM2Model(cfg, tensor_parallel())
-    actual = {name: (param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
-              for name, param in model.named_parameters()}
+    actual = {
+        name: (param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
+        for name, param in model.named_parameters()
+    }
     assert parameter_splits(cfg) == actual
 
 

@@ -22,9 +22,18 @@ def tiny_llama(folder: Path) -> dict[str, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(11)
-    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
-                         rms_norm_eps=1e-5, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():  # norms too: a weight left at its init value would hide a mix-up
@@ -34,8 +43,16 @@ def tiny_llama(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def lm2_command(*args: str, processes: int = 2) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--standalone", "-m", "lm2.pipeline.cli", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        "--standalone",
+        "-m",
+        "lm2.pipeline.cli",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -45,8 +62,7 @@ def import_and_export(tmp_path: Path, run: list[str]) -> tuple[dict, dict, Path]
     """A tiny Llama imported with `run` overrides and exported back: (Llama weights, exported weights, checkpoints)."""
     llama = tiny_llama(tmp_path / "llama")
     imported = tmp_path / "imported"
-    out = lm2_command("import", "hf", str(tmp_path / "llama"), *run, "--config", str(CONFIG), "--output",
-                      str(imported))
+    out = lm2_command("import", "hf", str(tmp_path / "llama"), *run, "--config", str(CONFIG), "--output", str(imported))
     assert f"wrote {imported / 'step_00000000'}" in out
     export_hf(imported, tmp_path / "back", progress=False)
     return llama, load_file(tmp_path / "back" / "model.safetensors"), imported
@@ -70,8 +86,16 @@ def test_import_at_tp2_exports_back_equal_and_resumes(train_data, tmp_path):
     assert_backbone_equal_and_memory_fresh(llama, back, run)
 
     resumed = tmp_path / "resumed"
-    out = lm2_command("train", "--config", str(CONFIG), *run, f"logging.run_dir={resumed}", "train.steps=1",
-                      "--resume", str(imported / "step_00000000"))
+    out = lm2_command(
+        "train",
+        "--config",
+        str(CONFIG),
+        *run,
+        f"logging.run_dir={resumed}",
+        "train.steps=1",
+        "--resume",
+        str(imported / "step_00000000"),
+    )
     assert "resumed from" in out and "step 1/1" in out
     export_hf(resumed / "checkpoints", tmp_path / "trained", progress=False)
     trained = load_file(tmp_path / "trained" / "model.safetensors")
@@ -103,7 +127,10 @@ def fresh_memory(overrides: list[str]) -> dict[str, torch.Tensor]:
 
 def test_import_refuses_a_shape_mismatch_naming_the_field(train_data, tmp_path):
     tiny_llama(tmp_path / "llama")
-    with pytest.raises(ExportError, match=r"num_hidden_layers=4 but the config has model.num_layers=2: set "
-                                          r"model.num_layers=4"):
+    with pytest.raises(
+        ExportError,
+        match=r"num_hidden_layers=4 but the config has model.num_layers=2: set "
+        r"model.num_layers=4",
+    ):
         import_hf(tmp_path / "llama", str(CONFIG), tmp_path / "out", [*train_data, "model.num_layers=2"])
     assert not (tmp_path / "out").exists()

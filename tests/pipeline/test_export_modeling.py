@@ -15,9 +15,19 @@ SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
 
 def lm2_model(tie: bool, memory_layers=None) -> LM2Model:
     """A tiny LM2 whose every parameter is random (banks and gate biases too, so no initial value hides a bug)."""
-    cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=80,
-                      row_length=24, segment_length=6, rope_theta=10000.0, tie_embeddings=tie,
-                      memory=MemoryConfig(slots=5, dim=32, heads=2, layers=memory_layers))
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=80,
+        row_length=24,
+        segment_length=6,
+        rope_theta=10000.0,
+        tie_embeddings=tie,
+        memory=MemoryConfig(slots=5, dim=32, heads=2, layers=memory_layers),
+    )
     model = LM2Model(cfg, tensor_parallel(), seed=3).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(7)
@@ -31,7 +41,7 @@ def reference_logits(model: LM2Model, tokens: torch.Tensor) -> torch.Tensor:
     S, vocab = model.cfg.segment_length, model.cfg.vocab_size
     memory, outputs = model.initial_memory(tokens.shape[0]), []
     for segment, start in enumerate(range(0, tokens.shape[1], S)):
-        logits, memory = model.forward_segment(tokens[:, start:start + S], memory, segment)
+        logits, memory = model.forward_segment(tokens[:, start : start + S], memory, segment)
         outputs.append(logits[..., :vocab])
     return torch.cat(outputs, dim=1)
 
@@ -43,7 +53,7 @@ def test_hf_model_matches_lm2_at_several_lengths(single_process, tie, memory_lay
     S = model.cfg.segment_length
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 4 * S), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole_rows = model(tokens)[..., :model.cfg.vocab_size]  # the training forward: all segments batched
+        whole_rows = model(tokens)[..., : model.cfg.vocab_size]  # the training forward: all segments batched
         assert (reference_logits(model, tokens) - whole_rows).abs().max() < 1e-5
         for length in (1, S - 1, S, S + 1, 3 * S - 2, 4 * S):
             ours = reference_logits(model, tokens[:, :length])
@@ -51,8 +61,8 @@ def test_hf_model_matches_lm2_at_several_lengths(single_process, tie, memory_lay
             assert theirs.shape == ours.shape
             assert (theirs - ours).abs().max() < 1e-4, length
         # Memory matters: without the first segments the last segment's logits change.
-        cut = hf(tokens[:, 3 * S:], use_cache=False).logits
-        assert (cut - hf(tokens, use_cache=False).logits[:, 3 * S:]).abs().max() > 1e-3
+        cut = hf(tokens[:, 3 * S :], use_cache=False).logits
+        assert (cut - hf(tokens, use_cache=False).logits[:, 3 * S :]).abs().max() > 1e-3
 
 
 def test_generate_with_cache_equals_greedy_full_forwards(single_process):

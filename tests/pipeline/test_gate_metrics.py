@@ -64,7 +64,13 @@ def test_throughput_reports_tokens_per_second_tflops_and_mfu_since_the_last_repo
 def test_gate_metrics_and_their_console_means():
     nan = float("nan")
     metrics = gate_metrics([[0.2, 0.6, 0.4], [nan, nan, nan], [0.4, 0.8, 0.1]])
-    assert metrics == {"gates/layer_00/g_in": 0.2, "gates/layer_00/g_forget": 0.6, "gates/layer_00/g_out": 0.4,
-                       "gates/layer_02/g_in": 0.4, "gates/layer_02/g_forget": 0.8, "gates/layer_02/g_out": 0.1}
+    assert metrics == {
+        "gates/layer_00/g_in": 0.2,
+        "gates/layer_00/g_forget": 0.6,
+        "gates/layer_00/g_out": 0.4,
+        "gates/layer_02/g_in": 0.4,
+        "gates/layer_02/g_forget": 0.8,
+        "gates/layer_02/g_out": 0.1,
+    }
     line = _console_line(3, 10, {"loss": 2.0, **metrics})
     assert line == "step 3/10 | loss 2.0000 | gates in/forget/out 0.30/0.70/0.25"  # means over layers 0 and 2

@@ -20,23 +20,44 @@ STEPS = 4
 
 def train(run_dir, overrides, cuda: bool) -> list[float]:
     env = dict(os.environ, **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""}))
-    result = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "train", "--config", str(CONFIG),
-                             f"logging.run_dir={run_dir}", *overrides], capture_output=True, text=True, env=env,
-                            timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm2.pipeline.cli",
+            "train",
+            "--config",
+            str(CONFIG),
+            f"logging.run_dir={run_dir}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_one_gpu_trains_in_bf16_like_the_cpu_in_fp32(train_data, tmp_path):
-    common = train_data + [f"train.steps={STEPS}", "train.log_every=1", "logging.wandb=disabled",
-                           f"checkpoint.every={STEPS}"]
+    common = train_data + [
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "logging.wandb=disabled",
+        f"checkpoint.every={STEPS}",
+    ]
     gpu = train(tmp_path / "gpu", common, cuda=True)  # precision auto: bf16, nccl
     cpu = train(tmp_path / "cpu", common, cuda=False)  # precision auto: fp32, gloo
     assert gpu == pytest.approx(cpu, rel=2e-2)
-    module = torch.load(tmp_path / "gpu" / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)["module"]
+    module = torch.load(
+        tmp_path / "gpu" / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )["module"]
     assert {v.dtype for v in module.values() if isinstance(v, torch.Tensor) and v.is_floating_point()} == {
-        torch.bfloat16}
+        torch.bfloat16
+    }
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -78,8 +99,10 @@ def test_tensor_parallel_over_nccl_matches_one_gpu(train_data, tmp_path):
     common = train_data + [f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=0"]
     finish(launch(tmp_path / "tp1", 1, common), tmp_path / "tp1")
     finish(launch(tmp_path / "tp2", 2, common + ["parallel.tp=2"]), tmp_path / "tp2")
-    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("tp1", "tp2")}
+    losses = {
+        name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("tp1", "tp2")
+    }
     assert losses["tp2"] == pytest.approx(losses["tp1"], rel=2e-2)
 
 
@@ -95,8 +118,15 @@ def test_train_step_bench_runs_on_the_gpu():
 # kernels, which save other tensors than the CPU's explicit softmax.
 GPU_SHAPES = [
     [],
-    ["model.hidden_size=512", "model.ffn_hidden_size=1376", "model.num_heads=8", "model.num_kv_heads=4",
-     "model.row_length=1024", "model.memory.slots=64", "train.micro_batch=2"],
+    [
+        "model.hidden_size=512",
+        "model.ffn_hidden_size=1376",
+        "model.num_heads=8",
+        "model.num_kv_heads=4",
+        "model.row_length=1024",
+        "model.memory.slots=64",
+        "train.micro_batch=2",
+    ],
     ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"],
 ]
 
@@ -121,8 +151,13 @@ def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gp
     from lm2.pipeline.train.step import train_step
     from tests.pipeline.test_train_plan import TINY
 
-    overrides = ["model.hidden_size=512", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
-                 "parallel.zero_stage=1"]  # precision auto: bf16 on the GPU
+    overrides = [
+        "model.hidden_size=512",
+        "model.vocab_size=16384",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        "parallel.zero_stage=1",
+    ]  # precision auto: bf16 on the GPU
     run = load_config(TINY, overrides)
     rows = torch.randint(0, run.model.vocab_size, (run.train.global_batch, run.model.row_length + 1), device="cuda")
     micro_batches = [(r[:, :-1], r[:, 1:]) for r in rows.split(run.train.micro_batch)]

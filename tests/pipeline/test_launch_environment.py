@@ -38,9 +38,23 @@ def test_requeue_note_names_the_restart_and_the_job():
 
 def job_info(world_size: int, *train_args: str, tmp_path) -> subprocess.CompletedProcess:
     config = Path(__file__).parent / "tiny_train.yaml"
-    return subprocess.run([sys.executable, "-m", "lm2.pipeline.parallel.slurm", "job-info", str(world_size),
-                           "--config", str(config), f"logging.run_dir={tmp_path}", *train_args],
-                          capture_output=True, text=True, env=dict(os.environ, SLURM_JOB_ID="77"), timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm2.pipeline.parallel.slurm",
+            "job-info",
+            str(world_size),
+            "--config",
+            str(config),
+            f"logging.run_dir={tmp_path}",
+            *train_args,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, SLURM_JOB_ID="77"),
+        timeout=120,
+    )
 
 
 def test_job_info_checks_the_layout_against_the_jobs_ranks(tmp_path):

@@ -21,8 +21,17 @@ CONFIG = Path(__file__).parent / "tiny_train.yaml"
 
 def start_local(run_dir: Path, train_data: list[str], *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "NPROC": "2", "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
-    command = [str(ROOT / "launch" / "local.sh"), "--config", str(CONFIG), f"logging.run_dir={run_dir}",
-               "logging.wandb=disabled", "train.log_every=1", "checkpoint.every=0", *train_data, *overrides]
+    command = [
+        str(ROOT / "launch" / "local.sh"),
+        "--config",
+        str(CONFIG),
+        f"logging.run_dir={run_dir}",
+        "logging.wandb=disabled",
+        "train.log_every=1",
+        "checkpoint.every=0",
+        *train_data,
+        *overrides,
+    ]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -34,8 +43,9 @@ def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
-                         ids=["sigterm", "sigusr1"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)], ids=["sigterm", "sigusr1"]
+)
 def test_signal_to_the_launcher_saves_and_exits_for_requeue(tmp_path, train_data, signum):
     run_dir = tmp_path / "run"
     launcher = start_local(run_dir, train_data, "train.steps=1000")
@@ -78,5 +88,7 @@ def test_a_config_error_is_one_line_from_the_whole_job(tmp_path):
     code = launcher.wait(timeout=300)
     log = (tmp_path / "run.log").read_text()
     assert code == EXIT_LM2_ERROR, log
-    assert log == ("lm2 train: configuration error: num_kv_heads=1 must be divisible by the tensor-parallel size 2: "
-                   "lower parallel.tp or raise num_kv_heads\n")
+    assert log == (
+        "lm2 train: configuration error: num_kv_heads=1 must be divisible by the tensor-parallel size 2: "
+        "lower parallel.tp or raise num_kv_heads\n"
+    )

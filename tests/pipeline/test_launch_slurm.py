@@ -62,10 +62,19 @@ def job_environment() -> dict[str, str]:
     return {"LM2_VENV": sys.prefix, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
-def submit(cluster, script: str, *args: str, options: tuple[str, ...] = (), output: Path,
-           env: dict[str, str] | None = None) -> str:
-    result = cluster.run("sbatch", "--parsable", f"--output={output}", *options, str(ROOT / "launch" / "slurm" / script),
-                         *args, cwd=ROOT, env={**job_environment(), **(env or {})})
+def submit(
+    cluster, script: str, *args: str, options: tuple[str, ...] = (), output: Path, env: dict[str, str] | None = None
+) -> str:
+    result = cluster.run(
+        "sbatch",
+        "--parsable",
+        f"--output={output}",
+        *options,
+        str(ROOT / "launch" / "slurm" / script),
+        *args,
+        cwd=ROOT,
+        env={**job_environment(), **(env or {})},
+    )
     return result.stdout.strip().split(";")[0]
 
 
@@ -85,8 +94,16 @@ def wait_for_job(cluster, job_id: str, timeout: float = 600) -> dict[str, str]:
 
 
 def train_args(run_dir: Path, train_data: list[str], steps: int = STEPS) -> list[str]:
-    return ["--config", str(CONFIG), f"logging.run_dir={run_dir}", "logging.wandb=offline", "train.log_every=1",
-            f"train.steps={steps}", "checkpoint.every=0", *train_data]
+    return [
+        "--config",
+        str(CONFIG),
+        f"logging.run_dir={run_dir}",
+        "logging.wandb=offline",
+        "train.log_every=1",
+        f"train.steps={steps}",
+        "checkpoint.every=0",
+        *train_data,
+    ]
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -94,7 +111,9 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    return {entry["step"]: entry["loss"] for entry in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        entry["step"]: entry["loss"] for entry in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -112,15 +131,25 @@ def assert_bitwise_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.
 def torchrun_reference(tmp_path_factory, train_data):
     """The same config trained without SLURM: torchrun, 2 ranks on this machine."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "lm2.pipeline.cli", "train", *train_args(run_dir, train_data)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lm2.pipeline.cli",
+        "train",
+        *train_args(run_dir, train_data),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **job_environment()})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
 
-def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared_parts(cluster, tmp_path, text_inputs,
-                                                                                      train_data):
+def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared_parts(
+    cluster, tmp_path, text_inputs, train_data
+):
     from lm2.pipeline.data.parts import Part, merge
     from lm2.pipeline.data.prepare import prepare
 
@@ -128,17 +157,37 @@ def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared
     config = yaml.safe_load(CONFIG.read_text())
     config["data"] = {"tokenizer": str(tokenizer)}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    array = submit(cluster, "prepare.sbatch", str(tmp_path / "run.yaml"), str(tmp_path / "data"), str(text_inputs),
-                   options=("--array=0-1", "--cpus-per-task=1"), output=tmp_path / "part-%a.out",
-                   env={"VAL_FRACTION": "0.25"})
-    merged = submit(cluster, "prepare.sbatch", "--merge", str(tmp_path / "data"),
-                    options=(f"--dependency=afterok:{array}", "--cpus-per-task=1"), output=tmp_path / "merge.out")
+    array = submit(
+        cluster,
+        "prepare.sbatch",
+        str(tmp_path / "run.yaml"),
+        str(tmp_path / "data"),
+        str(text_inputs),
+        options=("--array=0-1", "--cpus-per-task=1"),
+        output=tmp_path / "part-%a.out",
+        env={"VAL_FRACTION": "0.25"},
+    )
+    merged = submit(
+        cluster,
+        "prepare.sbatch",
+        "--merge",
+        str(tmp_path / "data"),
+        options=(f"--dependency=afterok:{array}", "--cpus-per-task=1"),
+        output=tmp_path / "merge.out",
+    )
     fields = wait_for_job(cluster, merged)
     logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.out")))
     assert fields["JobState"] == "COMPLETED", logs
     for index in range(2):
-        prepare([text_inputs], tmp_path / "reference", tokenizer, row_length=32, val_fraction=0.25,
-                part=Part(index, 2), progress=False)
+        prepare(
+            [text_inputs],
+            tmp_path / "reference",
+            tokenizer,
+            row_length=32,
+            val_fraction=0.25,
+            part=Part(index, 2),
+            progress=False,
+        )
     reference = merge(tmp_path / "reference")
     ours = json.loads((tmp_path / "data" / "lm2_data.json").read_text())
     assert ours["parts"] == 2 and ours["splits"] == reference["splits"]
@@ -148,8 +197,10 @@ def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared
 
 
 def test_srun_tasks_get_ranks_and_a_rendezvous_from_the_allocation(cluster):
-    probe = ("import json, os; from lm2.pipeline.parallel.launch import launcher_environment; "
-             "print(json.dumps({**launcher_environment(os.environ), 'node': os.environ['SLURMD_NODENAME']}))")
+    probe = (
+        "import json, os; from lm2.pipeline.parallel.launch import launcher_environment; "
+        "print(json.dumps({**launcher_environment(os.environ), 'node': os.environ['SLURMD_NODENAME']}))"
+    )
     result = cluster.run("srun", "--nodes=2", "--ntasks-per-node=2", sys.executable, "-c", probe)
     tasks = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda task: int(task["RANK"]))
     assert [task["RANK"] for task in tasks] == ["0", "1", "2", "3"]
@@ -164,8 +215,16 @@ def test_prepare_job_writes_the_dataset_prepare_writes(cluster, tmp_path, text_i
     config = yaml.safe_load(CONFIG.read_text())
     config["data"] = {"tokenizer": str(tmp_path / "tokenizer.model")}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    job = submit(cluster, "prepare.sbatch", str(tmp_path / "run.yaml"), str(tmp_path / "data"), str(text_inputs),
-                 options=("--cpus-per-task=2",), output=tmp_path / "prepare.out", env={"VAL_FRACTION": "0.25"})
+    job = submit(
+        cluster,
+        "prepare.sbatch",
+        str(tmp_path / "run.yaml"),
+        str(tmp_path / "data"),
+        str(text_inputs),
+        options=("--cpus-per-task=2",),
+        output=tmp_path / "prepare.out",
+        env={"VAL_FRACTION": "0.25"},
+    )
     fields = wait_for_job(cluster, job)
     assert fields["JobState"] == "COMPLETED", (tmp_path / "prepare.out").read_text()[-3000:]
     # train_data: the same inputs, a 400-piece tokenizer and rows of 32 with a quarter of the documents for val.
@@ -177,8 +236,13 @@ def test_prepare_job_writes_the_dataset_prepare_writes(cluster, tmp_path, text_i
 
 def test_two_node_job_trains_exactly_like_torchrun(cluster, tmp_path, train_data, torchrun_reference):
     run_dir = tmp_path / "run"
-    job = submit(cluster, "train.sbatch", *train_args(run_dir, train_data), options=("--nodes=2", "--gpus-per-node=1"),
-                 output=tmp_path / "job.out")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        *train_args(run_dir, train_data),
+        options=("--nodes=2", "--gpus-per-node=1"),
+        output=tmp_path / "job.out",
+    )
     fields = wait_for_job(cluster, job)
     log = (run_dir / "slurm" / job / "train.log").read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", log[-3000:]
@@ -188,13 +252,19 @@ def test_two_node_job_trains_exactly_like_torchrun(cluster, tmp_path, train_data
 
 
 @pytest.mark.parametrize("target", ["--batch", "--full"], ids=["batch-shell-forwards", "every-rank"])
-def test_signalled_job_saves_requeues_and_ends_like_an_uninterrupted_run(cluster, tmp_path, train_data,
-                                                                         torchrun_reference, target):
+def test_signalled_job_saves_requeues_and_ends_like_an_uninterrupted_run(
+    cluster, tmp_path, train_data, torchrun_reference, target
+):
     """--batch: the signal reaches the batch shell only, which forwards it to the ranks. --full: every process of the
     job gets it at once, as with `#SBATCH --signal=USR1@<grace>` before the time limit or a preemption notice."""
     run_dir = tmp_path / "run"
-    job = submit(cluster, "train.sbatch", *train_args(run_dir, train_data), options=("--nodes=2", "--gpus-per-node=1"),
-                 output=tmp_path / "job.out")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        *train_args(run_dir, train_data),
+        options=("--nodes=2", "--gpus-per-node=1"),
+        output=tmp_path / "job.out",
+    )
     while not (run_dir / "metrics.jsonl").exists() or len(logged_steps(run_dir)) < 2:
         assert job_fields(cluster, job)["JobState"] not in TERMINAL, (tmp_path / "job.out").read_text()[-3000:]
         time.sleep(0.05)
@@ -227,13 +297,21 @@ def job_processes(job_id: str) -> list[psutil.Process]:
 
 def test_a_crashing_rank_fails_the_job_without_requeue(cluster, tmp_path, train_data):
     run_dir = tmp_path / "run"
-    job = submit(cluster, "train.sbatch", *train_args(run_dir, train_data, steps=100000),
-                 options=("--nodes=2", "--gpus-per-node=1"), output=tmp_path / "job.out")
+    job = submit(
+        cluster,
+        "train.sbatch",
+        *train_args(run_dir, train_data, steps=100000),
+        options=("--nodes=2", "--gpus-per-node=1"),
+        output=tmp_path / "job.out",
+    )
     while not (run_dir / "metrics.jsonl").exists():
         assert job_fields(cluster, job)["JobState"] not in TERMINAL, (tmp_path / "job.out").read_text()[-3000:]
         time.sleep(0.05)
-    rank1 = next(p for p in job_processes(job) if p.environ().get("SLURM_PROCID") == "1"
-                 and "lm2.pipeline.cli" in " ".join(p.cmdline()))
+    rank1 = next(
+        p
+        for p in job_processes(job)
+        if p.environ().get("SLURM_PROCID") == "1" and "lm2.pipeline.cli" in " ".join(p.cmdline())
+    )
     rank1.kill()
     fields = wait_for_job(cluster, job)
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0"

@@ -14,14 +14,20 @@ from tests.pipeline.test_train_run import CONFIG, train_cli
 
 # Adam with beta1 = beta2 = 0 and no weight decay moves every weight by lr * g / (|g| + eps): the largest move
 # of a step is its learning rate (to about eps / max|g|).
-SIGN_ADAM = ["optim.beta1=0.0", "optim.beta2=0.0", "optim.weight_decay=0.0", "optim.warmup_steps=2",
-             "optim.min_lr=0.0001"]
+SIGN_ADAM = [
+    "optim.beta1=0.0",
+    "optim.beta2=0.0",
+    "optim.weight_decay=0.0",
+    "optim.warmup_steps=2",
+    "optim.min_lr=0.0001",
+]
 EVERY_STEP = ["train.log_every=1", "checkpoint.every=1", "checkpoint.keep=20", "logging.wandb=disabled"]
 
 
 def weights(run_dir, step):
-    state = torch.load(run_dir / f"checkpoints/step_{step:08d}/mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)["module"]
+    state = torch.load(
+        run_dir / f"checkpoints/step_{step:08d}/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}  # not _extra_state
 
 
@@ -72,8 +78,17 @@ def optimizer_first_moment_norm(run_dir, step):
 def test_the_optimizer_consumes_the_clipped_gradient(train_data, tmp_path, clip):
     """One step whose gradient norm is far above optim.grad_clip: Adam's first moment holds exactly the clipped
     gradient, (1 - beta1) * grad_clip in norm; with clipping off it holds the logged (pre-clip) norm."""
-    result = train_cli(tmp_path, train_data + ["train.steps=1", "train.log_every=1", f"optim.grad_clip={clip}",
-                                               "optim.beta1=0.9", "logging.wandb=disabled"])
+    result = train_cli(
+        tmp_path,
+        train_data
+        + [
+            "train.steps=1",
+            "train.log_every=1",
+            f"optim.grad_clip={clip}",
+            "optim.beta1=0.9",
+            "logging.wandb=disabled",
+        ],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     grad_norm = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
     assert grad_norm > 100 * 1e-3

@@ -21,8 +21,12 @@ def weights(state: dict) -> list[torch.Tensor]:
 
 
 def test_bf16_trains_with_bf16_weights_and_fp32_master_weights(train_data, tmp_path):
-    common = train_data + [f"train.steps={STEPS}", "train.log_every=1", "logging.wandb=disabled",
-                           f"checkpoint.every={STEPS}"]
+    common = train_data + [
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "logging.wandb=disabled",
+        f"checkpoint.every={STEPS}",
+    ]
     for precision in ("fp32", "bf16"):
         result = train_cli(tmp_path / precision, common + [f"train.precision={precision}"])
         assert result.returncode == 0, result.stderr[-3000:]

@@ -20,8 +20,10 @@ def test_compiled_blocks_give_the_eager_losses_and_gates(single_process):
     rows = torch.randint(0, 400, (3, 8, 33), generator=torch.Generator().manual_seed(0))
     losses, gates = {}, {}
     for compiled in (False, True):
-        run = load_config(CONFIG, [f"train.compile={str(compiled).lower()}", "parallel.zero_stage=3",
-                                   "train.activation_checkpointing=true"])
+        run = load_config(
+            CONFIG,
+            [f"train.compile={str(compiled).lower()}", "parallel.zero_stage=3", "train.activation_checkpointing=true"],
+        )
         engine = build_engine(run, single_process)
         blocks = [m for m in engine.deepspeed.module.modules() if isinstance(m, DecoderBlock)]
         assert len(blocks) == 4 and all((b._compiled_call_impl is not None) == compiled for b in blocks)

@@ -45,6 +45,7 @@ def _train_counting_reads(overrides: list[str], out: str) -> None:
             if caller is not None:
                 reads[caller] += 1
             return originals[name](self, *args, **kwargs)
+
         return read
 
     for name in VALUE_READS:
@@ -60,9 +61,22 @@ def _train_counting_reads(overrides: list[str], out: str) -> None:
 def test_lm2_reads_tensors_on_the_host_only_on_log_steps_and_saves(train_data, tmp_path):
     steps, log_every = 8, 4  # steps 4 and 8 log; step 8 also saves; steps 1-3 and 5-7 must not read
     out = tmp_path / "reads.json"
-    run_distributed(_train_counting_reads, world_size=1, args=(
-        train_data + [f"logging.run_dir={tmp_path / 'run'}", f"train.steps={steps}", f"train.log_every={log_every}",
-                      "train.eval_every=0", "checkpoint.every=0", "logging.wandb=disabled"], str(out)))
+    run_distributed(
+        _train_counting_reads,
+        world_size=1,
+        args=(
+            train_data
+            + [
+                f"logging.run_dir={tmp_path / 'run'}",
+                f"train.steps={steps}",
+                f"train.log_every={log_every}",
+                "train.eval_every=0",
+                "checkpoint.every=0",
+                "logging.wandb=disabled",
+            ],
+            str(out),
+        ),
+    )
     reads = json.loads(out.read_text())
     log_steps = steps // log_every
     # One read of the non-finite watch per log step and one before the save; one transfer of the metrics per log

@@ -32,7 +32,7 @@ def micro_batches(cfg, step: int):
     """This data-parallel rank's share of the step's rows, as (inputs, labels) micro-batches."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = cfg.train.global_batch // dp
-    rows = global_batch_rows(cfg, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    rows = global_batch_rows(cfg, step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     micro = rows.split(cfg.train.micro_batch)
     return [(m[:, :-1], m[:, 1:]) for m in micro]
 
@@ -54,8 +54,7 @@ def train(tmp_path, world_size: int, overrides: list[str]) -> dict:
 
 def assert_same_training(result: dict, reference: dict) -> None:
     assert result["state"].keys() == reference["state"].keys()
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-5)
     # Adam turns the last-bit differences of another reduction order into updates of up to lr for weights whose
     # gradient is near zero, so weights get an absolute tolerance of lr/30 (losses stay at 1e-5).
     for name, tensor in reference["state"].items():
@@ -71,16 +70,20 @@ def reference(tmp_path_factory):
 
 
 # make test: TP and PP; make test-all: every layout (DP by ZeRO stage, both together, recomputation).
-@pytest.mark.parametrize("world_size,overrides", [
-    (2, ["parallel.tp=2"]),
-    (2, ["parallel.pp=2"]),
-    pytest.param(2, ["parallel.zero_stage=1"], marks=pytest.mark.slow),
-    pytest.param(2, ["parallel.zero_stage=2"], marks=pytest.mark.slow),
-    pytest.param(2, ["parallel.zero_stage=3"], marks=pytest.mark.slow),
-    pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
-    pytest.param(1, ["parallel.zero_stage=0", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
-    pytest.param(2, ["parallel.pp=2", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
-], ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2xpp2", "recompute", "pp2-recompute"])
+@pytest.mark.parametrize(
+    "world_size,overrides",
+    [
+        (2, ["parallel.tp=2"]),
+        (2, ["parallel.pp=2"]),
+        pytest.param(2, ["parallel.zero_stage=1"], marks=pytest.mark.slow),
+        pytest.param(2, ["parallel.zero_stage=2"], marks=pytest.mark.slow),
+        pytest.param(2, ["parallel.zero_stage=3"], marks=pytest.mark.slow),
+        pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
+        pytest.param(1, ["parallel.zero_stage=0", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
+        pytest.param(2, ["parallel.pp=2", "train.activation_checkpointing=true"], marks=pytest.mark.slow),
+    ],
+    ids=["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2xpp2", "recompute", "pp2-recompute"],
+)
 def test_parallel_layout_matches_single_process(tmp_path, reference, world_size, overrides):
     assert_same_training(train(tmp_path, world_size, overrides), reference)
 

@@ -25,12 +25,15 @@ TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 TEST_CONFIG = Path(__file__).parent / "tiny_train.yaml"
 
 
-@pytest.mark.parametrize("config, overrides", [
-    (TEST_CONFIG, []),
-    (TEST_CONFIG, ["model.memory.enabled=false"]),
-    (TINY, ["model.hidden_size=256", "model.ffn_hidden_size=512", "model.memory.slots=32", "train.micro_batch=2"]),
-    (TINY, ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"]),
-])
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        (TEST_CONFIG, []),
+        (TEST_CONFIG, ["model.memory.enabled=false"]),
+        (TINY, ["model.hidden_size=256", "model.ffn_hidden_size=512", "model.memory.slots=32", "train.micro_batch=2"]),
+        (TINY, ["model.num_layers=6", "model.memory.layers=[1,3]", "model.segment_length=32"]),
+    ],
+)
 def test_activation_estimate_matches_what_autograd_saves(single_process, config, overrides):
     estimate, measured = activations_estimated_and_saved(config, overrides, "cpu")
     assert estimate == pytest.approx(measured, rel=0.10)
@@ -95,8 +98,14 @@ def _measure_training_peak(overrides: list[str], out: str) -> None:
 def test_memory_estimate_matches_the_peak_memory_of_a_training_step(tmp_path, monkeypatch):
     # glibc returns big freed blocks to the kernel at once, so RSS follows the tensors' bytes.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    overrides = ["model.hidden_size=256", "model.vocab_size=16384", "train.global_batch=8", "train.micro_batch=4",
-                 "parallel.zero_stage=1", "train.precision=fp32"]
+    overrides = [
+        "model.hidden_size=256",
+        "model.vocab_size=16384",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        "parallel.zero_stage=1",
+        "train.precision=fp32",
+    ]
     out = tmp_path / "peak.json"
     run_distributed(_measure_training_peak, world_size=1, args=(overrides, str(out)), fresh=True)
     measured = json.loads(out.read_text())
@@ -107,8 +116,12 @@ def test_memory_estimate_matches_the_peak_memory_of_a_training_step(tmp_path, mo
 
 def test_zero_stages_partition_what_they_should():
     run = load_config(TINY, ["parallel.zero_stage=0", "train.global_batch=64"])
-    stages = {zero: memory_estimate(load_config(TINY, [f"parallel.zero_stage={zero}", "train.global_batch=64"]),
-                                    dp=4, params_bytes=2) for zero in (0, 1, 2, 3)}
+    stages = {
+        zero: memory_estimate(
+            load_config(TINY, [f"parallel.zero_stage={zero}", "train.global_batch=64"]), dp=4, params_bytes=2
+        )
+        for zero in (0, 1, 2, 3)
+    }
     assert stages[1].optimizer * 4 == pytest.approx(stages[0].optimizer, rel=1e-6)  # 16 bytes/param, split in 4
     assert stages[2].gradients * 4 == pytest.approx(stages[1].gradients, rel=1e-6)
     assert stages[3].weights * 4 == pytest.approx(stages[2].weights, rel=1e-6)
@@ -117,17 +130,37 @@ def test_zero_stages_partition_what_they_should():
     assert [stages[zero].gradient_bucket for zero in (0, 1, 2, 3)] == [0, bucket, bucket, 0]
     assert stages[1].total - stages[0].total == bucket + stages[1].optimizer - stages[0].optimizer
     assert tokens_per_s_per_device(run, mfu=0.5, peak_tflops=2.0) == pytest.approx(
-        0.5 * 2e12 / (3 * forward_flops_per_token(run.model)))
+        0.5 * 2e12 / (3 * forward_flops_per_token(run.model))
+    )
 
 
 def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
     overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100"]
-    out = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), *overrides,
-                          "--world-size", "2", "--mfu", "0.5"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm2.pipeline.cli",
+            "info",
+            "--config",
+            str(TINY),
+            *overrides,
+            "--world-size",
+            "2",
+            "--mfu",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     run = load_config(TINY, overrides)
     total = memory_estimate(run, dp=2, params_bytes=2).total
     assert f"total           {total / 2**20:.1f} MiB" in out and "ZeRO-2" in out and "bf16" in out
     assert f"{tokens_per_s_per_device(run, 0.5, 100):,.0f} at MFU 50%" in out
-    bad = subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), "--world-size", "3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), "--world-size", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "global_batch=16 must be a multiple" in bad.stderr and "Traceback" not in bad.stderr

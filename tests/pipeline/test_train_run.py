@@ -27,8 +27,9 @@ def test_lr_warms_up_then_decays_to_min_lr():
     assert factors[4] == pytest.approx(1.0) and factors[9] == pytest.approx(0.55)  # cosine midpoint
     assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
-    linear = load_config(CONFIG, ["optim.lr=1.0", "optim.min_lr=0.0", "optim.warmup_steps=0", "optim.decay=linear",
-                                  "train.steps=10"]).optim
+    linear = load_config(
+        CONFIG, ["optim.lr=1.0", "optim.min_lr=0.0", "optim.warmup_steps=0", "optim.decay=linear", "train.steps=10"]
+    ).optim
     assert [lr_factor(s, linear, 10) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
 
 
@@ -41,8 +42,13 @@ def test_weight_decay_spares_norms_biases_and_memory_banks(single_process):
     names = {id(p): n for n, p in model.named_parameters()}
     spared = sorted({names[id(p)].split(".")[-1] for p in no_decay["params"]})
     assert spared == ["forget_gate_bias", "in_gate_bias", "init_bank", "out_gate_bias", "weight"]
-    assert all(names[id(p)].endswith("norm.weight") or "layernorm" in names[id(p)] or "bias" in names[id(p)]
-               or "init_bank" in names[id(p)] for p in no_decay["params"])
+    assert all(
+        names[id(p)].endswith("norm.weight")
+        or "layernorm" in names[id(p)]
+        or "bias" in names[id(p)]
+        or "init_bank" in names[id(p)]
+        for p in no_decay["params"]
+    )
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -65,13 +71,20 @@ def train_cli(run_dir, overrides, fresh=False):
     notices included), else forked from the tests' fork server (tests/distributed.py)."""
     args = ["train", "--config", str(CONFIG), f"logging.run_dir={run_dir}", *overrides]
     if fresh:
-        return subprocess.run([sys.executable, "-m", "lm2.pipeline.cli", *args], capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "lm2.pipeline.cli", *args], capture_output=True, text=True, timeout=600
+        )
     return lm2_cli(args)
 
 
-LOGGED = ["train.steps=4", "train.log_every=2", "train.eval_every=4", "train.peak_tflops=1.0", "checkpoint.every=2",
-          "logging.wandb=offline"]
+LOGGED = [
+    "train.steps=4",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.peak_tflops=1.0",
+    "checkpoint.every=2",
+    "logging.wandb=offline",
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +110,9 @@ def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, logged_run):
         assert entry["tflops_per_device"] == pytest.approx(entry["tokens_per_s"] * flops_per_token / 1e12)  # 1 rank
         assert entry["mfu"] == pytest.approx(entry["tflops_per_device"] / 1.0)
         assert entry["loss"] > 0 and entry["grad_norm"] > 0
-        gates = {name: [entry[f"gates/layer_{i:02d}/{name}"] for i in range(4)] for name in ("g_in", "g_forget", "g_out")}
+        gates = {
+            name: [entry[f"gates/layer_{i:02d}/{name}"] for i in range(4)] for name in ("g_in", "g_forget", "g_out")
+        }
         assert all(0 < value < 1 for values in gates.values() for value in values)
         means = "/".join(f"{sum(values) / 4:.2f}" for values in gates.values())
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"step {step}/4 |"))
@@ -120,9 +135,21 @@ def test_console_shows_what_a_user_reads(train_data, logged_run, tmp_path):
     assert result.stderr == "", result.stderr
     verbose = train_cli(tmp_path / "verbose", train_data + ["train.steps=1", "logging.wandb=offline", "--verbose"])
     assert verbose.returncode == 0 and "wandb:" in verbose.stdout + verbose.stderr
+
+
 def test_non_finite_loss_stops_with_a_clear_message(train_data, tmp_path):
-    result = train_cli(tmp_path, train_data + ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
-                                               "train.steps=20", "logging.wandb=disabled", "checkpoint.every=1"])
+    result = train_cli(
+        tmp_path,
+        train_data
+        + [
+            "optim.lr=1e30",
+            "optim.warmup_steps=0",
+            "optim.grad_clip=0",
+            "train.steps=20",
+            "logging.wandb=disabled",
+            "checkpoint.every=1",
+        ],
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite loss" in result.stderr and "stopping without saving" in result.stderr
     saved = [p.name for p in (tmp_path / "checkpoints").glob("step_*")] if (tmp_path / "checkpoints").exists() else []
@@ -138,8 +165,14 @@ def test_pipeline_validation_loss_equals_single_process(train_data, tmp_path):
     runs = {}
     for world_size, layout in ((1, []), (2, ["parallel.pp=2"])):
         run_dir = tmp_path / f"pp{world_size}"
-        finish(launch(run_dir, world_size, train_data + layout + ["train.eval_every=4", "train.eval_batches=2",
-                                                                  "checkpoint.every=0"]), run_dir)
+        finish(
+            launch(
+                run_dir,
+                world_size,
+                train_data + layout + ["train.eval_every=4", "train.eval_batches=2", "checkpoint.every=0"],
+            ),
+            run_dir,
+        )
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         runs[world_size] = [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
     assert len(runs[1]) == 2 and runs[2] == pytest.approx(runs[1], rel=1e-5)
@@ -169,10 +202,19 @@ def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(train_data, tmp_p
 def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_when_the_holder_dies(train_data, tmp_path):
     from lm2.pipeline.train.run_folder import lock_run_folder
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from lm2.pipeline.train.run_folder import lock_run_folder; "
-                               "handle = lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); "
-                               "time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from lm2.pipeline.train.run_folder import lock_run_folder; "
+            "handle = lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); "
+            "time.sleep(600)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = train_cli(tmp_path, train_data + ["logging.wandb=disabled", "checkpoint.resume=auto"])

@@ -27,8 +27,11 @@ SAVE_AT = 3
 
 def _snapshot(engine, cfg) -> dict:
     """Collective: the full weights, DeepSpeed's step counter and the learning rates."""
-    return {"state": full_model_state(engine, cfg.model.vocab_size, cfg.model.num_layers),
-            "global_steps": engine.deepspeed.global_steps, "lr": engine.deepspeed.get_lr()}
+    return {
+        "state": full_model_state(engine, cfg.model.vocab_size, cfg.model.num_layers),
+        "global_steps": engine.deepspeed.global_steps,
+        "lr": engine.deepspeed.get_lr(),
+    }
 
 
 def _save(engine, cfg, checkpoint_dir: str, tag: str) -> None:
@@ -137,11 +140,15 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("save,load", [
-    ((4, ["parallel.pp=2", "parallel.zero_stage=1"]), (2, ["parallel.pp=2", "parallel.zero_stage=1"])),
-    ((2, ["parallel.tp=2", "parallel.zero_stage=1"]), (2, ["parallel.pp=2", "parallel.zero_stage=1"])),
-    ((2, ["parallel.zero_stage=2"]), (2, ["parallel.tp=2", "parallel.zero_stage=2"])),
-], ids=["pp2xdp2-to-pp2xdp1", "tp2-to-pp2", "dp2-to-tp2"])
+@pytest.mark.parametrize(
+    "save,load",
+    [
+        ((4, ["parallel.pp=2", "parallel.zero_stage=1"]), (2, ["parallel.pp=2", "parallel.zero_stage=1"])),
+        ((2, ["parallel.tp=2", "parallel.zero_stage=1"]), (2, ["parallel.pp=2", "parallel.zero_stage=1"])),
+        ((2, ["parallel.zero_stage=2"]), (2, ["parallel.tp=2", "parallel.zero_stage=2"])),
+    ],
+    ids=["pp2xdp2-to-pp2xdp1", "tp2-to-pp2", "dp2-to-tp2"],
+)
 def test_universal_checkpoint_changes_pp_and_tp(tmp_path, reference, save, load):
     ckpt = str(tmp_path / "checkpoints")
     first = _job(tmp_path, "save", save[0], _run, save[1], ckpt, None, "saved")
