@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from measure import interleaved, median_ratio
+from train_step import batches, plain_model, plain_step
 
 from lm2.model.accounting import parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest
@@ -28,8 +30,6 @@ from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import build_engine
 from lm2.pipeline.train.step import train_step
-from measure import interleaved, median_ratio
-from train_step import batches, plain_model, plain_step
 
 
 def folder_bytes(folder: Path) -> int:

@@ -1,6 +1,6 @@
 """Training-step throughput of lm2's engine against a plain-PyTorch loop, and LM2 against its vanilla backbone.
 
-    python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides...]
+    python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides]
 
 One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
 queued work), else the CPU (fp32, gloo). Five subjects share each round, in turn: lm2's engine (DeepSpeed, the
@@ -29,6 +29,7 @@ import statistics
 import sys
 
 import torch
+from measure import interleaved, median_ratio, saved_activation_bytes, state_bytes, synchronize
 
 from lm2.model.accounting import forward_flops_per_token
 from lm2.model.lm import LM2Model, mean_loss
@@ -37,7 +38,6 @@ from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.train.engine import build_engine, params_dtype
 from lm2.pipeline.train.step import train_step
-from measure import interleaved, median_ratio, saved_activation_bytes, state_bytes, synchronize
 
 
 def batches(run, count: int, device: torch.device):

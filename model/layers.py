@@ -8,9 +8,9 @@ activation that metrics may observe through forward hooks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -102,7 +102,7 @@ class TensorParallel:
     size: int
 
     @classmethod
-    def of_group(cls, group: dist.ProcessGroup, params_dtype: torch.dtype) -> "TensorParallel":
+    def of_group(cls, group: dist.ProcessGroup, params_dtype: torch.dtype) -> TensorParallel:
         """The context of this rank in `group`, the tensor-parallel group; params_dtype: fp32 on CPU, bf16 on GPU."""
         size = dist.get_world_size(group)
         config = ModelParallelConfig(

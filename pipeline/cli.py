@@ -7,8 +7,6 @@ import os
 import sys
 
 from lm2.model.errors import CheckpointError, ConfigError, DataError, LM2Error
-
-
 from lm2.pipeline.console import human
 
 

@@ -14,8 +14,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 IRRELEVANT_WARNINGS = (
     # megatron-core imports fused kernels from Transformer Engine or Apex when present; lm2 uses neither.

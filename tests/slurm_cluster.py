@@ -145,7 +145,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             f"NodeName={NODES[0][:-1]}[1-{len(NODES)}] Name=gpu Count=1 File=/dev/null\n"
         )
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         _ensure_hosts()
         _ensure_munge()
         self._write_config()

@@ -1,8 +1,10 @@
 """Ablation of the trained LM2 model's memory: the exported model with every block's memory read switched off
 (out-gate bias -1e4, so the gated read is 0 and the block is the plain backbone), saved beside the original."""
 
-import shutil, sys
+import shutil
+import sys
 from pathlib import Path
+
 from safetensors.torch import load_file, save_file
 
 source, target = Path(sys.argv[1]), Path(sys.argv[2])

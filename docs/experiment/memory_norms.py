@@ -2,6 +2,7 @@
 trained LM2 model: training rows hold 4 segments, so only memories M_0..M_3 were ever seen in training."""
 
 import sys
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -87,7 +87,7 @@ class Layout:
         }
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Layout":
+    def from_dict(cls, values: dict[str, Any]) -> Layout:
         """From a manifest's topology (or universal info); other keys (world_size, ...) are derived or not ours."""
         return cls(**{f.name: int(values[f.name]) for f in dataclasses.fields(cls)})
 
@@ -131,7 +131,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> "Manifest":
+    def from_json(cls, text: str, where: Path) -> Manifest:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:

@@ -56,7 +56,7 @@ class Part:
         return (VAL_ID_OFFSET if split == "val" else 0) + self.index * (VAL_ID_OFFSET // self.count)
 
     @classmethod
-    def from_environment(cls) -> "Part | None":
+    def from_environment(cls) -> Part | None:
         """The part of a SLURM array task (`sbatch --array=0-K-1`), or None outside an array job."""
         if "SLURM_ARRAY_TASK_ID" not in os.environ:
             return None

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from math import ceil
 from pathlib import Path
 from time import sleep
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

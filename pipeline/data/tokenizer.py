@@ -7,9 +7,9 @@ round-trips exactly, and byte fallback, so no character is ever <unk> (newlines 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -35,7 +35,7 @@ class Tokenizer:
     """sha256 of the .model file: shards and checkpoints name their tokenizer by it."""
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer {path} does not exist: train one with `lm2 data tokenizer`")

@@ -6,9 +6,9 @@ scored row by row exactly like the trainer's validation loss: PAD labels ignored
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm

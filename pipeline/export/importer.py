@@ -164,6 +164,7 @@ def import_hf(
     if dist.get_rank() != 0:
         return None
     return (
-        f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory freshly initialised; "
+        f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory "
+        "freshly initialised; "
         f"continue with `lm2 train --config {config} --resume {folder}` at this layout"
     )

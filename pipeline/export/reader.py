@@ -14,8 +14,8 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,8 +24,8 @@ from lm2.model.errors import LM2Error
 from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest
 from lm2.pipeline.checkpoint.save import complete_checkpoints
 from lm2.pipeline.config import from_dict
-from lm2.pipeline.files import sha256_file
 from lm2.pipeline.export.names import VOCAB_PARAMETERS, parameter_splits
+from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.pipe import model_name
 
 Progress = Callable[[str], None]

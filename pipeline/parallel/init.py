@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator
 
 import deepspeed
 import torch

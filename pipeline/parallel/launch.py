@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from lm2.pipeline.parallel import slurm
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 PORT_BASE, PORT_SPAN = 15000, 15000
 """MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: unprivileged and below Linux's ephemeral ports (32768+), so no
@@ -78,9 +78,8 @@ def _job_info(world_size: int, train_args: list[str], env: Mapping[str, str]) ->
 
 def _config_value(config: str, field: str) -> str:
     """One field of a config by its dotted path, e.g. data.tokenizer."""
-    from lm2.pipeline.config import load_config
-
     from lm2.model.errors import ConfigError
+    from lm2.pipeline.config import load_config
 
     value = load_config(config).to_dict()
     for key in field.split("."):

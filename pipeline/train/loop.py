@@ -6,8 +6,8 @@ import dataclasses
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -100,7 +100,8 @@ class Trainer:
             print(self.startup_summary(), flush=True)
 
     def startup_summary(self) -> str:
-        """What a user checks before a run goes on: the model, the layout, the data, where it writes, where it starts."""
+        """What a user checks before a run goes on: the model, the layout, the data, where it writes, where it
+        starts."""
         run, dims = self.run, self.dims
         counts = parameter_counts(run.model)
         memory = (
@@ -118,12 +119,15 @@ class Trainer:
         )
         return "\n".join(
             [
-                f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), {run.model.num_layers} layers, "
-                f"{memory}, rows of {run.model.row_length}",
-                f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} zero={run.parallel.zero_stage}, "
-                f"{self.engine.grad_accum} micro-batch(es) of {run.train.micro_batch} per step and rank",
-                f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) per step",
-                f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every {run.checkpoint.every or '-'})",
+                f"model   {human(counts.total)} parameters ({human(counts.memory)} memory), "
+                f"{run.model.num_layers} layers, {memory}, rows of {run.model.row_length}",
+                f"layout  {dims.world_size} rank(s): tp={dims.tp} pp={dims.pp} dp={dims.dp} "
+                f"zero={run.parallel.zero_stage}, {self.engine.grad_accum} micro-batch(es) of "
+                f"{run.train.micro_batch} per step and rank",
+                f"data    {streams or '-'}; {run.train.global_batch} rows ({human(self.tokens_per_step)} tokens) "
+                "per step",
+                f"run     {run.logging.run_dir} ({run.train.steps} steps, checkpoint every "
+                f"{run.checkpoint.every or '-'})",
                 f"start   {start}",
             ]
         )

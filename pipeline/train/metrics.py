@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.train.gates import GATES

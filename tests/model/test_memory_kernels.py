@@ -58,7 +58,7 @@ def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, monkeypa
     exact = output_and_gradients(module.double(), xn.double(), cfg.segment_length, False, monkeypatch)
     module.float()
     for name in ["output", *exact[1]]:
-        pick = (lambda run: run[0]) if name == "output" else (lambda run: run[1][name])
+        pick = (lambda run: run[0]) if name == "output" else (lambda run, name=name: run[1][name])
         scale = pick(exact).abs().max()
         fused_error = (pick(fused) - pick(exact)).abs().max() / scale
         fp32_error = (pick(fp32) - pick(exact)).abs().max() / scale

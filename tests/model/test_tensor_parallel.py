@@ -52,7 +52,9 @@ def _tp2_matches_tp1(cases):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
         assert grads.keys() == ref_grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
         parallel_state.destroy_model_parallel()
 
 

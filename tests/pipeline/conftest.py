@@ -1,6 +1,7 @@
 import pytest
 
 from tests.pipeline.data_fixtures import write_inputs
+from tests.pipeline.eval_fixtures import lm2_folder, vanilla_folder
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,15 @@ def train_data(text_inputs, tmp_path_factory):
     train_tokenizer(read_all(find_input_files([text_inputs])), tokenizer, vocab_size=400)
     prepare([text_inputs], folder / "data", tokenizer, row_length=32, val_fraction=0.25, progress=False)
     return [f"data.streams=[{{path: {folder / 'data'}}}]", f"data.tokenizer={tokenizer}"]
+
+
+@pytest.fixture(scope="module")
+def hf_lm2(tokenizer_path, tmp_path_factory):
+    """A random LM2 Hugging Face folder (tests/pipeline/eval_fixtures.py)."""
+    return lm2_folder(tokenizer_path, tmp_path_factory.mktemp("hf_lm2") / "lm2")
+
+
+@pytest.fixture(scope="module")
+def hf_vanilla(tokenizer_path, tmp_path_factory):
+    """A random vanilla Llama Hugging Face folder holding 64 tokens."""
+    return vanilla_folder(tokenizer_path, tmp_path_factory.mktemp("hf_vanilla") / "vanilla")

@@ -3,7 +3,6 @@ random vanilla Llama holding 64 tokens, both with the sentencepiece tokenizer of
 
 from pathlib import Path
 
-import pytest
 import torch
 
 VOCAB = 512
@@ -54,13 +53,3 @@ def vanilla_folder(tokenizer_path: Path, out: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     write_tokenizer(tokenizer_path, out)
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_lm2(tokenizer_path, tmp_path_factory):
-    return lm2_folder(tokenizer_path, tmp_path_factory.mktemp("hf_lm2") / "lm2")
-
-
-@pytest.fixture(scope="module")
-def hf_vanilla(tokenizer_path, tmp_path_factory):
-    return vanilla_folder(tokenizer_path, tmp_path_factory.mktemp("hf_vanilla") / "vanilla")

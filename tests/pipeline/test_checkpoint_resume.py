@@ -1,5 +1,6 @@
 """Checkpoints: a run killed with SIGKILL at a random step between checkpoints, or in the middle of a save, and
-resumed is bit-identical to an uninterrupted one (single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit for requeue; broken checkpoints are skipped."""
+resumed is bit-identical to an uninterrupted one (single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit
+for requeue; broken checkpoints are skipped."""
 
 import json
 import random

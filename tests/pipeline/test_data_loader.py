@@ -20,6 +20,7 @@ def _read_rows(
 ) -> None:
     """One rank: build the loader, optionally resume, read `batches` micro-batches (None: the epoch)."""
     import torch.distributed as dist
+
     from lm2.pipeline.data.streaming import build_train_loader
     from lm2.pipeline.parallel.init import init_distributed
 

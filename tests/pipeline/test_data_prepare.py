@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm2.pipeline.cli import main
 from lm2.model.errors import DataError
+from lm2.pipeline.cli import main
 from lm2.pipeline.data.metadata import VAL_ID_OFFSET
 from lm2.pipeline.data.prepare import is_validation, prepare
 from lm2.pipeline.data.sources import find_input_files, read_all

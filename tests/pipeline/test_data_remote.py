@@ -127,9 +127,8 @@ def _read_remote(url: str, cache: str, out: str, tick: float | None = None) -> N
     every thread's stack."""
     import faulthandler
 
-    import torch.distributed as dist
-
     import streaming.base.dataset
+    import torch.distributed as dist
 
     from lm2.pipeline.data import streaming as lm2_streaming
     from lm2.pipeline.parallel.init import init_distributed

@@ -13,7 +13,7 @@ from lm2.pipeline.eval import EvalError
 from lm2.pipeline.eval.answers import is_correct
 from lm2.pipeline.eval.babi import HELDOUT_FOLDER, TASK_LABELS, read_text, stories, story_samples, task_samples
 from lm2.pipeline.eval.babilong import Background, haystack, parse_length, prompt, sample_rng, split_sentences
-from tests.pipeline.eval_fixtures import VANILLA_TOKENS, hf_lm2, hf_vanilla  # noqa: F401 (fixtures)
+from tests.pipeline.eval_fixtures import VANILLA_TOKENS
 
 CORPUS = Path(__file__).parents[2] / "corpus"
 SHARED_BABI = Path(__file__).parents[3] / "shared" / "data" / "babi"

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm2.pipeline.eval.babi import HELDOUT_FOLDER, TASK_LABELS, task_samples
-from tests.pipeline.eval_fixtures import hf_lm2  # noqa: F401 (fixture)
 
 LOCATIONS = list(TASK_LABELS["qa1"])
 TASK_YAML = """task: lm2_babi_choice

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from lm2.pipeline.cli import main
 from lm2.pipeline.eval import EvalError
 from lm2.pipeline.eval.perplexity import perplexity
+from tests.pipeline.eval_fixtures import lm2_folder
 from tests.pipeline.test_data_prepare import read_rows
-from tests.pipeline.eval_fixtures import hf_lm2, hf_vanilla, lm2_folder  # noqa: F401 (fixtures)
 
 
 def hf_loss_sum(model, row: torch.Tensor, pad: int | None) -> tuple[float, int]:

@@ -12,7 +12,6 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from tests.pipeline.eval_fixtures import hf_lm2  # noqa: E402,F401 (fixture)
 from tests.pipeline.test_train_run import CONFIG  # noqa: E402  (after the skip marks: import is cheap anyway)
 
 STEPS = 4

@@ -58,7 +58,9 @@ def assert_same_training(result: dict, reference: dict) -> None:
     # Adam turns the last-bit differences of another reduction order into updates of up to lr for weights whose
     # gradient is near zero, so weights get an absolute tolerance of lr/30 (losses stay at 1e-5).
     for name, tensor in reference["state"].items():
-        torch.testing.assert_close(result["state"][name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            result["state"][name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")

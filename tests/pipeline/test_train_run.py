@@ -219,7 +219,7 @@ def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_when_the_hol
         assert holder.stdout.readline().strip() == "locked"
         result = train_cli(tmp_path, train_data + ["logging.wandb=disabled", "checkpoint.resume=auto"])
         assert result.returncode == 2, result.stderr[-3000:]
-        assert f"is in use by another job (host " in result.stderr and f"pid {holder.pid}," in result.stderr
+        assert "is in use by another job (host " in result.stderr and f"pid {holder.pid}," in result.stderr
         assert not (tmp_path / "checkpoints").exists()
     finally:
         holder.kill()  # SIGKILL: no chance to clean up

@@ -1,6 +1,6 @@
 """Universal checkpoints resume ZeRO training at another data-parallel size (and TP / PP degree): train 3 steps,
-save, convert with lm2.pipeline.checkpoint.universal, resume at the new layout for 3 more steps; the losses and final weights
-match an uninterrupted single-process run, and the weights right after loading are exactly those saved."""
+save, convert with lm2.pipeline.checkpoint.universal, resume at the new layout for 3 more steps; the losses and final
+weights match an uninterrupted single-process run, and the weights right after loading are exactly those saved."""
 
 from pathlib import Path
 
@@ -8,10 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lm2.pipeline.config import load_config
-from lm2.pipeline.parallel.init import init_distributed
-from lm2.pipeline.train.engine import build_engine, full_model_state
-from lm2.pipeline.train.step import train_step
 from lm2.model.errors import CheckpointError
 from lm2.pipeline.checkpoint.universal import (
     convert_to_universal,
@@ -19,6 +15,10 @@ from lm2.pipeline.checkpoint.universal import (
     load_universal,
     universal_checkpoint_info,
 )
+from lm2.pipeline.config import load_config
+from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.train.engine import build_engine, full_model_state
+from lm2.pipeline.train.step import train_step
 from tests.distributed import run_distributed
 from tests.pipeline.test_train_parity import CONFIG, micro_batches
 
@@ -109,7 +109,9 @@ def assert_matches_reference(losses: list[float], final: dict, reference: dict) 
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-5)
     assert final["global_steps"] == len(reference["losses"])
     for name, tensor in reference["state"].items():
-        torch.testing.assert_close(final["state"][name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            final["state"][name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_zero2_dp2_checkpoint_resumes_at_dp1_and_back_at_dp2_zero1(tmp_path):
