@@ -65,7 +65,7 @@ experiment: experiment-data experiment-lm2 experiment-vanilla
 experiment-data: setup
 	rm -rf $(EXP)
 	$(BIN)/lm2 data tokenizer $(EXP_BOOKS) --output $(EXP)/tokenizer.model --config configs/babilong-lm2.yaml
-	$(BIN)/lm2 eval mixture --output $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) \
+	$(BIN)/lm2 data babilong --output $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) \
 		--babi $(SHARED)/data/babi --row-length 256 --tasks qa1,qa2,qa3,qa4,qa5
 	$(BIN)/lm2 data prepare $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --output $(EXP)/data \
 		--config configs/babilong-lm2.yaml --val-fraction 0.02 --workers 2 --packing whole

@@ -56,9 +56,10 @@ def worker(args) -> None:
 
 
 def launch(args, nproc: int, layout: list[str], out: Path) -> float:
-    from lm2.pipeline.parallel.launch import _free_port, _rank_environment
+    from lm2.pipeline.launch.environment import free_port
+    from lm2.pipeline.launch.local import rank_environment
 
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         __file__,
@@ -72,7 +73,7 @@ def launch(args, nproc: int, layout: list[str], out: Path) -> float:
         *args.overrides,
         *layout,
     ]
-    ranks = [subprocess.Popen(command, env=_rank_environment(rank, nproc, port)) for rank in range(nproc)]
+    ranks = [subprocess.Popen(command, env=rank_environment(rank, nproc, port)) for rank in range(nproc)]
     if any(rank.wait() for rank in ranks):
         raise SystemExit(f"a rank of {layout or 'one process'} failed")
     return json.loads(out.read_text())["seconds_per_step"]

@@ -19,3 +19,11 @@ class DataError(LM2Error):
 
 class CheckpointError(LM2Error):
     """A checkpoint cannot be used: incomplete, corrupt, or written for another model or layout."""
+
+
+class ExportError(LM2Error):
+    """A checkpoint or Hugging Face folder cannot be converted."""
+
+
+class EvalError(LM2Error):
+    """Bad evaluation input (a missing task file, an unknown length, a model folder that does not load)."""

@@ -133,6 +133,9 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return vocab_parallel_cross_entropy(logits.float(), labels)
 
 
+VOCAB_PARAMETERS = ("embed_tokens.weight", "lm_head.weight")
+"""The parameters whose dim 0 is the vocabulary, which checkpoints pad to a multiple of 128 * tp."""
+
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (PAD at the end of a dataset; torch's cross_entropy default). The loader
 writes it, the loss skips it."""

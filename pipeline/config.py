@@ -12,15 +12,70 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from lm2.model.config import ModelConfig
+from lm2.model.config import ModelConfig, require, require_choice
 from lm2.model.errors import ConfigError
 from lm2.pipeline.data.config import DataConfig
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.train.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
+from lm2.pipeline.train.config import OptimConfig, TrainConfig
+
+ZeroStage = Literal[0, 1, 2, 3]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel degree: heads, memory heads, MLP and vocabulary are split over tp ranks."""
+    pp: int = 1
+    """Pipeline stages (DeepSpeed 1F1B). The world size must be a multiple of tp * pp; the rest is data-parallel."""
+    zero_stage: ZeroStage = 1
+    """DeepSpeed ZeRO stage for optimizer state (0-3 with pp=1; 0-1 with pp>1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"parallel.{name} must be a positive integer, got {value!r}")
+        require_choice("parallel.zero_stage", self.zero_stage, ZeroStage)
+        require(
+            self.pp == 1 or self.zero_stage <= 1,
+            f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
+            "supports ZeRO 0-1 only (ZeRO-2/3 partition gradients, which the 1F1B schedule accumulates across "
+            "micro-batches); use zero_stage: 1 with pipelining or pp: 1 with ZeRO-2/3",
+        )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    run_dir: str = "runs/tiny"
+    """Where the run writes: checkpoints/, wandb/, the resolved config."""
+    wandb: WandbMode = "offline"
+    """offline (default, no network), online, or disabled."""
+    project: str = "lm2"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "logging.run_dir is empty: give the folder the run writes to")
+        require_choice("logging.wandb", self.wandb, WandbMode)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (0: only at the end and on a signal)."""
+    keep: int = 3
+    """Complete checkpoints to keep; older ones are deleted once a newer one is complete."""
+    resume: str = "none"
+    """none, auto (the newest complete checkpoint under logging.run_dir/checkpoints, if any), or the path of
+    one checkpoint folder (.../checkpoints/step_00000100)."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+        require(bool(self.resume), "checkpoint.resume must be none, auto or a checkpoint folder")
 
 
 @dataclass(frozen=True)
@@ -37,6 +92,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the run's checkpoints live: `<logging.run_dir>/checkpoints`."""
+        return Path(self.logging.run_dir) / "checkpoints"
 
     def validate(self, world_size: int) -> ParallelDims:
         """What depends on the number of ranks: the degrees divide the world, every tensor-parallel split is even,

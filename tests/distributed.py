@@ -26,7 +26,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-multiprocessing.set_forkserver_preload(["lm2.pipeline.train.loop", "lm2.pipeline.export.export"])
+multiprocessing.set_forkserver_preload(["lm2.pipeline.train.loop", "lm2.pipeline.hf.export"])
 
 
 def free_port() -> int:

@@ -23,7 +23,6 @@ from typing import Any
 import torch.distributed as dist
 
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.config import RunConfig
 from lm2.pipeline.files import sha256_file, write_atomic
 
 MANIFEST = "lm2_manifest.json"
@@ -31,10 +30,6 @@ LATEST = "latest"
 FORMAT = "lm2-checkpoint-v1"
 UNIVERSAL_SUFFIX = "_universal"
 """`step_<N>` converted to DeepSpeed's universal format lives in `step_<N>_universal`."""
-
-
-def checkpoint_root(run: RunConfig) -> Path:
-    return Path(run.logging.run_dir) / "checkpoints"
 
 
 def tag_for(step: int) -> str:

@@ -16,46 +16,10 @@ import torch.distributed as dist
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.checkpoint.format import (
-    LATEST,
-    MANIFEST,
-    Layout,
-    Manifest,
-    read_manifest,
-    rng_file,
-    shared_hashes,
-    step_folders,
-    supports_reshard,
-)
+from lm2.pipeline.checkpoint.format import Layout, Manifest, rng_file, shared_hashes, step_folders, supports_reshard
+from lm2.pipeline.checkpoint.reader import verified_manifest
 
 ResumeRoute = Literal["native", "universal"]
-
-
-def _size_problems(folder: Path, manifest: Manifest) -> list[str]:
-    """Files of the manifest that are missing or have another size than it records (cheap: no hashing)."""
-    problems = []
-    for name, entry in sorted(manifest.files.items()):
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{folder} lacks {name} of its manifest")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-    return problems
-
-
-def verify(folder: Path) -> Manifest:
-    """The manifest of a complete checkpoint whose files all match it; raises CheckpointError otherwise.
-    A collective: the ranks share the hashing."""
-    manifest = read_manifest(folder)
-    problems = _size_problems(folder, manifest)
-    if problems:
-        raise CheckpointError(f"{problems[0]} ({len(problems)} file(s) missing or truncated)")
-    files = sorted(manifest.files)
-    actual = shared_hashes(folder, files)
-    corrupt = [name for name in files if actual[name]["sha256"] != manifest.files[name]["sha256"]]
-    if corrupt:
-        raise CheckpointError(f"{folder / corrupt[0]} does not match its checksum in the manifest: the file is corrupt")
-    return manifest
 
 
 def named_checkpoint(resume: str) -> Path:
@@ -75,11 +39,11 @@ def find_resume(root: Path, resume: str) -> Path | None:
         return None
     if resume != "auto":
         folder = named_checkpoint(resume)
-        verify(folder)
+        verified_manifest(folder, shared_hashes)
         return folder
     for folder in step_folders(root):
         try:
-            verify(folder)
+            verified_manifest(folder, shared_hashes)
             return folder
         except CheckpointError as error:
             if dist.get_rank() == 0:
@@ -165,27 +129,3 @@ def load(engine, folder: Path) -> dict[str, Any]:
     if rng.is_file() and client_state["lm2"]["world_size"] == dist.get_world_size():
         _set_rng_state(torch.load(rng, weights_only=False))
     return client_state["lm2"]
-
-
-def inspect(root: Path) -> list[dict[str, Any]]:
-    """One row per checkpoint folder under root (or root itself if it is one): step, completeness, topology."""
-    folders = [root] if (root / MANIFEST).exists() or root.name.startswith("step_") else step_folders(root)[::-1]
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    rows = []
-    for folder in folders:
-        row: dict[str, Any] = {"folder": str(folder), "latest": folder.name == latest}
-        try:
-            manifest = read_manifest(folder)
-            missing = _size_problems(folder, manifest)
-            row.update(
-                step=manifest.step,
-                complete=not missing,
-                topology=manifest.layout.to_dict(),
-                bytes=sum(e["bytes"] for e in manifest.files.values()),
-                samples=manifest.samples,
-                problem=f"{len(missing)} file(s) missing or truncated" if missing else None,
-            )
-        except CheckpointError as error:
-            row.update(step=None, complete=False, problem=str(error))
-        rows.append(row)
-    return rows

@@ -26,6 +26,7 @@ from lm2.pipeline.checkpoint.format import (
     tag_for,
     write_manifest,
 )
+from lm2.pipeline.checkpoint.reader import complete_checkpoints
 from lm2.pipeline.files import write_atomic
 
 
@@ -51,11 +52,6 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders with a manifest, newest first (their files are not verified here)."""
-    return [p for p in step_folders(root) if (p / MANIFEST).is_file()]
 
 
 def prune(root: Path, keep: int) -> None:

@@ -9,10 +9,10 @@ slice its own partition out of it. The protocol:
    A collective over the pipeline group (every rank calls it); it describes how the parameters are sharded,
    derived from megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes, not from layer names.
 2. Convert (one process, CPU, no process group needed): ``convert_to_universal(dir, tag)`` ->
-   ``f"{tag}_universal"``, either before the resuming job starts (``python -m lm2.pipeline.checkpoint.universal dir tag``)
-   or inside a job with ``convert_to_universal_on_rank0`` (global rank 0 converts, the others wait in a
-   broadcast; mind the process-group timeout for big checkpoints). Written into a temp folder and renamed
-   when complete. The universal folder names parameters as LM2Model does, whatever layout wrote it.
+   ``f"{tag}_universal"``, either before the resuming job starts (``lm2 ckpt universal DIR TAG``) or inside a job
+   with ``convert_to_universal_on_rank0`` (global rank 0 converts, the others wait in a broadcast; mind the
+   process-group timeout for big checkpoints). Written into a temp folder and renamed when complete. The
+   universal folder names parameters as LM2Model does, whatever layout wrote it.
 3. Load (every rank, after ``build_engine`` / ``deepspeed.initialize`` at the new layout, ZeRO stage 1 or 2):
    ``load_universal(engine, dir, f"{tag}_universal")``. No ds_config change at build time: DeepSpeed reads
    ``checkpoint.load_universal`` only inside ``load_checkpoint``, so it is switched on for that call.
@@ -50,10 +50,11 @@ from megatron.core import parallel_state
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import CheckpointError
+from lm2.model.lm import VOCAB_PARAMETERS
 from lm2.pipeline.checkpoint.format import UNIVERSAL_SUFFIX, Layout, supports_reshard
+from lm2.pipeline.checkpoint.reader import module_tensors
 from lm2.pipeline.files import write_atomic
 from lm2.pipeline.parallel.pipe import model_name
-from lm2.pipeline.parallel.tp_shards import VOCAB_PARAMETERS
 
 LAYOUT_KEY = "lm2_layout"
 """Our own entry in the universal checkpoint info: the layout the checkpoint was written at (Layout's fields,
@@ -235,7 +236,7 @@ def _stage_source(source: Path, staging: Path) -> None:
         if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
             state = torch.load(path, map_location="cpu", weights_only=False)
             if isinstance(state.get("module"), dict):
-                state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+                state["module"] = module_tensors(state["module"])
             torch.save(state, staging / path.name)
             continue
         try:
@@ -343,16 +344,3 @@ def _steps_beside_their_parameters(optimizer) -> None:
     for param, state in adamw.state.items():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].to(param.device)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lm2.pipeline.checkpoint.universal <checkpoint_dir> <tag>``: converts before a job starts; prints the tag."""
-    parser = argparse.ArgumentParser(description=convert_to_universal.__doc__.splitlines()[0])
-    parser.add_argument("checkpoint_dir")
-    parser.add_argument("tag")
-    args = parser.parse_args(argv)
-    print(convert_to_universal(args.checkpoint_dir, args.tag))
-
-
-if __name__ == "__main__":
-    main()

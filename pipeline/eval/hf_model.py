@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lm2.pipeline.eval import EvalError
+from lm2.model.errors import EvalError
 
 
 @dataclass

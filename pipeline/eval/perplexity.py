@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm2.pipeline.eval import EvalError
+from lm2.model.errors import EvalError
+from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.eval.hf_model import EvalModel
 
-IGNORE = -100
 TEXT_CONTEXT = 1024  # tokens per window on text files (capped at what a vanilla model holds)
 
 
@@ -35,11 +35,11 @@ class Perplexity:
 
 
 def token_nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed negative log-likelihood of labels [B, T] (IGNORE skipped) given inputs [B, T], and their count."""
+    """Summed negative log-likelihood of labels [B, T] (IGNORE_INDEX skipped) given inputs [B, T], and their count."""
     inputs, labels = inputs.to(model.device), labels.to(model.device)
     with torch.no_grad():
         logp = torch.log_softmax(model(inputs, use_cache=False).logits.float(), dim=-1)
-    keep = labels != IGNORE
+    keep = labels != IGNORE_INDEX
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return float(-(picked * keep).sum()), int(keep.sum())
 
@@ -87,7 +87,7 @@ def mds_perplexity(
     for start in tqdm(range(0, len(rows), batch), desc="ppl", unit="batch", disable=not progress):
         block = torch.stack(rows[start : start + batch])
         labels = block[:, 1:].clone()
-        labels[labels == pad] = IGNORE
+        labels[labels == pad] = IGNORE_INDEX
         nll, count = token_nll(model.model, block[:, :-1], labels)
         total = Perplexity(total.nll_sum + nll, total.tokens + count)
     return total

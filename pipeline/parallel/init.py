@@ -14,8 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from lm2.pipeline.console import library_prints
+from lm2.pipeline.launch.environment import launcher_environment
 from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.launch import launcher_environment
 
 
 def default_backend() -> str:

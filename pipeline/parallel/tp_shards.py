@@ -12,15 +12,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lm2.model.lm import LM2Model
+from lm2.model.lm import VOCAB_PARAMETERS, LM2Model
 
 
 def _is_sharded(param: torch.Tensor) -> bool:
     return getattr(param, "tensor_model_parallel", False)
-
-
-VOCAB_PARAMETERS = ("embed_tokens.weight", "lm_head.weight")
-"""LM2Model names of the parameters whose dim 0 is the padded vocabulary."""
 
 
 def gather_named(named_params, vocab_size: int, tensor_of=lambda p: p.detach()) -> dict[str, torch.Tensor]:
@@ -54,10 +50,19 @@ def gather_full_grads(model: LM2Model) -> dict[str, torch.Tensor]:
     )
 
 
+def local_shard(param: torch.Tensor, name: str, full: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """This TP rank's part of the whole tensor `full` of parameter `name`: the vocabulary zero-padded to
+    padded_vocab rows, then the rank's chunk along the parameter's partition_dim (megatron-core's attributes)."""
+    if name in VOCAB_PARAMETERS:
+        full = torch.cat((full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])))
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if _is_sharded(param) and tp > 1:
+        full = full.chunk(tp, dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
+    return full
+
+
 def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
     """Copies this rank's slice of every full tensor into the model (no communication)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
     expected, given = {n for n, _ in model.named_parameters()}, set(full)
     if expected != given:
         raise ValueError(
@@ -66,13 +71,7 @@ def load_full_state(model: LM2Model, full: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, param in model.named_parameters():
-            tensor = full[name]
-            if name in VOCAB_PARAMETERS:
-                padded = torch.zeros(model.padded_vocab_size, *tensor.shape[1:], dtype=tensor.dtype)
-                padded[: tensor.shape[0]] = tensor
-                tensor = padded
-            if _is_sharded(param) and tp > 1:
-                tensor = tensor.chunk(tp, dim=param.partition_dim)[rank]
+            tensor = local_shard(param, name, full[name], model.padded_vocab_size)
             if tensor.shape != param.shape:
                 raise ValueError(
                     f"{name}: full tensor gives a {tuple(tensor.shape)} shard, the model has "

@@ -1,4 +1,4 @@
-"""The trainer's sections of a run config: parallel degrees, optimiser and schedule, the loop, logging."""
+"""The trainer's sections of a run config: the optimiser and its schedule, and the training loop."""
 
 from __future__ import annotations
 
@@ -7,32 +7,8 @@ from typing import Literal
 
 from lm2.model.config import require, require_choice
 
-ZeroStage = Literal[0, 1, 2, 3]
 Decay = Literal["cosine", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
-WandbMode = Literal["offline", "online", "disabled"]
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    tp: int = 1
-    """Tensor-parallel degree: heads, memory heads, MLP and vocabulary are split over tp ranks."""
-    pp: int = 1
-    """Pipeline stages (DeepSpeed 1F1B). The world size must be a multiple of tp * pp; the rest is data-parallel."""
-    zero_stage: ZeroStage = 1
-    """DeepSpeed ZeRO stage for optimizer state (0-3 with pp=1; 0-1 with pp>1)."""
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"parallel.{name} must be a positive integer, got {value!r}")
-        require_choice("parallel.zero_stage", self.zero_stage, ZeroStage)
-        require(
-            self.pp == 1 or self.zero_stage <= 1,
-            f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
-            "supports ZeRO 0-1 only (ZeRO-2/3 partition gradients, which the 1F1B schedule accumulates across "
-            "micro-batches); use zero_stage: 1 with pipelining or pp: 1 with ZeRO-2/3",
-        )
 
 
 @dataclass(frozen=True)
@@ -105,33 +81,3 @@ class TrainConfig:
             f"size = {self.micro_batch} * {dp}: change global_batch or micro_batch, or the world size",
         )
         return steps
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    run_dir: str = "runs/tiny"
-    """Where the run writes: checkpoints/, wandb/, the resolved config."""
-    wandb: WandbMode = "offline"
-    """offline (default, no network), online, or disabled."""
-    project: str = "lm2"
-    run_name: str | None = None
-
-    def __post_init__(self) -> None:
-        require(bool(self.run_dir), "logging.run_dir is empty: give the folder the run writes to")
-        require_choice("logging.wandb", self.wandb, WandbMode)
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 100
-    """Save every this many steps (0: only at the end and on a signal)."""
-    keep: int = 3
-    """Complete checkpoints to keep; older ones are deleted once a newer one is complete."""
-    resume: str = "none"
-    """none, auto (the newest complete checkpoint under logging.run_dir/checkpoints, if any), or the path of
-    one checkpoint folder (.../checkpoints/step_00000100)."""
-
-    def __post_init__(self) -> None:
-        require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
-        require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
-        require(bool(self.resume), "checkpoint.resume must be none, auto or a checkpoint folder")

@@ -17,16 +17,18 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint import universal
-from lm2.pipeline.checkpoint.format import Manifest, checkpoint_root, read_manifest
+from lm2.pipeline.checkpoint.format import Manifest, read_manifest
 from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
 from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
+from lm2.pipeline.launch.environment import launched_world_size
+from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
+from lm2.pipeline.launch.signals import StopSignals
+from lm2.pipeline.launch.slurm import requeue_note
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import host_group, init_distributed
-from lm2.pipeline.parallel.launch import EXIT_REQUEUE, StopSignals, launched_world_size
-from lm2.pipeline.parallel.slurm import requeue_note
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
@@ -88,7 +90,7 @@ class Trainer:
         self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.deepspeed.device
         self.gates = GateMonitor(self.engine.deepspeed.module, run.model.num_layers, self.device)
-        self.checkpoints = checkpoint_root(run)
+        self.checkpoints = run.checkpoints
         self.step = 0
         self.wandb_id: str | None = None
         self.resumed_from = find_resume(self.checkpoints, run.checkpoint.resume)

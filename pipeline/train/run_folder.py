@@ -13,7 +13,7 @@ from typing import IO
 import torch.distributed as dist
 
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.checkpoint.format import checkpoint_root, read_manifest, step_folders, tag_for
+from lm2.pipeline.checkpoint.format import read_manifest, step_folders, tag_for
 from lm2.pipeline.checkpoint.resume import named_checkpoint
 from lm2.pipeline.config import RunConfig
 
@@ -81,7 +81,7 @@ def claim_run_folder(run: RunConfig) -> IO | None:
     if dist.get_rank() == 0:
         try:
             lock = lock_run_folder(run_dir)
-            check_start(run_dir, checkpoint_root(run), run.checkpoint.resume)
+            check_start(run_dir, run.checkpoints, run.checkpoint.resume)
         except CheckpointError as error:
             problem = [str(error)]
             if lock is not None:

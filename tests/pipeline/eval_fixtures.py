@@ -10,8 +10,8 @@ VANILLA_TOKENS = 64
 
 
 def lm2_folder(tokenizer_path: Path, out: Path) -> Path:
-    from lm2.pipeline.export.hf_folder import special_token_ids, write_tokenizer
-    from lm2.pipeline.export.modeling_lm2 import LM2Config, LM2ForCausalLM
+    from lm2.pipeline.hf.folder import special_token_ids, write_tokenizer
+    from lm2.pipeline.hf.modeling_lm2 import LM2Config, LM2ForCausalLM
 
     torch.manual_seed(0)
     config = LM2Config(
@@ -28,7 +28,7 @@ def lm2_folder(tokenizer_path: Path, out: Path) -> Path:
         tie_word_embeddings=True,
         **special_token_ids(tokenizer_path),
     )
-    LM2ForCausalLM(config).save_pretrained(out)  # hf_folder registered the class: the folder gets its code
+    LM2ForCausalLM(config).save_pretrained(out)  # hf.folder registered the class: the folder gets its code
     write_tokenizer(tokenizer_path, out)
     return out
 
@@ -36,7 +36,7 @@ def lm2_folder(tokenizer_path: Path, out: Path) -> Path:
 def vanilla_folder(tokenizer_path: Path, out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lm2.pipeline.export.hf_folder import special_token_ids, write_tokenizer
+    from lm2.pipeline.hf.folder import special_token_ids, write_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(

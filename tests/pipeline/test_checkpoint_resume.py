@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lm2.pipeline.checkpoint.format import MANIFEST
-from lm2.pipeline.checkpoint.resume import inspect
-from lm2.pipeline.parallel.launch import EXIT_REQUEUE
+from lm2.pipeline.checkpoint.reader import inspect
+from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from tests.distributed import lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the reference runs.

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lm2.model.errors import EvalError
 from lm2.pipeline.cli import main
-from lm2.pipeline.eval import EvalError
-from lm2.pipeline.eval.answers import is_correct
-from lm2.pipeline.eval.babi import HELDOUT_FOLDER, TASK_LABELS, read_text, stories, story_samples, task_samples
-from lm2.pipeline.eval.babilong import Background, haystack, parse_length, prompt, sample_rng, split_sentences
+from lm2.pipeline.eval.babilong.answers import is_correct
+from lm2.pipeline.eval.babilong.babi import HELDOUT_FOLDER, TASK_LABELS, read_text, stories, story_samples, task_samples
+from lm2.pipeline.eval.babilong.samples import Background, haystack, parse_length, prompt, sample_rng, split_sentences
 from tests.pipeline.eval_fixtures import VANILLA_TOKENS
 
 CORPUS = Path(__file__).parents[2] / "corpus"

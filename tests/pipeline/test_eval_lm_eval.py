@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lm2.pipeline.eval.babi import HELDOUT_FOLDER, TASK_LABELS, task_samples
+from lm2.pipeline.eval.babilong.babi import HELDOUT_FOLDER, TASK_LABELS, task_samples
 
 LOCATIONS = list(TASK_LABELS["qa1"])
 TASK_YAML = """task: lm2_babi_choice

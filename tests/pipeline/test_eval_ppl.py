@@ -8,8 +8,8 @@ import sentencepiece as spm
 import torch
 from transformers import AutoModelForCausalLM
 
+from lm2.model.errors import EvalError
 from lm2.pipeline.cli import main
-from lm2.pipeline.eval import EvalError
 from lm2.pipeline.eval.perplexity import perplexity
 from tests.pipeline.eval_fixtures import lm2_folder
 from tests.pipeline.test_data_prepare import read_rows

@@ -12,10 +12,11 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lm2.pipeline.export.export import export_hf
-from lm2.pipeline.export.names import parameter_splits
-from lm2.pipeline.export.reader import ExportError, model_config, read_full_state, resolve, verified_manifest
-from lm2.pipeline.export.verify import lm2_logits, verification_tokens, verify_export
+from lm2.model.errors import CheckpointError, ExportError
+from lm2.pipeline.checkpoint.reader import model_config, read_full_state, resolve, verified_manifest
+from lm2.pipeline.hf.export import export_hf
+from lm2.pipeline.hf.names import parameter_splits
+from lm2.pipeline.hf.verify import lm2_logits, verification_tokens, verify_export
 from tests.distributed import lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the trained runs.
@@ -124,7 +125,7 @@ def test_export_command_writes_a_loadable_lm2_folder(checkpoints, tmp_path):
 
 
 def test_modeling_file_imports_only_torch_and_transformers():
-    from lm2.pipeline.export import modeling_lm2
+    from lm2.pipeline.hf import modeling_lm2
 
     for node in ast.walk(ast.parse(Path(modeling_lm2.__file__).read_text())):
         if isinstance(node, ast.Import):
@@ -249,19 +250,19 @@ def test_bad_inputs_fail_with_one_clear_line(checkpoints, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ExportError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         export_hf(broken, tmp_path / "a", progress=False)
     shard.unlink()
-    with pytest.raises(ExportError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         export_hf(broken, tmp_path / "b", progress=False)
     shutil.copy(source / "mp_rank_00_model_states.pt", shard)
     manifest = json.loads((broken / "lm2_manifest.json").read_text())
     manifest["topology"]["tp"] = 2  # files of a TP=1 run described as TP=2
     (broken / "lm2_manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match="unknown layout"):
+    with pytest.raises(CheckpointError, match="unknown layout"):
         export_hf(broken, tmp_path / "c", progress=False)
     (broken / "lm2_manifest.json").unlink()
-    with pytest.raises(ExportError, match="incomplete|no lm2_manifest"):
+    with pytest.raises(CheckpointError, match="incomplete|no lm2_manifest"):
         export_hf(broken, tmp_path / "d", progress=False)
     assert not any((tmp_path / name).exists() for name in "abcd")
 
@@ -270,5 +271,5 @@ def test_checkpoint_argument_forms_name_the_same_checkpoint(checkpoints, tmp_pat
     root = checkpoints("single")
     step = root / "step_00000002"
     assert resolve(root) == resolve(root / "latest") == resolve(step) == step
-    with pytest.raises(ExportError, match="neither a checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
         resolve(tmp_path)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm2.pipeline.export.export import export_hf
-from lm2.pipeline.export.importer import import_hf
-from lm2.pipeline.export.reader import ExportError
+from lm2.model.errors import ExportError
+from lm2.pipeline.hf.export import export_hf
+from lm2.pipeline.hf.importer import import_hf
 
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 TINY_LR = ["optim.lr=1e-6", "optim.min_lr=0", "optim.warmup_steps=0"]  # one resumed step moves weights ~1e-6
@@ -114,7 +114,7 @@ def fresh_memory(overrides: list[str]) -> dict[str, torch.Tensor]:
     """The memory tensors a new run of the config starts from (lm2 initialises them the same at any TP degree)."""
     from lm2.model.lm import LM2Model
     from lm2.pipeline.config import load_config
-    from lm2.pipeline.export.names import to_hf
+    from lm2.pipeline.hf.names import to_hf
     from lm2.pipeline.parallel.init import world_of_one
     from lm2.pipeline.parallel.mpu import tensor_parallel
     from lm2.pipeline.parallel.tp_shards import gather_full_state

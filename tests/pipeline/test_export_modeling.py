@@ -6,7 +6,7 @@ import torch
 
 from lm2.model.config import MemoryConfig, ModelConfig
 from lm2.model.lm import LM2Model
-from lm2.pipeline.export.hf_folder import hf_model
+from lm2.pipeline.hf.folder import hf_model
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import gather_full_state
 

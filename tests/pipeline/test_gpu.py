@@ -176,10 +176,10 @@ def test_memory_estimate_matches_the_peak_allocated_by_a_training_step_on_the_gp
 def test_evaluation_on_the_gpu_gives_the_cpus_perplexity(hf_lm2, prepared, tmp_path):
     """`lm2 eval` picks the GPU by itself; in fp32 there it scores what the CPU scores. BABILong runs there too
     (its greedy answers are not compared: an untrained model's logits are near ties)."""
-    from lm2.pipeline.eval.babi import HELDOUT_FOLDER
+    from lm2.pipeline.eval.babilong.babi import HELDOUT_FOLDER
+    from lm2.pipeline.eval.babilong.evaluate import run
     from lm2.pipeline.eval.hf_model import eval_device
     from lm2.pipeline.eval.perplexity import perplexity
-    from lm2.pipeline.eval.run_babilong import run
 
     assert eval_device(None).type == "cuda"
     on_gpu, _ = perplexity(str(hf_lm2), [str(prepared)], progress=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lm2.pipeline.parallel.launch import launcher_environment
-from lm2.pipeline.parallel.slurm import master_port, requeue_note, tasks_on_node
+from lm2.pipeline.launch.environment import launcher_environment
+from lm2.pipeline.launch.slurm import master_port, requeue_note, tasks_on_node
 
 
 @pytest.mark.parametrize("spec,node,count", [("8", 0, 8), ("8(x2),4", 1, 8), ("8(x2),4", 2, 4), ("2,1(x3)", 3, 1)])
@@ -42,7 +42,8 @@ def job_info(world_size: int, *train_args: str, tmp_path) -> subprocess.Complete
         [
             sys.executable,
             "-m",
-            "lm2.pipeline.parallel.slurm",
+            "lm2.pipeline.cli",
+            "launch",
             "job-info",
             str(world_size),
             "--config",

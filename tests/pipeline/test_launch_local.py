@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lm2.pipeline.checkpoint.resume import inspect
-from lm2.pipeline.parallel.launch import EXIT_LM2_ERROR, EXIT_REQUEUE
+from lm2.pipeline.checkpoint.reader import inspect
+from lm2.pipeline.launch.exit_codes import EXIT_LM2_ERROR, EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "tiny_train.yaml"

@@ -37,7 +37,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # One cluster on the machine at a time: clusters number their jobs alike and a job's id gives its rendezvous
-    # port (pipeline/parallel/slurm.py), so the jobs of two clusters collided (EADDRINUSE on port 15004) when
+    # port (pipeline/launch/slurm.py), so the jobs of two clusters collided (EADDRINUSE on port 15004) when
     # pytest-xdist ran tests of this module on both workers. The lock also keeps the two workers from installing
     # SLURM at once.
     with open(Path(tempfile.gettempdir()) / "lm2-tests-slurm-cluster.lock", "a") as lock:
@@ -198,7 +198,7 @@ def test_prepare_array_job_and_its_dependent_merge_write_the_dataset_of_prepared
 
 def test_srun_tasks_get_ranks_and_a_rendezvous_from_the_allocation(cluster):
     probe = (
-        "import json, os; from lm2.pipeline.parallel.launch import launcher_environment; "
+        "import json, os; from lm2.pipeline.launch.environment import launcher_environment; "
         "print(json.dumps({**launcher_environment(os.environ), 'node': os.environ['SLURMD_NODENAME']}))"
     )
     result = cluster.run("srun", "--nodes=2", "--ntasks-per-node=2", sys.executable, "-c", probe)
@@ -308,9 +308,7 @@ def test_a_crashing_rank_fails_the_job_without_requeue(cluster, tmp_path, train_
         assert job_fields(cluster, job)["JobState"] not in TERMINAL, (tmp_path / "job.out").read_text()[-3000:]
         time.sleep(0.05)
     rank1 = next(
-        p
-        for p in job_processes(job)
-        if p.environ().get("SLURM_PROCID") == "1" and "lm2.pipeline.cli" in " ".join(p.cmdline())
+        p for p in job_processes(job) if p.environ().get("SLURM_PROCID") == "1" and "lm2 train" in " ".join(p.cmdline())
     )
     rank1.kill()
     fields = wait_for_job(cluster, job)

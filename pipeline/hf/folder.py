@@ -13,10 +13,10 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast
 
 from lm2.model.config import ModelConfig
-from lm2.pipeline.export.configuration_lm2 import LM2Config
-from lm2.pipeline.export.modeling_lm2 import LM2ForCausalLM
-from lm2.pipeline.export.names import OUTPUT_LAYER, hf_name, to_hf
-from lm2.pipeline.export.reader import ExportError
+from lm2.model.errors import ExportError
+from lm2.pipeline.hf.configuration_lm2 import LM2Config
+from lm2.pipeline.hf.modeling_lm2 import LM2ForCausalLM
+from lm2.pipeline.hf.names import OUTPUT_LAYER, hf_name, to_hf
 
 LM2Config.register_for_auto_class()
 LM2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")

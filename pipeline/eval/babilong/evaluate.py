@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm2.pipeline.eval import EvalError
-from lm2.pipeline.eval.answers import is_correct
-from lm2.pipeline.eval.babi import task_samples
-from lm2.pipeline.eval.babilong import Background, haystack, parse_length, prompt, sample_rng
+from lm2.model.errors import EvalError
+from lm2.pipeline.eval.babilong.answers import is_correct
+from lm2.pipeline.eval.babilong.babi import task_samples
+from lm2.pipeline.eval.babilong.samples import Background, haystack, parse_length, prompt, sample_rng
 from lm2.pipeline.eval.hf_model import EvalModel
 
 MAX_NEW_TOKENS = 16  # answers are one or three words; the metric reads the first sentence only
@@ -122,8 +122,8 @@ def run(
 ) -> dict:
     """Evaluates and writes results.json, results.md and heatmap.png into `output`; returns the JSON.
     device: a torch device name, None for the GPU when there is one."""
+    from lm2.pipeline.eval.babilong.report import write_reports
     from lm2.pipeline.eval.hf_model import load_model
-    from lm2.pipeline.eval.report import write_reports
 
     for length in lengths:
         parse_length(length)  # fail before loading anything

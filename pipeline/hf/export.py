@@ -9,17 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lm2.pipeline.checkpoint.format import Manifest
-from lm2.pipeline.export.hf_folder import hf_model, special_token_ids, write_folder, write_tokenizer
-from lm2.pipeline.export.reader import (
-    ExportError,
-    manifest_of,
-    model_config,
-    read_full_state,
-    resolve,
-    verified_manifest,
-)
-from lm2.pipeline.export.verify import verify_export
+from lm2.model.errors import ExportError
+from lm2.pipeline.checkpoint.format import Manifest, read_manifest
+from lm2.pipeline.checkpoint.reader import local_hashes, model_config, read_full_state, resolve, verified_manifest
+from lm2.pipeline.hf.folder import hf_model, special_token_ids, write_folder, write_tokenizer
+from lm2.pipeline.hf.verify import verify_export
 
 
 @dataclass
@@ -89,7 +83,7 @@ def export_hf(
     verified, when asked)."""
     folder, out = resolve(checkpoint), Path(out)
     _check_output(out, force)
-    listed = manifest_of(folder)
+    listed = read_manifest(folder)
     steps = len(listed.files) + listed.layout.tp + 2 + int(verify)  # files, TP ranks, writes
     with tqdm(total=steps, desc=f"export {folder.name}", unit="step", disable=not progress) as bar:
 
@@ -97,7 +91,7 @@ def export_hf(
             bar.set_postfix_str(what, refresh=False)
             bar.update()
 
-        manifest = verified_manifest(folder, tick)
+        manifest = verified_manifest(folder, lambda at, files: local_hashes(at, files, tick))
         cfg = model_config(manifest)
         sentencepiece = _tokenizer_path(manifest, tokenizer)
         state = read_full_state(folder, manifest, tick)

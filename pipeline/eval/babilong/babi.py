@@ -7,7 +7,7 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm2.pipeline.eval import EvalError
+from lm2.model.errors import EvalError
 
 HELDOUT_FOLDER = Path(__file__).parent / "babi"
 """The default task data: held-out stories shipped with lm2 (see babi/SOURCES.md)."""

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from lm2.model.config import ModelConfig
+from lm2.model.errors import ExportError
 from lm2.pipeline.config import load_config
-from lm2.pipeline.export.names import OUTPUT_LAYER, VOCAB_PARAMETERS, from_hf
-from lm2.pipeline.export.reader import ExportError
+from lm2.pipeline.hf.names import OUTPUT_LAYER, from_hf
 from lm2.pipeline.parallel.pipe import model_name
+from lm2.pipeline.parallel.tp_shards import local_shard
 from lm2.pipeline.train.engine import full_model_state
 
 HF_FIELDS = {  # Hugging Face LlamaConfig field -> lm2 model field
@@ -109,18 +110,6 @@ def merged_state(engine, cfg: ModelConfig, backbone: dict[str, torch.Tensor]) ->
     return {**state, **backbone}
 
 
-def _local_slice(param: torch.nn.Parameter, tensor: torch.Tensor, name: str, padded_vocab: int) -> torch.Tensor:
-    """This TP rank's part of a whole tensor (vocabulary zero-padded), as megatron-core's attributes say."""
-    from megatron.core import parallel_state
-
-    if name in VOCAB_PARAMETERS:
-        tensor = torch.cat((tensor, tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])))
-    if getattr(param, "tensor_model_parallel", False):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        tensor = tensor.chunk(tp, dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
-    return tensor
-
-
 def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
     """Copies every rank's part of `state` into its parameters (ZeRO-3: gathered, modified, re-partitioned),
     then refreshes the optimizer's fp32 master copy, which DeepSpeed made from the old weights."""
@@ -139,7 +128,7 @@ def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0, enabled=zero3), torch.no_grad():
         for name, param in named:
             lm2 = model_name(name, cfg.num_layers) if engine.pipelined else name
-            param.copy_(_local_slice(param, state[lm2], lm2, padded_vocab).to(param.dtype))
+            param.copy_(local_shard(param, lm2, state[lm2], padded_vocab).to(param.dtype))
     if hasattr(ds.optimizer, "refresh_fp32_params"):
         ds.optimizer.refresh_fp32_params()
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lm2.pipeline.eval import EvalError
-from lm2.pipeline.eval.babi import BabiSample, read_text
+from lm2.model.errors import EvalError
+from lm2.pipeline.eval.babilong.babi import BabiSample, read_text
 
 PROMPT = "{context}\n\nQuestion: {question}\nAnswer:"
 """The model sees the context, then the question; a base model continues with the answer."""
 ANSWER = " {answer}."
-"""How a training document of the experiment's mixture continues PROMPT (pipeline/eval/mixture.py)."""
+"""How a training document of the experiment's mixture continues PROMPT (pipeline/data/babilong.py)."""
 MIN_SENTENCE_WORDS = 3  # headings and stray fragments are not sentences (the benchmark skips short ones too)
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z])")
 

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lm2.pipeline.eval import EvalError
-from lm2.pipeline.eval.babi import HELDOUT_FOLDER, read_text, stories, story_samples, task_file
-from lm2.pipeline.eval.babilong import ANSWER, Background, book_files, haystack, prompt, split_sentences
+from lm2.model.errors import EvalError
+from lm2.pipeline.eval.babilong.babi import HELDOUT_FOLDER, read_text, stories, story_samples, task_file
+from lm2.pipeline.eval.babilong.samples import ANSWER, Background, book_files, haystack, prompt, split_sentences
 
 PROMPT_ROOM = 48  # tokens kept free in a row for the question, the answer and EOS
 BOOK_CHUNK = 100  # sentences per book document: the val split gets pieces of every book, not whole books

@@ -1,4 +1,6 @@
-"""Reads an lm2 checkpoint of any layout offline (no process group) into whole tensors under LM2Model names.
+"""Reads lm2 checkpoints offline (no process group): which folder a path names, whether its files match the
+manifest, what a checkpoints folder holds, and the weights of any layout as whole tensors under LM2Model names.
+Export, `lm2 ckpt inspect` and resume's verification all read checkpoints through this module.
 
 Layouts (from the manifest's topology): without pipelining every TP rank's weights are in
 `mp_rank_{t}_model_states.pt` (ZeRO 0-2 keep the module whole on every data-parallel rank); with pipelining each
@@ -16,24 +18,29 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lm2.model.config import ModelConfig
-from lm2.model.errors import LM2Error
-from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest
-from lm2.pipeline.checkpoint.save import complete_checkpoints
+from lm2.model.errors import CheckpointError
+from lm2.model.lm import VOCAB_PARAMETERS
+from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest, step_folders
 from lm2.pipeline.config import from_dict
-from lm2.pipeline.export.names import VOCAB_PARAMETERS, parameter_splits
 from lm2.pipeline.files import sha256_file
+from lm2.pipeline.hf.names import parameter_splits
 from lm2.pipeline.parallel.pipe import model_name
 
 Progress = Callable[[str], None]
-"""Called once per unit of work with a short description (drives the command's progress bar)."""
+"""Called once per unit of work with a short description (drives a command's progress bar)."""
+
+Hashes = Callable[[Path, list[str]], dict[str, dict[str, Any]]]
+"""(folder, file names) -> {name: {"bytes", "sha256"}}: local_hashes here, format.shared_hashes across ranks."""
 
 
-class ExportError(LM2Error):
-    """A checkpoint or Hugging Face folder cannot be converted; the message names the problem and the fix."""
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders with a manifest, newest first (their files are not verified here)."""
+    return [p for p in step_folders(root) if (p / MANIFEST).is_file()]
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -48,42 +55,78 @@ def resolve(path: str | os.PathLike) -> Path:
         return path / (path / LATEST).read_text().strip()
     if path.is_dir() and complete_checkpoints(path):
         return complete_checkpoints(path)[0]
-    raise ExportError(
+    raise CheckpointError(
         f"{path} is neither a checkpoint (no {MANIFEST}) nor a checkpoints folder with one: "
         "give a run's checkpoints folder, its `latest` file or a step_* folder"
     )
 
 
-def manifest_of(folder: Path) -> Manifest:
-    """The checkpoint's manifest (files not checked); ExportError if it has none or it is not lm2's."""
-    try:
-        return read_manifest(folder)
-    except LM2Error as error:
-        raise ExportError(f"{error}; export another step") from None
-
-
-def verified_manifest(folder: Path, progress: Progress = lambda _: None) -> Manifest:
-    """The manifest of a complete checkpoint whose files all match their sizes and sha256; ExportError otherwise."""
-    manifest = manifest_of(folder)
+def size_problems(folder: Path, manifest: Manifest) -> list[str]:
+    """Files of the manifest that are missing or have another size than it records (cheap: no hashing)."""
+    problems = []
     for name, entry in sorted(manifest.files.items()):
         path = folder / name
         if not path.is_file():
-            raise ExportError(f"{folder} is incomplete: {name} of its manifest is missing; export another step")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise ExportError(
-                f"{path} does not match its size or checksum in the manifest: the checkpoint is "
-                "corrupt; export another step"
-            )
+            problems.append(f"{folder} is incomplete: it lacks {name} of its manifest")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+    return problems
+
+
+def local_hashes(folder: Path, files: list[str], progress: Progress = lambda _: None) -> dict[str, dict[str, Any]]:
+    table = {}
+    for name in files:
+        table[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
         progress(f"checked {name}")
+    return table
+
+
+def verified_manifest(folder: Path, hashes: Hashes = local_hashes) -> Manifest:
+    """The manifest of a complete checkpoint whose files all match its sizes and sha256; CheckpointError otherwise.
+    `hashes` computes the files' checksums (format.shared_hashes shares the work over the ranks: a collective)."""
+    manifest = read_manifest(folder)
+    problems = size_problems(folder, manifest)
+    if problems:
+        raise CheckpointError(f"{problems[0]} ({len(problems)} file(s) missing or truncated)")
+    files = sorted(manifest.files)
+    actual = hashes(folder, files)
+    corrupt = [name for name in files if actual[name]["sha256"] != manifest.files[name]["sha256"]]
+    if corrupt:
+        raise CheckpointError(f"{folder / corrupt[0]} does not match its checksum in the manifest: the file is corrupt")
     return manifest
+
+
+def inspect(root: Path) -> list[dict[str, Any]]:
+    """One row per checkpoint folder under root (or root itself if it is one): step, completeness, topology."""
+    folders = [root] if (root / MANIFEST).exists() or root.name.startswith("step_") else step_folders(root)[::-1]
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    rows = []
+    for folder in folders:
+        row: dict[str, Any] = {"folder": str(folder), "latest": folder.name == latest}
+        try:
+            manifest = read_manifest(folder)
+            missing = size_problems(folder, manifest)
+            row.update(
+                step=manifest.step,
+                complete=not missing,
+                topology=manifest.layout.to_dict(),
+                bytes=sum(e["bytes"] for e in manifest.files.values()),
+                samples=manifest.samples,
+                problem=f"{len(missing)} file(s) missing or truncated" if missing else None,
+            )
+        except CheckpointError as error:
+            row.update(step=None, complete=False, problem=str(error))
+        rows.append(row)
+    return rows
 
 
 def model_config(manifest: Manifest) -> ModelConfig:
     return from_dict(ModelConfig, manifest.config["model"], "model")
 
 
-def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    """A module state without megatron's `_extra_state` entries (None)."""
+def module_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """A module state without megatron-core's `_extra_state` entries (None), which its layers put into
+    state_dict()."""
     return {name: value for name, value in state.items() if torch.is_tensor(value)}
 
 
@@ -92,7 +135,7 @@ def _load(path: Path) -> dict:
 
 
 def _plain_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
-    return _tensors(_load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"])
+    return module_tensors(_load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"])
 
 
 def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -104,7 +147,7 @@ def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, t
             shard.update(
                 {
                     model_name(f"{index}.{name}", cfg.num_layers): tensor
-                    for name, tensor in _tensors(_load(path)).items()
+                    for name, tensor in module_tensors(_load(path)).items()
                 }
             )
     return shard
@@ -124,9 +167,9 @@ def _zero3_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
                 return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
         except (ValueError, KeyError, FileNotFoundError) as error:
-            raise ExportError(
+            raise CheckpointError(
                 f"{folder}: the ZeRO-3 partitions of TP rank {tp_rank} cannot be joined ({error}): "
-                "the checkpoint is incomplete or of an unknown layout; export another step"
+                "the checkpoint is incomplete or of an unknown layout"
             ) from None
 
 
@@ -148,7 +191,7 @@ def _check_layout(folder: Path, manifest: Manifest, cfg: ModelConfig) -> Layout:
     layout = manifest.layout
     missing = [name for name in _expected_files(layout, cfg.num_layers) if name not in manifest.files]
     if missing or (layout.zero_stage == 3 and layout.pp > 1):
-        raise ExportError(
+        raise CheckpointError(
             f"{folder}: unknown layout: {layout.describe()} should have written {missing[:1] or 'no pipeline'}"
         )
     return layout
@@ -157,7 +200,9 @@ def _check_layout(folder: Path, manifest: Manifest, cfg: ModelConfig) -> Layout:
 def _join_tp(name: str, shards: list[torch.Tensor], split: int | None) -> torch.Tensor:
     if split is None:
         if any(not torch.equal(shard, shards[0]) for shard in shards[1:]):
-            raise ExportError(f"{name} is replicated over TP ranks but the shards differ: the checkpoint is corrupt")
+            raise CheckpointError(
+                f"{name} is replicated over TP ranks but the shards differ: the checkpoint is corrupt"
+            )
         return shards[0]
     return torch.cat(shards, dim=split)
 
@@ -178,7 +223,7 @@ def read_full_state(folder: Path, manifest: Manifest, progress: Progress = lambd
     splits = parameter_splits(cfg)
     for tp_rank, shard in enumerate(shards):
         if set(shard) != set(splits):
-            raise ExportError(
+            raise CheckpointError(
                 f"{folder}: TP rank {tp_rank} holds {sorted(set(shard) - set(splits))[:3]} and lacks "
                 f"{sorted(set(splits) - set(shard))[:3]} for the model in its manifest: unknown layout or model"
             )

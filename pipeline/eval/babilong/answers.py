@@ -4,7 +4,7 @@ when the target is the only one found (for qa8's lists: exactly the target's wor
 
 from __future__ import annotations
 
-from lm2.pipeline.eval.babi import TASK_LABELS
+from lm2.pipeline.eval.babilong.babi import TASK_LABELS
 
 
 def first_sentence(output: str) -> str:

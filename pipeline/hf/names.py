@@ -18,8 +18,6 @@ COLUMN, ROW, REPLICATED = 0, 1, None
 
 GLOBAL_PARAMETERS = {"embed_tokens.weight": COLUMN, "norm.weight": REPLICATED}
 OUTPUT_LAYER = "lm_head.weight"
-VOCAB_PARAMETERS = ("embed_tokens.weight", OUTPUT_LAYER)
-"""Parameters whose dim 0 is the vocabulary: checkpoints pad it to a multiple of 128 * tp."""
 
 BLOCK_PARAMETERS = {
     "input_layernorm.weight": REPLICATED,

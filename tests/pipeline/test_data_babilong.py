@@ -1,4 +1,4 @@
-"""`lm2 eval mixture`: book pieces plus bAbI samples in haystacks up to the row length, in the evaluation's
+"""`lm2 data babilong`: book pieces plus bAbI samples in haystacks up to the row length, in the evaluation's
 prompt format, never from the held-out stories; deterministic; `lm2 data prepare` takes it."""
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from lm2.pipeline.cli import main
-from lm2.pipeline.eval.babi import HELDOUT_FOLDER, read_text, stories, story_samples
-from lm2.pipeline.eval.mixture import PROMPT_ROOM
+from lm2.pipeline.data.babilong import PROMPT_ROOM
+from lm2.pipeline.eval.babilong.babi import HELDOUT_FOLDER, read_text, stories, story_samples
 
 BOOK = Path(__file__).parents[2] / "corpus" / "chesterton-brown.txt.gz"
 NEW_STORY = """1 Zed went to the kitchen.
@@ -28,8 +28,8 @@ def write(tmp_path, tokenizer_path, name):
     assert (
         main(
             [
-                "eval",
-                "mixture",
+                "data",
+                "babilong",
                 "--output",
                 str(out),
                 "--tokenizer",

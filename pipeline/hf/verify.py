@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from lm2.model.config import ModelConfig
+from lm2.model.errors import ExportError
 from lm2.model.lm import LM2Model
-from lm2.pipeline.export.reader import ExportError
 from lm2.pipeline.parallel.init import world_of_one
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import load_full_state

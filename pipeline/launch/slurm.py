@@ -1,4 +1,4 @@
-"""SLURM: an srun task's variables as a torch.distributed environment, and what `launch/slurm/*.sbatch` ask of Python.
+"""SLURM: an srun task's variables as a torch.distributed environment, the requeue note, the job's log folder.
 
 One srun task per GPU: SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS become RANK/LOCAL_RANK/WORLD_SIZE, the rendezvous is
 the allocation's first host at a port derived from the job id, so every task of every requeue of a job agrees on it
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -60,59 +59,3 @@ def requeue_note(env: Mapping[str, str]) -> str:
 def job_log_dir(run_dir: str, job_id: str) -> Path:
     """`<run_dir>/slurm/<job id>/`: one folder per job, appended to across its requeues."""
     return Path(run_dir) / "slurm" / job_id
-
-
-def _job_info(world_size: int, train_args: list[str], env: Mapping[str, str]) -> list[str]:
-    """What train.sbatch needs before it starts the ranks, one value per line: the job's log folder and the requeue
-    exit code. Loading and validating the config for the job's `world_size` ranks here rejects a bad one (or a
-    layout the allocation cannot hold) once per job, before any rank starts."""
-    from lm2.pipeline.cli import build_parser
-    from lm2.pipeline.config import load_config
-    from lm2.pipeline.parallel.launch import EXIT_REQUEUE
-
-    args = build_parser().parse_args(["train", *train_args])
-    run = load_config(args.config, args.overrides)
-    run.validate(world_size)
-    return [str(job_log_dir(run.logging.run_dir, env["SLURM_JOB_ID"]).resolve()), str(EXIT_REQUEUE)]
-
-
-def _config_value(config: str, field: str) -> str:
-    """One field of a config by its dotted path, e.g. data.tokenizer."""
-    from lm2.model.errors import ConfigError
-    from lm2.pipeline.config import load_config
-
-    value = load_config(config).to_dict()
-    for key in field.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise ConfigError(f"{config} has no field {field}")
-        value = value[key]
-    return str(value)
-
-
-USAGE = """usage: python -m lm2.pipeline.parallel.slurm job-info WORLD_SIZE --config CONFIG [overrides ...]
-       python -m lm2.pipeline.parallel.slurm config-value CONFIG FIELD"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """What the sbatch scripts ask: `job-info WORLD_SIZE TRAIN_ARGS...` (train.sbatch), `config-value CONFIG FIELD`."""
-    import os
-
-    from lm2.model.errors import LM2Error
-
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["job-info"] and len(argv) > 1 and argv[1].isdigit():
-            print("\n".join(_job_info(int(argv[1]), argv[2:], os.environ)))
-        elif argv[:1] == ["config-value"] and len(argv) == 3:
-            print(_config_value(argv[1], argv[2]))
-        else:
-            print(USAGE, file=sys.stderr)
-            return 2
-    except LM2Error as error:
-        print(f"lm2: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

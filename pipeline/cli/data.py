@@ -1,0 +1,154 @@
+"""`lm2 data`: tokenizer, prepare, merge."""
+
+from __future__ import annotations
+
+import argparse
+
+from lm2.model.errors import DataError
+
+
+def _model_config(path: str | None):
+    from lm2.pipeline.config import load_config
+
+    return load_config(path).model if path else None
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> None:
+    """Trains a sentencepiece model on the inputs; the vocabulary defaults to the config's model.vocab_size."""
+    from lm2.pipeline.data.sources import find_input_files, read_all
+    from lm2.pipeline.data.tokenizer import train_tokenizer
+
+    model = _model_config(args.config)
+    vocab_size = args.vocab_size or (model.vocab_size if model else None)
+    if vocab_size is None:
+        raise DataError("give --vocab-size, or --config to take model.vocab_size")
+    if model is not None and vocab_size > model.vocab_size:
+        raise DataError(f"--vocab-size {vocab_size} exceeds model.vocab_size {model.vocab_size} of {args.config}")
+    tokenizer = train_tokenizer(
+        read_all(find_input_files(args.inputs), args.text_field), args.output, vocab_size, args.type
+    )
+    print(f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces, sha256 {tokenizer.checksum}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    """Tokenizes, packs and shards the inputs into an MDS dataset folder."""
+    from lm2.pipeline.data.parts import Part
+    from lm2.pipeline.data.prepare import prepare
+
+    if (args.num_shards is None) != (args.shard_index is None):
+        raise DataError("give --num-shards and --shard-index together")
+    part = Part(args.shard_index, args.num_shards) if args.num_shards is not None else Part.from_environment()
+    metadata = prepare(
+        args.inputs,
+        args.output,
+        args.tokenizer,
+        row_length=args.row_length,
+        model=_model_config(args.config),
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        packing=args.packing,
+        part=part,
+    )
+    _print_counts(metadata)
+    print(
+        f"wrote {args.output}"
+        + (f" {part.name}: run `lm2 data merge {args.output}` once every part is written" if part else "")
+    )
+
+
+def _print_counts(metadata: dict) -> None:
+    for name, counts in metadata["splits"].items():
+        print(
+            f"{name:6s} {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['rows']:,} rows "
+            f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding)"
+        )
+
+
+def cmd_data_merge(args: argparse.Namespace) -> None:
+    """Joins the parts of a distributed prepare into one dataset (index.json per split, lm2_data.json)."""
+    from lm2.pipeline.data.parts import merge
+
+    metadata = merge(args.output)
+    _print_counts(metadata)
+    print(f"wrote {args.output} from {metadata['parts']} parts")
+
+
+def cmd_data_babilong(args: argparse.Namespace) -> None:
+    """The experiment's training documents: books plus bAbI stories in haystacks (pipeline/data/babilong.py)."""
+    from lm2.pipeline.data.babilong import write_mixture
+
+    print(
+        write_mixture(
+            args.output,
+            args.tokenizer,
+            args.books,
+            args.babi,
+            args.row_length,
+            args.stories_per_task,
+            args.tasks.split(","),
+            args.seed,
+        )
+    )
+
+
+INPUTS_HELP = (
+    ".txt/.jsonl files (optionally .gz or .zst), .parquet files, Hugging Face datasets saved with "
+    "save_to_disk, or folders of them"
+)
+
+
+def add_commands(commands) -> None:
+    data = commands.add_parser("data", help="train a tokenizer and write training shards")
+    jobs = data.add_subparsers(dest="data_command", required=True)
+    tokenizer = jobs.add_parser("tokenizer", help="train a sentencepiece tokenizer")
+    tokenizer.add_argument("inputs", nargs="+", help=INPUTS_HELP)
+    tokenizer.add_argument("--output", required=True, help="the .model file to write")
+    tokenizer.add_argument("--vocab-size", type=int, help="pieces in the vocabulary (default: model.vocab_size)")
+    tokenizer.add_argument("--config", help="run YAML whose model.vocab_size bounds the vocabulary")
+    tokenizer.add_argument("--type", default="bpe", choices=("bpe", "unigram"), help="sentencepiece model type")
+    tokenizer.add_argument(
+        "--text-field", default="text", help="JSONL field or parquet/dataset column holding the text"
+    )
+    tokenizer.set_defaults(run=cmd_data_tokenizer)
+    prepare = jobs.add_parser("prepare", help="tokenize, pack into rows and write MDS shards")
+    prepare.add_argument("inputs", nargs="+", help=INPUTS_HELP)
+    prepare.add_argument("--tokenizer", required=True, help="sentencepiece .model from `lm2 data tokenizer`")
+    prepare.add_argument(
+        "--output",
+        required=True,
+        help="dataset folder to create (must not exist), or a remote URL such as s3://bucket/prefix",
+    )
+    prepare.add_argument("--config", help="run YAML: rows get model.row_length; the vocabulary must fit")
+    prepare.add_argument("--row-length", type=int, help="tokens per training row (default: model.row_length)")
+    prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prepare.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split")
+    prepare.add_argument("--text-field", default="text", help="JSONL field or parquet/dataset column holding the text")
+    prepare.add_argument(
+        "--packing",
+        default="concat",
+        choices=("concat", "whole"),
+        help="concat: cut the document stream anywhere; whole: a document that fits in a row "
+        "starts a new row rather than straddle two (the rest of the row is PAD)",
+    )
+    prepare.add_argument(
+        "--num-shards",
+        type=int,
+        help="prepare one of this many parts of the inputs (with "
+        "--shard-index; default in a SLURM array job: its task count), then `lm2 data merge`",
+    )
+    prepare.add_argument("--shard-index", type=int, help="which part, from 0 (default: the SLURM array task)")
+    prepare.set_defaults(run=cmd_data_prepare)
+    merge = jobs.add_parser("merge", help="join the parts of `prepare --num-shards` into one dataset")
+    merge.add_argument("output", help="the --output the parts were prepared into")
+    merge.set_defaults(run=cmd_data_merge)
+    babilong = jobs.add_parser("babilong", help="write the LM2-vs-vanilla experiment's training documents (jsonl)")
+    babilong.add_argument("--output", required=True, help="the .jsonl file to write")
+    babilong.add_argument("--tokenizer", required=True, help="sentencepiece .model measuring the haystacks")
+    babilong.add_argument("--books", nargs="+", required=True, help=".txt(.gz) books or folders of them")
+    babilong.add_argument("--babi", required=True, help="folder of bAbI qaN_*_train.txt files")
+    babilong.add_argument("--row-length", type=int, required=True, help="haystacks reach up to this many tokens")
+    babilong.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to place in haystacks")
+    babilong.add_argument("--stories-per-task", type=int, default=4000, help="training samples per task")
+    babilong.add_argument("--seed", type=int, default=0, help="haystack lengths, sentences and positions")
+    babilong.set_defaults(run=cmd_data_babilong)

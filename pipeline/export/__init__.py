@@ -1,7 +1,0 @@
-"""Conversion between lm2 checkpoints and Hugging Face folders: `lm2 export hf` and `lm2 import hf`.
-
-`names` is the one parameter-name table; `reader` merges a checkpoint of any layout offline; `hf_folder` writes
-the Hugging Face folder (vanilla: LlamaForCausalLM; LM2: `configuration_lm2.py` + `modeling_lm2.py`, standalone
-files copied into the folder); `verify` compares the exported model's logits with lm2's; `importer` turns a
-Hugging Face Llama into a step-0 training checkpoint.
-"""
