@@ -55,7 +55,7 @@ def main() -> None:
 
         def lm2_save():
             manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
-            saved.append(save(engine.deepspeed, root, {"lm2": {"world_size": 1}}, manifest, keep=1))
+            saved.append(save(engine, root, manifest, keep=1))
 
         def plain_save():
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, reference)

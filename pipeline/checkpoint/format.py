@@ -95,7 +95,9 @@ def supports_reshard(layout_from: Layout, layout_to: Layout) -> bool:
 
 @dataclass(frozen=True)
 class Manifest:
-    """`lm2_manifest.json`: what a complete checkpoint holds and was written for."""
+    """What a checkpoint records: its step, layout, config and position in the data. Every rank saves it (less the
+    files) in DeepSpeed's client state; rank 0 writes it, with every file's size and checksum, to
+    `lm2_manifest.json` once all ranks have written their files."""
 
     step: int
     layout: Layout
@@ -107,6 +109,20 @@ class Manifest:
     tokens: int | None = None
     code_version: str | None = None
     wandb_id: str | None = None
+    data: dict[str, Any] | None = None
+    """The training loader's position (RowLoader.state_dict()); None before any row was read."""
+
+    def client_state(self) -> dict[str, Any]:
+        """What every rank saves in DeepSpeed's client state, under "lm2"."""
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "config": self.config,
+            "code_version": self.code_version,
+            "wandb_id": self.wandb_id,
+            "data": self.data,
+        }
 
     def to_json(self) -> str:
         return json.dumps(
@@ -120,6 +136,7 @@ class Manifest:
                 "tokens": self.tokens,
                 "code_version": self.code_version,
                 "wandb_id": self.wandb_id,
+                "data": self.data,
             },
             indent=1,
             default=str,
@@ -143,6 +160,7 @@ class Manifest:
                 tokens=values.get("tokens"),
                 code_version=values.get("code_version"),
                 wandb_id=values.get("wandb_id"),
+                data=values.get("data"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where} lacks or mangles {error}; the checkpoint cannot be used") from None

@@ -117,15 +117,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load(engine, folder: Path) -> dict[str, Any]:
+def load(engine, folder: Path, manifest: Manifest) -> dict[str, Any]:
     """Loads weights, optimizer and LR scheduler into DeepSpeed's engine, written at this layout, and this rank's
-    RNG state (when the world size is the same); returns lm2's client state."""
+    RNG state (when the world size is the same); returns lm2's client state (Manifest.client_state())."""
     _, client_state = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}")
     rng = rng_file(folder, dist.get_rank())
-    if rng.is_file() and client_state["lm2"]["world_size"] == dist.get_world_size():
+    if rng.is_file() and manifest.layout.world_size == dist.get_world_size():
         _set_rng_state(torch.load(rng, weights_only=False))
     return client_state["lm2"]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.errors import CheckpointError
 from lm2.pipeline.checkpoint.format import (
@@ -27,6 +28,7 @@ from lm2.pipeline.checkpoint.format import (
     write_manifest,
 )
 from lm2.pipeline.checkpoint.reader import complete_checkpoints
+from lm2.pipeline.checkpoint.universal import universal_checkpoint_info
 from lm2.pipeline.files import write_atomic
 
 
@@ -67,16 +69,20 @@ def prune(root: Path, keep: int) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def save(engine, root: Path, client_state: dict[str, Any], manifest: Manifest, keep: int) -> Path:
-    """Every rank calls it with DeepSpeed's engine. Writes checkpoint `manifest.step`, then (rank 0) its manifest
-    with the files' sizes and checksums, `latest`, and prunes to `keep`."""
+def save(engine, root: Path, manifest: Manifest, keep: int) -> Path:
+    """Every rank calls it with lm2's Engine (train/engine.py). Writes checkpoint `manifest.step` (DeepSpeed's shards
+    with the manifest's client state, and for a ZeRO-1/2 layout what a resume at another layout needs), then
+    (rank 0) its manifest with the files' sizes and checksums, `latest`, and prunes to `keep`."""
+    client_state = {"lm2": manifest.client_state()}
+    if engine.layout.reshardable:
+        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(engine, engine.model)
     rank = dist.get_rank()
     folder = root / tag_for(manifest.step)
     if rank == 0 and folder.exists():  # leftovers of a save that was interrupted: start clean
         shutil.rmtree(folder)
     dist.barrier()
     try:
-        engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
+        engine.deepspeed.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), rng_file(folder, rank))
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None

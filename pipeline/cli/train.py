@@ -91,11 +91,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = load_config(args.config, train_overrides(args))
     run.validate(launched_world_size(os.environ))  # in seconds, before the trainer's imports (the Trainer checks too)
 
+    from lm2.pipeline.train.build import build
     from lm2.pipeline.train.loop import Trainer
     from lm2.pipeline.train.step import NonFiniteLossError
 
     try:
-        Trainer(run, signals, args.override_schedule).fit()
+        Trainer(build(run, args.override_schedule), signals).fit()
     except NonFiniteLossError as error:  # every rank alike (the loss is reduced first): rank 0 reports
         report(f"lm2 train: {error}", args)
         raise SystemExit(EXIT_NONFINITE) from None

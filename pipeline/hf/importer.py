@@ -1,9 +1,9 @@
 """`lm2 import hf`: a Hugging Face Llama -> a step-0 training checkpoint of an lm2 run, at the layout the command
 is launched with (under torchrun for TP/PP/DP), resumable with `lm2 train --resume <output>/step_00000000`.
 
-The run's Trainer is built as for training (data, engine, fresh initialisation, so memory tensors start as a new
-run's would); the Llama weights then replace the backbone on every rank, DeepSpeed's fp32 master copy is
-refreshed from them, and the Trainer saves its own checkpoint format at step 0.
+The run's engine is built as for training (fresh initialisation, so memory tensors start as a new run's would);
+the Llama weights then replace the backbone on every rank, DeepSpeed's fp32 master copy is refreshed from them,
+and the engine is saved in lm2's checkpoint format at step 0, with no data read yet.
 """
 
 from __future__ import annotations
@@ -137,23 +137,32 @@ def import_hf(
     hf_dir: str | os.PathLike, config: str, output: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
 ) -> str | None:
     """Writes `<output>/step_00000000`; returns the summary line on rank 0 (None on the others)."""
-    from lm2.pipeline.train.loop import Trainer
+    from lm2.pipeline.checkpoint.format import Manifest
+    from lm2.pipeline.checkpoint.save import code_version, save
+    from lm2.pipeline.launch.environment import launched_world_size
+    from lm2.pipeline.parallel.init import init_distributed
+    from lm2.pipeline.train.build import seed_everything
+    from lm2.pipeline.train.engine import build_engine
 
     hf_dir, output = Path(hf_dir), Path(output)
-    run = load_config(config, [*overrides, "checkpoint.resume=none", f"logging.run_dir={output}"])
+    run = load_config(config, overrides)
     hf = read_hf_config(hf_dir)
     check_shapes(hf, run.model)
     if (output / "step_00000000").exists():
         raise ExportError(f"{output / 'step_00000000'} exists: choose another --output")
     backbone = read_hf_weights(hf_dir, run.model)
-    trainer = Trainer(run)
-    load_into_engine(trainer.engine, run.model, merged_state(trainer.engine, run.model, backbone))
-    trainer.checkpoints = output
-    folder = trainer.save_checkpoint()
+    run.validate(launched_world_size(os.environ))
+    dims = init_distributed(run.parallel.tp, run.parallel.pp)
+    seed_everything(run.train.seed)  # the memory tensors start as a new run's would
+    engine = build_engine(run, dims)
+    load_into_engine(engine, run.model, merged_state(engine, run.model, backbone))
+    manifest = Manifest(
+        step=0, layout=engine.layout, config=run.to_dict(), samples=0, tokens=0, code_version=code_version()
+    )
+    folder = save(engine, output, manifest, run.checkpoint.keep)
     if dist.get_rank() != 0:
         return None
     return (
-        f"wrote {folder} ({trainer.engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory "
-        "freshly initialised; "
-        f"continue with `lm2 train --config {config} --resume {folder}` at this layout"
+        f"wrote {folder} ({engine.layout.describe()}): {len(backbone)} tensors from {hf_dir}, memory freshly "
+        f"initialised; continue with `lm2 train --config {config} --resume {folder}` at this layout"
     )

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from lm2.model.block import DecoderBlock
+from lm2.model.config import ModelConfig
 from lm2.model.lm import LM2Model
 from lm2.pipeline.checkpoint.format import Layout
 from lm2.pipeline.config import RunConfig
@@ -86,6 +87,7 @@ class Engine:
     """Micro-batches per optimizer step on each data-parallel rank."""
     layout: Layout
     """The parallel layout and ZeRO stage, as checkpoints record it."""
+    model: ModelConfig
 
 
 def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
@@ -118,7 +120,7 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
         mpu=None if dims.pp_enabled else DeepSpeedMPU(),
     )
     layout = Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, zero_stage=run.parallel.zero_stage)
-    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout)
+    return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout, run.model)
 
 
 def full_model_state(engine: Engine, vocab_size: int, num_layers: int) -> dict[str, torch.Tensor]:

@@ -1,38 +1,27 @@
-"""The training run: build, resume, then for each step: step, log, validate, checkpoint."""
+"""The training loop: for each step, train, log, validate and checkpoint. `Trainer` runs what build.py built."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
-from lm2.pipeline.checkpoint import universal
-from lm2.pipeline.checkpoint.format import Manifest, read_manifest
-from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
+from lm2.pipeline.checkpoint.format import Manifest
 from lm2.pipeline.checkpoint.save import code_version, save
-from lm2.pipeline.config import RunConfig
 from lm2.pipeline.console import human, saved_line
-from lm2.pipeline.data.streaming import RowLoader, build_train_loader
-from lm2.pipeline.launch.environment import launched_world_size
+from lm2.pipeline.data.streaming import RowLoader
 from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from lm2.pipeline.launch.signals import StopSignals
 from lm2.pipeline.launch.slurm import requeue_note
-from lm2.pipeline.parallel.dims import ParallelDims
-from lm2.pipeline.parallel.init import host_group, init_distributed
-from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
+from lm2.pipeline.parallel.init import host_group
+from lm2.pipeline.train.build import RunParts
 from lm2.pipeline.train.gates import GateMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
-from lm2.pipeline.train.run_folder import claim_run_folder
 from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
@@ -43,22 +32,8 @@ def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tupl
             yield batch["input_ids"].to(device), batch["labels"].to(device)
 
 
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch RNGs (CPU and CUDA) from one seed: the run is a function of its config."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def take(stream: Iterator, count: int) -> MicroBatches:
     return [next(stream) for _ in range(count)]
-
-
-def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader:
-    """The val split of every training stream, unshuffled."""
-    streams = [dataclasses.replace(stream, split="val") for stream in run.data.streams]
-    data = dataclasses.replace(run.data, streams=streams, shuffle=False)
-    return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
 
 
 class RequeueExit(SystemExit):
@@ -69,36 +44,20 @@ class RequeueExit(SystemExit):
 
 
 class Trainer:
-    """Holds what a run is made of and where it is; `fit()` runs the remaining steps.
+    """Runs a built run (build.py) from its start to run.train.steps: `fit()`.
 
-    `signals` are the stop signals received so far: install them before building the trainer (it takes a while).
-    `override_schedule`: resume even if the LR schedule's fields changed, following the config's schedule."""
+    `signals` are the stop signals received so far: install them before building the run (it takes a while)."""
 
-    def __init__(self, run: RunConfig, signals: StopSignals | None = None, override_schedule: bool = False):
-        self.run = run
-        self.override_schedule = override_schedule
+    def __init__(self, parts: RunParts, signals: StopSignals | None = None):
+        self.parts, self.run, self.dims, self.engine = parts, parts.run, parts.dims, parts.engine
+        self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
         self.signals = signals or StopSignals()
-        run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
-        self.dims = init_distributed(run.parallel.tp, run.parallel.pp)
         self.rank = dist.get_rank()
         self.host_group = host_group()
-        self.run_folder_lock = claim_run_folder(run)  # held until the process ends
-        seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
-        # Data first: a dataset that does not fit the model fails before the engine is built.
-        self.train_loader = build_train_loader(run.data, self.dims, self.rank, run.train.micro_batch, run.model)
-        self.val_loader = build_val_loader(run, self.dims, self.rank) if run.train.eval_every else None
-        self.engine: Engine = build_engine(run, self.dims)
         self.device = self.engine.deepspeed.device
-        self.gates = GateMonitor(self.engine.deepspeed.module, run.model.num_layers, self.device)
-        self.checkpoints = run.checkpoints
-        self.step = 0
-        self.wandb_id: str | None = None
-        self.resumed_from = find_resume(self.checkpoints, run.checkpoint.resume)
-        if self.resumed_from is not None:
-            self._resume(self.resumed_from)
+        self.gates = GateMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
+        self.step, self.wandb_id = parts.start.step, parts.start.wandb_id
         if self.rank == 0:
-            Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
             print(self.startup_summary(), flush=True)
 
     def startup_summary(self) -> str:
@@ -115,8 +74,8 @@ class Trainer:
             f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "") for s in run.data.streams
         )
         start = (
-            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.resumed_from}"
-            if self.resumed_from is not None
+            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from}"
+            if self.parts.start.resumed_from is not None
             else "fresh run from step 0"
         )
         return "\n".join(
@@ -138,48 +97,21 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.run.train.global_batch * self.run.model.row_length
 
-    def _resume(self, folder: Path) -> None:
-        manifest = read_manifest(folder)
-        route = resume_route(manifest, self.run.model, self.engine.layout, folder)
-        check_schedule(manifest, self.run.to_dict(), folder, self.override_schedule)
-        if route == "universal":  # written at another layout: re-slice through DeepSpeed's universal format
-            tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
-            state = universal.load_universal(self.engine, str(folder.parent), tag)[1]["lm2"]
-        else:
-            state = load(self.engine.deepspeed, folder)
-        self.step, self.wandb_id = state["step"], state["wandb_id"]
-        resume_schedule(self.engine.deepspeed, self.run.optim, self.run.train.steps, self.step)
-        self.train_loader.load_state_dict(state["data"])
-
-    def save_checkpoint(self) -> Path:
-        samples, tokens = self.step * self.run.train.global_batch, self.step * self.tokens_per_step
-        state = {
-            "step": self.step,
-            "samples": samples,
-            "tokens": tokens,
-            "data": self.train_loader.state_dict(),
-            "wandb_id": self.wandb_id,
-            "world_size": self.dims.world_size,
-            "config": self.run.to_dict(),
-            "code_version": code_version(),
-        }
+    def save_checkpoint(self) -> None:
         manifest = Manifest(
             step=self.step,
             layout=self.engine.layout,
             config=self.run.to_dict(),
-            samples=samples,
-            tokens=tokens,
-            code_version=state["code_version"],
+            samples=self.step * self.run.train.global_batch,
+            tokens=self.step * self.tokens_per_step,
+            code_version=code_version(),
             wandb_id=self.wandb_id,
+            data=self.train_loader.state_dict(),
         )
-        client_state = {"lm2": state}
-        if self.engine.layout.reshardable:  # what a resume at another layout needs (universal.py)
-            client_state[UNIVERSAL_CHECKPOINT_INFO] = universal.universal_checkpoint_info(self.engine, self.run.model)
         started = time.perf_counter()
-        folder = save(self.engine.deepspeed, self.checkpoints, client_state, manifest, self.run.checkpoint.keep)
+        folder = save(self.engine, self.run.checkpoints, manifest, self.run.checkpoint.keep)
         if self.rank == 0:
             print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
-        return folder
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
@@ -235,7 +167,7 @@ class Trainer:
         if self.rank == 0 and logged_loss is not None:  # the last step always logs: no extra host read
             print(
                 f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.0f} s, final loss "
-                f"{logged_loss:.4f}; checkpoints in {self.checkpoints}",
+                f"{logged_loss:.4f}; checkpoints in {self.run.checkpoints}",
                 flush=True,
             )
 

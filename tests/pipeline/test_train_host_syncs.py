@@ -33,9 +33,10 @@ def _lm2_caller() -> str | None:
 
 def _train_counting_reads(overrides: list[str], out: str) -> None:
     from lm2.pipeline.config import load_config
+    from lm2.pipeline.train.build import build
     from lm2.pipeline.train.loop import Trainer
 
-    trainer = Trainer(load_config(CONFIG, overrides))
+    trainer = Trainer(build(load_config(CONFIG, overrides)))
     reads: collections.Counter = collections.Counter()
     originals = {name: getattr(torch.Tensor, name) for name in VALUE_READS}
 

@@ -1,0 +1,102 @@
+"""Building a run: the process groups, the run folder, the loaders, the engine and where the run starts (a fresh
+start or a resumed checkpoint). `Trainer.fit` (loop.py) consumes what `build` returns; `lm2 import hf` builds only
+an engine (`build_engine`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import yaml
+
+from lm2.pipeline.checkpoint import universal
+from lm2.pipeline.checkpoint.format import read_manifest
+from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
+from lm2.pipeline.config import RunConfig
+from lm2.pipeline.data.streaming import RowLoader, build_train_loader
+from lm2.pipeline.launch.environment import launched_world_size
+from lm2.pipeline.parallel.dims import ParallelDims
+from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
+from lm2.pipeline.train.run_folder import claim_run_folder
+
+
+@dataclass
+class Start:
+    """Where a run starts: step 0, or the step of the checkpoint it resumed from."""
+
+    step: int = 0
+    wandb_id: str | None = None
+    resumed_from: Path | None = None
+
+
+@dataclass
+class RunParts:
+    """What a run is made of, built and placed at its start."""
+
+    run: RunConfig
+    dims: ParallelDims
+    engine: Engine
+    train_loader: RowLoader
+    val_loader: RowLoader | None
+    start: Start
+    run_folder_lock: IO | None
+    """Rank 0's lock on the run folder (run_folder.py), held as long as this object lives."""
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (CPU and CUDA) from one seed: the run is a function of its config."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader:
+    """The val split of every training stream, unshuffled."""
+    streams = [dataclasses.replace(stream, split="val") for stream in run.data.streams]
+    data = dataclasses.replace(run.data, streams=streams, shuffle=False)
+    return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
+
+
+def build(run: RunConfig, override_schedule: bool = False) -> RunParts:
+    """Every rank calls it. `override_schedule`: resume even if the LR schedule's fields changed, following the
+    config's schedule."""
+    run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
+    dims = init_distributed(run.parallel.tp, run.parallel.pp)
+    rank = torch.distributed.get_rank()
+    lock = claim_run_folder(run)
+    seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
+    # Data first: a dataset that does not fit the model fails before the engine is built.
+    train_loader = build_train_loader(run.data, dims, rank, run.train.micro_batch, run.model)
+    val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
+    engine = build_engine(run, dims)
+    folder = find_resume(run.checkpoints, run.checkpoint.resume)
+    start = Start() if folder is None else resume(run, engine, train_loader, folder, override_schedule)
+    if rank == 0:
+        Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+    return RunParts(run, dims, engine, train_loader, val_loader, start, lock)
+
+
+def resume(run: RunConfig, engine: Engine, train_loader: RowLoader, folder: Path, override_schedule: bool) -> Start:
+    """Loads checkpoint `folder` into the engine (natively, or through a universal checkpoint when it was written at
+    another layout), sets the LR schedule and the loader's position."""
+    manifest = read_manifest(folder)
+    route = resume_route(manifest, run.model, engine.layout, folder)
+    check_schedule(manifest, run.to_dict(), folder, override_schedule)
+    if route == "universal":
+        tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
+        state = universal.load_universal(engine, str(folder.parent), tag)[1]["lm2"]
+    else:
+        state = load(engine.deepspeed, folder, manifest)
+    resume_schedule(engine.deepspeed, run.optim, run.train.steps, state["step"])
+    if state["data"] is not None:  # a step-0 checkpoint of `lm2 import hf` has read no data yet
+        train_loader.load_state_dict(state["data"])
+    return Start(state["step"], state["wandb_id"], folder)
