@@ -23,7 +23,7 @@ from measure import interleaved, median_ratio
 from train_step import batches, plain_model, plain_step
 
 from lm2.model.accounting import parameter_counts
-from lm2.pipeline.checkpoint.format import Manifest
+from lm2.pipeline.checkpoint.format import Manifest, read_manifest
 from lm2.pipeline.checkpoint.resume import load
 from lm2.pipeline.checkpoint.save import save
 from lm2.pipeline.config import load_config
@@ -67,7 +67,8 @@ def main() -> None:
 
         seconds = interleaved({"lm2_save": lm2_save, "plain_save": plain_save}, args.rounds)
         seconds |= interleaved(
-            {"lm2_load": lambda: load(engine.deepspeed, saved[-1]), "plain_load": plain_load}, args.rounds
+            {"lm2_load": lambda: load(engine.deepspeed, saved[-1], read_manifest(saved[-1])), "plain_load": plain_load},
+            args.rounds,
         )
         lm2_bytes, plain_bytes = folder_bytes(saved[-1]), reference.stat().st_size
     parameters = parameter_counts(run.model).total
