@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm2.model import memory_kernels
+from lm2.model import memory_backend
 from lm2.model.config import ModelConfig
 from lm2.model.layers import Probe, TensorParallel, normal_init, output_init, sharded_parameter
 
@@ -156,8 +156,9 @@ class LM2Memory(nn.Module):
     ) -> torch.Tensor:
         """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and the write keys and values of n segments [B, n*S, Hl*dh]:
         on CPU in fp32 one fused kernel (model/memory_kernels.py), else one write() per segment."""
-        if keys.shape[1] > 0 and memory_kernels.applies(start):
-            states, gates = memory_kernels.fused_write_scan(start, keys, values, weights, segment_length)
+        kernels = memory_backend.fused_kernels(start)
+        if keys.shape[1] > 0 and kernels is not None:
+            states, gates = kernels.fused_write_scan(start, keys, values, weights, segment_length)
             for g_in, g_forget in zip(*gates.chunk(2, -1)):
                 self.in_gate_probe(g_in), self.forget_gate_probe(g_forget)
             return states
@@ -194,8 +195,9 @@ class LM2Memory(nn.Module):
         written = xn[:, : length - segment_length]
         states = self._states(self.write_k(written), self.write_v(written), b, segment_length)  # [Hl, B, k, N, dh]
         q = self.read_q(xn)
-        if memory_kernels.applies(q):
-            gated, gate = memory_kernels.fused_read(
+        kernels = memory_backend.fused_kernels(q)
+        if kernels is not None:
+            gated, gate = kernels.fused_read(
                 q, states, self._read_kv_weight(), self.out_gate, self.out_gate_bias, segment_length
             )
             self.out_gate_probe(gate)

@@ -112,10 +112,21 @@ static void softmax_backward_rows(int rows, int cols, const float *p, float *d) 
     }
 }
 
+/* The shapes and tensors of a call: model/memory_kernels.py mirrors these structs field by field (ctypes). */
 typedef struct {
-    int heads, rows, segments, slots, head_dim, seg_len;
+    int heads, rows, segments, slots, head_dim, seg_len, threads;
     long token_row, grad_row; /* the row strides of keys/values and of their gradients (tokens are H * dh apart) */
 } Shape;
+
+typedef struct {
+    const float *start, *keys, *values, *wm, *bias, *wu;
+    float *states, *q, *probs, *u, *gates; /* the states, and what backward reads */
+} ScanForward;
+
+typedef struct {
+    const float *keys, *values, *wm_t, *wu_t, *states, *q, *probs, *u, *gates, *d_states;
+    float *d_start, *d_keys, *d_values, *d_wm, *d_bias, *d_wu;
+} ScanBackward;
 
 /* Where segment s of unit u starts in a [rows, tokens, H * dh] tensor with rows `row_stride` apart. */
 static size_t token_offset(const Shape *sh, long row_stride, int unit, int s) {
@@ -230,37 +241,46 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
     for (int at = 0; at < state_size; at++) mine_d_start[at] = d_first[at] + carry[at];
 }
 
-/* The entry points (ctypes): every unit on `threads` OpenMP threads (torch's own libgomp, loaded before this). */
-void write_scan_forward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
-                        long grad_row, int threads, const float *start, const float *keys, const float *values,
-                        const float *wm, const float *bias, const float *wu, float *states, float *q, float *probs, float *u,
-                        float *gates) {
-    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};
-#pragma omp parallel num_threads(threads)
+/* The entry points (ctypes): every unit on `threads` OpenMP threads (torch's own libgomp, loaded before this).
+ * Each returns 0, or -1 when a thread could not allocate its scratch memory (its units are then not computed). */
+int write_scan_forward(const Shape *sh, const ScanForward *t) {
+    int failed = 0;
+#pragma omp parallel num_threads(sh->threads)
     {
-        float *scratch = malloc(sizeof(float) * (slots * 3 * head_dim + head_dim * seg_len));
+        float *scratch = malloc(sizeof(float) * (sh->slots * 3 * sh->head_dim + sh->head_dim * sh->seg_len));
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int unit = 0; unit < heads * rows; unit++)
-            forward_unit(&sh, unit, start, keys, values, wm, bias, wu, states, q, probs, u, gates, scratch);
+        for (int unit = 0; unit < sh->heads * sh->rows; unit++)
+            if (scratch != NULL)
+                forward_unit(sh, unit, t->start, t->keys, t->values, t->wm, t->bias, t->wu, t->states, t->q, t->probs,
+                             t->u, t->gates, scratch);
         free(scratch);
     }
+    return failed ? -1 : 0;
 }
 
-void write_scan_backward(int heads, int rows, int segments, int slots, int head_dim, int seg_len, long token_row,
-                         long grad_row, int threads, const float *keys, const float *values, const float *wm_t,
-                         const float *wu_t, const float *states, const float *q, const float *probs, const float *u,
-                         const float *gates, const float *d_states, float *d_start, float *d_keys,
-                         float *d_values, float *d_wm, float *d_bias, float *d_wu) {
-    const Shape sh = {heads, rows, segments, slots, head_dim, seg_len, token_row, grad_row};
-#pragma omp parallel num_threads(threads)
+int write_scan_backward(const Shape *sh, const ScanBackward *t) {
+    const int N = sh->slots, dh = sh->head_dim, S = sh->seg_len;
+    int failed = 0;
+#pragma omp parallel num_threads(sh->threads)
     {
-        float *scratch = malloc(sizeof(float) * (slots * (3 * head_dim + 3 * head_dim + seg_len) + seg_len * head_dim));
+        float *scratch = malloc(sizeof(float) * (N * (3 * dh + 3 * dh + S) + S * dh));
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int unit = 0; unit < heads * rows; unit++)
-            backward_unit(&sh, unit, keys, values, wm_t, wu_t, states, q, probs, u, gates, d_states, d_start,
-                          d_keys, d_values, d_wm, d_bias, d_wu, scratch);
+        for (int unit = 0; unit < sh->heads * sh->rows; unit++)
+            if (scratch != NULL)
+                backward_unit(sh, unit, t->keys, t->values, t->wm_t, t->wu_t, t->states, t->q, t->probs, t->u,
+                              t->gates, t->d_states, t->d_start, t->d_keys, t->d_values, t->d_wm, t->d_bias, t->d_wu,
+                              scratch);
         free(scratch);
     }
+    return failed ? -1 : 0;
 }
 
 /* The read, fused the same way. One unit is one (memory head, row segment) pair, u = head * row_segments + r with
@@ -274,8 +294,18 @@ void write_scan_backward(int heads, int rows, int segments, int slots, int head_
  * wkv [H, dh, 2dh]; wg [H, dh, dh]; bg [H, dh]; saved kv [H, rows * k, N, 2dh], probs [.., S, N], r and gates
  * [.., S, dh]. */
 typedef struct {
-    int heads, row_segments, slots, head_dim, seg_len;
+    int heads, row_segments, slots, head_dim, seg_len, threads;
 } ReadShape;
+
+typedef struct {
+    const float *q_tokens, *states, *wkv, *wg, *bg;
+    float *out, *kv, *probs, *r, *gates; /* the gated read, and what backward reads */
+} ReadForward;
+
+typedef struct {
+    const float *q_tokens, *states, *wkv_t, *wg_t, *kv, *probs, *r, *gates, *d_out;
+    float *d_q, *d_states, *d_wkv, *d_wg, *d_bg;
+} ReadBackward;
 
 static size_t read_token_offset(const ReadShape *sh, int unit) {
     const int r = unit % sh->row_segments, head = unit / sh->row_segments;
@@ -354,32 +384,41 @@ static void read_backward_unit(const ReadShape *sh, int unit, const float *q_tok
     mm(dh, N, 2 * dh, m, 1, dh, d_kv, 2 * dh, dwkv, 2 * dh); /* M^T @ dKV */
 }
 
-void read_forward(int heads, int row_segments, int slots, int head_dim, int seg_len, int threads,
-                  const float *q_tokens, const float *states, const float *wkv, const float *wg, const float *bg,
-                  float *out, float *kv, float *probs, float *r, float *gates) {
-    const ReadShape sh = {heads, row_segments, slots, head_dim, seg_len};
-#pragma omp parallel num_threads(threads)
+int read_forward(const ReadShape *sh, const ReadForward *t) {
+    int failed = 0;
+#pragma omp parallel num_threads(sh->threads)
     {
-        float *scratch = malloc(sizeof(float) * head_dim * slots);
+        float *scratch = malloc(sizeof(float) * sh->head_dim * sh->slots);
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int unit = 0; unit < heads * row_segments; unit++)
-            read_forward_unit(&sh, unit, q_tokens, states, wkv, wg, bg, out, kv, probs, r, gates, scratch);
+        for (int unit = 0; unit < sh->heads * sh->row_segments; unit++)
+            if (scratch != NULL)
+                read_forward_unit(sh, unit, t->q_tokens, t->states, t->wkv, t->wg, t->bg, t->out, t->kv, t->probs,
+                                  t->r, t->gates, scratch);
         free(scratch);
     }
+    return failed ? -1 : 0;
 }
 
-void read_backward(int heads, int row_segments, int slots, int head_dim, int seg_len, int threads,
-                   const float *q_tokens, const float *states, const float *wkv_t, const float *wg_t,
-                   const float *kv, const float *probs, const float *r, const float *gates, const float *d_out,
-                   float *d_q, float *d_states, float *d_wkv, float *d_wg, float *d_bg) {
-    const ReadShape sh = {heads, row_segments, slots, head_dim, seg_len};
-#pragma omp parallel num_threads(threads)
+int read_backward(const ReadShape *sh, const ReadBackward *t) {
+    const int N = sh->slots, dh = sh->head_dim, S = sh->seg_len;
+    int failed = 0;
+#pragma omp parallel num_threads(sh->threads)
     {
-        float *scratch = malloc(sizeof(float) * (2 * seg_len * head_dim + seg_len * slots + 3 * slots * head_dim));
+        float *scratch = malloc(sizeof(float) * (2 * S * dh + S * N + 3 * N * dh));
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int unit = 0; unit < heads * row_segments; unit++)
-            read_backward_unit(&sh, unit, q_tokens, states, wkv_t, wg_t, kv, probs, r, gates, d_out, d_q, d_states,
-                               d_wkv, d_wg, d_bg, scratch);
+        for (int unit = 0; unit < sh->heads * sh->row_segments; unit++)
+            if (scratch != NULL)
+                read_backward_unit(sh, unit, t->q_tokens, t->states, t->wkv_t, t->wg_t, t->kv, t->probs, t->r,
+                                   t->gates, t->d_out, t->d_q, t->d_states, t->d_wkv, t->d_wg, t->d_bg, scratch);
         free(scratch);
     }
+    return failed ? -1 : 0;
 }

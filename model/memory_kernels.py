@@ -1,13 +1,14 @@
 """The memory's write scan and read as fused CPU kernels (memory_kernels.c), forward and backward.
 
 `LM2Memory` runs them on CPU in fp32 (training and evaluation alike), and its own PyTorch operations elsewhere: on
-GPU, in bf16, under torch.compile, or where no C compiler is found. Both compute the same function
-(tests/model/test_memory_kernels.py compares values, gradients and gates). Why: at CPU sizes a write is some 40
-PyTorch operations forward and backward on [4, 4, 16, 32] tensors, below torch's parallel grain, and the read a
-dozen more plus two layout copies; together they cost more time than their FLOPs (bench/README.md). The kernels
-take the token projections in their own layout ([B, tokens, heads * dh]), so no head-first or segment-major copy
-is made. They are compiled on first use with the system's `cc` into ~/.cache/lm2 (keyed by the source, flags and
-CPU), and link the OpenMP runtime torch has already loaded, so they share torch's threads.
+GPU, in bf16, under torch.compile, or where no C compiler is found (memory_backend.py chooses). Both compute the
+same function (tests/model/test_memory_kernels.py compares values, gradients and gates). Why: at CPU sizes a write
+is some 40 PyTorch operations forward and backward on [4, 4, 16, 32] tensors, below torch's parallel grain, and
+the read a dozen more plus two layout copies; together they cost more time than their FLOPs (bench/README.md). The
+kernels take the token projections in their own layout ([B, tokens, heads * dh]), so no head-first or
+segment-major copy is made. They are compiled on first use with the system's `cc` into ~/.cache/lm2 (keyed by the
+source, flags and CPU), and link the OpenMP runtime torch has already loaded, so they share torch's threads.
+Python passes each call's shape and tensors as ctypes structures that mirror the C structs field by field.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 
 _SOURCE = Path(__file__).with_name("memory_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
-_INT, _PTR = ctypes.c_int, ctypes.c_void_p
 
 
 def _cpu_key() -> bytes:
@@ -59,6 +59,62 @@ def _build(compiler: str) -> Path:
     return library
 
 
+class Shape(ctypes.Structure):
+    """The C `Shape`: sizes of a write scan, the token row strides of keys/values and of their gradients."""
+
+    _fields_ = [
+        (name, ctypes.c_int) for name in ("heads", "rows", "segments", "slots", "head_dim", "seg_len", "threads")
+    ]
+    _fields_ += [("token_row", ctypes.c_long), ("grad_row", ctypes.c_long)]
+
+
+class ReadShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("heads", "row_segments", "slots", "head_dim", "seg_len", "threads")]
+
+
+def _tensors(*names: str) -> type[ctypes.Structure]:
+    """A ctypes mirror of a C struct of float pointers with these field names, in this order."""
+    return type("Tensors", (ctypes.Structure,), {"_fields_": [(name, ctypes.c_void_p) for name in names]})
+
+
+ScanForward = _tensors("start", "keys", "values", "wm", "bias", "wu", "states", "q", "probs", "u", "gates")
+ScanBackward = _tensors(
+    "keys",
+    "values",
+    "wm_t",
+    "wu_t",
+    "states",
+    "q",
+    "probs",
+    "u",
+    "gates",
+    "d_states",
+    "d_start",
+    "d_keys",
+    "d_values",
+    "d_wm",
+    "d_bias",
+    "d_wu",
+)
+ReadForward = _tensors("q_tokens", "states", "wkv", "wg", "bg", "out", "kv", "probs", "r", "gates")
+ReadBackward = _tensors(
+    "q_tokens",
+    "states",
+    "wkv_t",
+    "wg_t",
+    "kv",
+    "probs",
+    "r",
+    "gates",
+    "d_out",
+    "d_q",
+    "d_states",
+    "d_wkv",
+    "d_wg",
+    "d_bg",
+)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -79,26 +135,28 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    signature = [_INT] * 6 + [ctypes.c_long] * 2 + [_INT]
-    library.write_scan_forward.argtypes = signature + [_PTR] * 11
-    library.write_scan_backward.argtypes = signature + [_PTR] * 16
-    library.read_forward.argtypes = [_INT] * 6 + [_PTR] * 10
-    library.read_backward.argtypes = [_INT] * 6 + [_PTR] * 14
+    for name, shape, tensors in (
+        ("write_scan_forward", Shape, ScanForward),
+        ("write_scan_backward", Shape, ScanBackward),
+        ("read_forward", ReadShape, ReadForward),
+        ("read_backward", ReadShape, ReadBackward),
+    ):
+        getattr(library, name).argtypes = [ctypes.POINTER(shape), ctypes.POINTER(tensors)]
+        getattr(library, name).restype = ctypes.c_int
     return library
 
 
-def applies(tensor: torch.Tensor) -> bool:
-    """Whether the fused kernels run for `tensor` (the memory or its projections): CPU fp32, eager, and built."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and _library() is not None
-    )
+def _call(name: str, shape: ctypes.Structure, tensors: type[ctypes.Structure], **named: torch.Tensor) -> None:
+    """Runs kernel `name` on the named tensors. `named` holds every one of them until the kernel returns: the memory
+    of a temporary whose pointer alone was kept would be freed before the kernel read it."""
+    pointers = tensors(**{field: named[field].data_ptr() for field, _ in tensors._fields_})
+    if getattr(_library(), name)(ctypes.byref(shape), ctypes.byref(pointers)) != 0:
+        raise MemoryError(f"the fused memory kernel {name} could not allocate its scratch memory")
 
 
-def _pointers(*tensors: torch.Tensor) -> list[int]:
-    return [t.data_ptr() for t in tensors]
+def available() -> bool:
+    """Whether the kernels are built (the first call builds them, or warns once why not)."""
+    return _library() is not None
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -119,59 +177,70 @@ class _WriteScan(torch.autograd.Function):
         if keys.stride(0) != values.stride(0):
             keys, values = keys.contiguous(), values.contiguous()
         # Gradients of keys and values come out contiguous: rows are segments * S tokens apart.
-        shape = (
-            heads,
-            rows,
-            segments,
-            slots,
-            head_dim,
-            segment_length,
-            keys.stride(0),
-            keys.shape[1] * keys.shape[2],
-            torch.get_num_threads(),
+        shape = Shape(
+            heads=heads,
+            rows=rows,
+            segments=segments,
+            slots=slots,
+            head_dim=head_dim,
+            seg_len=segment_length,
+            threads=torch.get_num_threads(),
+            token_row=keys.stride(0),
+            grad_row=keys.shape[1] * keys.shape[2],
         )
-        inputs = [t.contiguous() for t in (start, from_mem, bias, from_u)]
-        _library().write_scan_forward(
-            *shape, *_pointers(inputs[0], keys, values, *inputs[1:], states, q, probs, u, gates)
+        start, from_mem, bias, from_u = (t.contiguous() for t in (start, from_mem, bias, from_u))
+        _call(
+            "write_scan_forward",
+            shape,
+            ScanForward,
+            start=start,
+            keys=keys,
+            values=values,
+            wm=from_mem,
+            bias=bias,
+            wu=from_u,
+            states=states,
+            q=q,
+            probs=probs,
+            u=u,
+            gates=gates,
         )
         ctx.shape = shape
-        ctx.save_for_backward(keys, values, inputs[1], inputs[3], states, q, probs, u, gates)
+        ctx.save_for_backward(keys, values, from_mem, from_u, states, q, probs, u, gates)
         ctx.mark_non_differentiable(gates)
         return states, gates
 
     @staticmethod
     def backward(ctx, d_states, _d_gates):
         keys, values, from_mem, from_u, states, q, probs, u, gates = ctx.saved_tensors
-        heads, rows, _, slots, head_dim = ctx.shape[:5]
-        d_start = states.new_empty(heads, rows, slots, head_dim)
+        heads, rows, head_dim = ctx.shape.heads, ctx.shape.rows, ctx.shape.head_dim
+        d_start = states.new_empty(heads, rows, ctx.shape.slots, head_dim)
         d_keys, d_values = (states.new_empty(keys.shape) for _ in range(2))
         # Weight gradients per (head, row), summed over rows below: no two threads write the same memory.
         d_from_mem = states.new_empty(heads, rows, *from_mem.shape[1:])
         d_bias = states.new_empty(heads, rows, 3 * head_dim)
         d_from_u = states.new_empty(heads, rows, *from_u.shape[1:])
-        # Every tensor the kernel reads is held by a name until it returns: a temporary's memory would be freed as
-        # soon as its pointer was taken.
-        transposed = [w.transpose(1, 2).contiguous() for w in (from_mem, from_u)]
-        d_states = d_states.contiguous()
-        _library().write_scan_backward(
-            *ctx.shape,
-            *_pointers(
-                keys,
-                values,
-                *transposed,
-                states,
-                q,
-                probs,
-                u,
-                gates,
-                d_states,
-                d_start,
-                d_keys,
-                d_values,
-                d_from_mem,
-                d_bias,
-                d_from_u,
-            ),
+        wm_t, wu_t = (w.transpose(1, 2).contiguous() for w in (from_mem, from_u))
+        _call(
+            "write_scan_backward",
+            ctx.shape,
+            ScanBackward,
+            keys=keys,
+            values=values,
+            wm_t=wm_t,
+            wu_t=wu_t,
+            states=states,
+            q=q,
+            probs=probs,
+            u=u,
+            gates=gates,
+            d_states=d_states.contiguous(),
+            d_start=d_start,
+            d_keys=d_keys,
+            d_values=d_values,
+            d_wm=d_from_mem,
+            d_bias=d_bias,
+            d_wu=d_from_u,
         )
         return (d_start, d_keys, d_values, d_from_mem.sum(1), d_bias.sum(1, keepdim=True), d_from_u.sum(1), None)
 
@@ -196,41 +265,62 @@ class _Read(torch.autograd.Function):
         kv = states.new_empty(*units, slots, 2 * head_dim)
         probs = states.new_empty(*units, segment_length, slots)
         r, gates = (states.new_empty(*units, segment_length, head_dim) for _ in range(2))
-        shape = (heads, rows * segments, slots, head_dim, segment_length, torch.get_num_threads())
-        weights = [w.contiguous() for w in (kv_weight, gate_weight, gate_bias)]
-        _library().read_forward(*shape, *_pointers(q_tokens, states, *weights, out, kv, probs, r, gates))
+        shape = ReadShape(
+            heads=heads,
+            row_segments=rows * segments,
+            slots=slots,
+            head_dim=head_dim,
+            seg_len=segment_length,
+            threads=torch.get_num_threads(),
+        )
+        kv_weight, gate_weight, gate_bias = (w.contiguous() for w in (kv_weight, gate_weight, gate_bias))
+        _call(
+            "read_forward",
+            shape,
+            ReadForward,
+            q_tokens=q_tokens,
+            states=states,
+            wkv=kv_weight,
+            wg=gate_weight,
+            bg=gate_bias,
+            out=out,
+            kv=kv,
+            probs=probs,
+            r=r,
+            gates=gates,
+        )
         ctx.shape = shape
-        ctx.save_for_backward(q_tokens, states, weights[0], weights[1], kv, probs, r, gates)
+        ctx.save_for_backward(q_tokens, states, kv_weight, gate_weight, kv, probs, r, gates)
         ctx.mark_non_differentiable(gates)
         return out, gates
 
     @staticmethod
     def backward(ctx, d_out, _d_gates):
         q_tokens, states, kv_weight, gate_weight, kv, probs, r, gates = ctx.saved_tensors
-        units = ctx.shape[:2]
+        units = (ctx.shape.heads, ctx.shape.row_segments)
         d_q, d_states = torch.empty_like(q_tokens), torch.empty_like(states)
         d_kv_weight = states.new_empty(*units, *kv_weight.shape[1:])  # per unit, summed below
         d_gate_weight = states.new_empty(*units, *gate_weight.shape[1:])
         d_gate_bias = states.new_empty(*units, gate_weight.shape[-1])
-        transposed = [w.transpose(1, 2).contiguous() for w in (kv_weight, gate_weight)]
-        d_out = d_out.contiguous()  # named: see _WriteScan.backward
-        _library().read_backward(
-            *ctx.shape,
-            *_pointers(
-                q_tokens,
-                states,
-                *transposed,
-                kv,
-                probs,
-                r,
-                gates,
-                d_out,
-                d_q,
-                d_states,
-                d_kv_weight,
-                d_gate_weight,
-                d_gate_bias,
-            ),
+        wkv_t, wg_t = (w.transpose(1, 2).contiguous() for w in (kv_weight, gate_weight))
+        _call(
+            "read_backward",
+            ctx.shape,
+            ReadBackward,
+            q_tokens=q_tokens,
+            states=states,
+            wkv_t=wkv_t,
+            wg_t=wg_t,
+            kv=kv,
+            probs=probs,
+            r=r,
+            gates=gates,
+            d_out=d_out.contiguous(),
+            d_q=d_q,
+            d_states=d_states,
+            d_wkv=d_kv_weight,
+            d_wg=d_gate_weight,
+            d_bg=d_gate_bias,
         )
         return d_q, d_states, d_kv_weight.sum(1), d_gate_weight.sum(1), d_gate_bias.sum(1), None
 

@@ -12,7 +12,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lm2.model import memory_kernels
+from lm2.model import memory_backend
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.model.config import MemoryConfig
 from lm2.model.lm import LM2Model
@@ -51,14 +51,18 @@ def test_parameter_count_matches_built_model(single_process, cfg):
     ],
     ids=["lm2", "vanilla", "tied", "memory-subset"],
 )
-def test_flops_equal_the_matmuls_of_a_forward(single_process, cfg, monkeypatch):
+def test_flops_equal_the_matmuls_of_a_forward(single_process, cfg):
     """torch's FLOP counter over one row, with attention decomposed into matmuls (SDPA's math kernel computes the
     whole S x S score matrix: the convention without causal discount). The output layer's vocabulary padding is
     real work but not model FLOPs, so it is taken out. The counter sees torch's operations only, so the memory runs
     its PyTorch operations, not the fused CPU kernels (the same math: tests/model/test_memory_kernels.py)."""
-    monkeypatch.setattr(memory_kernels, "applies", lambda start: False)
     model = LM2Model(cfg, tensor_parallel())
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+    with (
+        FlopCounterMode(display=False) as counter,
+        sdpa_kernel(SDPBackend.MATH),
+        torch.no_grad(),
+        memory_backend.choose("pytorch"),
+    ):
         model(torch.randint(0, cfg.vocab_size, (1, cfg.row_length)))
     padding = 2 * (model.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * cfg.row_length
     assert forward_flops_per_token(cfg) * cfg.row_length == counter.get_total_flops() - padding

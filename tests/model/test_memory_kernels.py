@@ -5,12 +5,12 @@ the same bits at any thread count; and without a C compiler the memory falls bac
 import pytest
 import torch
 
-from lm2.model import memory_kernels
+from lm2.model import memory_backend, memory_kernels
 from lm2.model.memory import LM2Memory
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
 
-requires_kernel = pytest.mark.skipif(memory_kernels._library() is None, reason="no C compiler to build the kernel")
+requires_kernel = pytest.mark.skipif(not memory_kernels.available(), reason="no C compiler to build the kernel")
 
 
 def memory_module(cfg, seed=0):
@@ -24,11 +24,11 @@ def memory_module(cfg, seed=0):
     return module
 
 
-def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
+def output_and_gradients(module, xn, segment_length, fused):
     """The module's read of rows xn and the gradients of a fixed random projection of it, every tensor fp64."""
-    monkeypatch.setattr(memory_kernels, "applies", memory_kernels.applies if fused else (lambda start: False))
     xn = xn.detach().clone().requires_grad_()
-    out = module(xn, segment_length)
+    with memory_backend.choose("auto" if fused else "pytorch"):
+        out = module(xn, segment_length)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (out * weights.to(out.dtype)).sum().backward()
     grads = {name: p.grad.double() for name, p in module.named_parameters()}
@@ -47,15 +47,15 @@ def output_and_gradients(module, xn, segment_length, fused, monkeypatch):
         (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
     ],
 )
-def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, monkeypatch, fields, row_length, bptt):
+def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, fields, row_length, bptt):
     """Against the module's PyTorch operations in fp64, the kernels (fp32) err no more than the same operations in
     fp32 do, up to a small factor, on the module's output and on every gradient."""
     cfg = tiny_config(row_length=row_length, memory_fields=dict(bptt_segments=bptt, **fields))
     module = memory_module(cfg)
     xn = torch.randn(3, row_length, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
-    fused = output_and_gradients(module, xn, cfg.segment_length, True, monkeypatch)
-    fp32 = output_and_gradients(module, xn, cfg.segment_length, False, monkeypatch)
-    exact = output_and_gradients(module.double(), xn.double(), cfg.segment_length, False, monkeypatch)
+    fused = output_and_gradients(module, xn, cfg.segment_length, True)
+    fp32 = output_and_gradients(module, xn, cfg.segment_length, False)
+    exact = output_and_gradients(module.double(), xn.double(), cfg.segment_length, False)
     module.float()
     for name in ["output", *exact[1]]:
         pick = (lambda run: run[0]) if name == "output" else (lambda run, name=name: run[1][name])
@@ -67,19 +67,18 @@ def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, monkeypa
 
 
 @requires_kernel
-def test_the_probes_see_the_same_gates(single_process, monkeypatch):
+def test_the_probes_see_the_same_gates(single_process):
     cfg = tiny_config(row_length=40, memory_fields=dict(bptt_segments=2))
     module = memory_module(cfg)
     xn = torch.randn(2, 40, cfg.hidden_size)
     seen = {}
     for fused in (True, False):
-        monkeypatch.setattr(memory_kernels, "applies", memory_kernels.applies if fused else (lambda start: False))
         gates = seen[fused] = []
         hooks = [
             probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
             for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)
         ]
-        with torch.no_grad():
+        with torch.no_grad(), memory_backend.choose("auto" if fused else "pytorch"):
             module(xn, cfg.segment_length)
         for hook in hooks:
             hook.remove()
@@ -135,7 +134,7 @@ def test_without_a_c_compiler_the_memory_runs_its_pytorch_operations(single_proc
     memory_kernels._library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C compiler.*Install gcc") as caught:
-            assert not memory_kernels.applies(xn)
+            assert memory_backend.fused_kernels(xn) is None
             module(xn, cfg.segment_length).sum().backward()
     finally:
         memory_kernels._library.cache_clear()  # the next caller finds the real PATH's compiler again
