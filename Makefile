@@ -6,8 +6,7 @@ BIN := $(VENV)/bin
 NPROC ?= 2
 RUN := runs/tiny
 
-.PHONY: setup quickstart data train resume export babilong test test-all test-gpu clean \
-	experiment experiment-data experiment-lm2 experiment-vanilla
+.PHONY: setup quickstart data train resume export babilong lint test test-all test-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,40 +49,22 @@ babilong:
 	$(BIN)/lm2 eval babilong --model $(RUN)/hf --tasks qa1 --lengths 0k,1k --samples 20 --output $(RUN)/babilong
 	@echo "BABILong table: $(RUN)/babilong/results.md, heatmap: $(RUN)/babilong/heatmap.png"
 
-# The LM2-vs-vanilla experiment (README, Evaluation): one mixture, two models of one backbone and token budget,
-# BABILong qa1-qa5 at 0k-8k. About 35 minutes of training per model on two idle cores (docs/experiment/).
-# SHARED holds the books and bAbI files.
-SHARED ?= ../shared
-EXP := runs/babilong
-# Books of ../shared/data/text that are not in corpus/ (the evaluation's haystack); chesterton-ball.txt and
-# shakespeare-caesar.txt are left out: they are not valid UTF-8.
-EXP_BOOKS := $(addprefix $(SHARED)/data/text/,austen-sense.txt melville-moby_dick.txt milton-paradise.txt)
-EXP_EVAL := --tasks qa1,qa2,qa3,qa4,qa5 --lengths 0k,1k,2k,4k,8k --samples 100
-
-experiment: experiment-data experiment-lm2 experiment-vanilla
-
-experiment-data: setup
-	rm -rf $(EXP)
-	$(BIN)/lm2 data tokenizer $(EXP_BOOKS) --output $(EXP)/tokenizer.model --config configs/babilong-lm2.yaml
-	$(BIN)/lm2 data babilong --output $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) \
-		--babi $(SHARED)/data/babi --row-length 256 --tasks qa1,qa2,qa3,qa4,qa5
-	$(BIN)/lm2 data prepare $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --output $(EXP)/data \
-		--config configs/babilong-lm2.yaml --val-fraction 0.02 --workers 2 --packing whole
-
-experiment-lm2 experiment-vanilla: experiment-%: setup
-	$(LOCAL) --config configs/babilong-$*.yaml
-	$(BIN)/lm2 export hf runs/babilong-$*/checkpoints runs/babilong-$*/hf --force --verify
-	$(BIN)/lm2 eval babilong --model runs/babilong-$*/hf $(EXP_EVAL) --output runs/babilong-$*/babilong
+# The LM2-vs-vanilla experiment: its targets, configs and scripts live in experiments/babilong/.
+include experiments/babilong/experiment.mk
 
 # Tests run on 2 pytest-xdist workers; a module whose tests share a cluster, a server or trained runs stays on one
 # (xdist_group). make test: every feature once, about 3 minutes on 2 cores. make test-all (CI): also the tests
 # marked slow, i.e. the other layouts and launchers of the same features, and the real SLURM cluster (about 14-15 minutes).
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
 test: setup
 	$(PYTEST) -m "not gpu and not slow"
 
-test-all: setup
+test-all: lint
 	$(PYTEST) -m "not gpu"
 
 # The GPU path (nccl, bf16, flash attention) on a machine with CUDA devices; skipped without one.

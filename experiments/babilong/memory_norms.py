@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
 tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-text = open("/work/shared/data/text/austen-sense.txt", encoding="utf-8").read()[20000:40000]
+text = open(sys.argv[3], encoding="utf-8").read()[20000:40000]  # a book, e.g. ../shared/data/text/austen-sense.txt
 ids = torch.tensor([tok(text, add_special_tokens=False).input_ids[: 64 * 24]])
 norms = []
 captured = {}
