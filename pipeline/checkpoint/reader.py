@@ -24,12 +24,10 @@ import torch
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import CheckpointError
-from lm2.model.lm import VOCAB_PARAMETERS
 from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest, step_folders
 from lm2.pipeline.config import from_dict
 from lm2.pipeline.files import sha256_file
 from lm2.pipeline.hf.names import parameter_splits
-from lm2.pipeline.parallel.pipe import model_name
 
 Progress = Callable[[str], None]
 """Called once per unit of work with a short description (drives a command's progress bar)."""
@@ -140,6 +138,8 @@ def _plain_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
 
 def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Layers are [embedding, blocks, norm, output]; a tied output layer has no file of its own."""
+    from lm2.pipeline.parallel.pipe import model_name  # DeepSpeed: imported only where a pipeline is read
+
     shard = {}
     for index in range(cfg.num_layers + 3):
         path = folder / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
@@ -209,6 +209,8 @@ def _join_tp(name: str, shards: list[torch.Tensor], split: int | None) -> torch.
 
 def read_full_state(folder: Path, manifest: Manifest, progress: Progress = lambda _: None) -> dict[str, torch.Tensor]:
     """Every parameter, whole, under its LM2Model name, the vocabulary cut to model.vocab_size."""
+    from lm2.model.lm import VOCAB_PARAMETERS  # megatron-core: imported only where weights are read
+
     cfg = model_config(manifest)
     layout = _check_layout(folder, manifest, cfg)
     shards = []
