@@ -33,8 +33,9 @@ class DecoderBlock(nn.Module):
 
     With memory enabled (in the model, whether or not this block carries a bank) attention is causal inside
     each segment of S tokens and RoPE positions restart at 0 per segment: across segments only memory carries
-    information. With memory disabled attention is causal over the whole row. forward is a pure function of x
-    (tensor in, tensor out), as pipeline stages and activation checkpointing require.
+    information. With memory disabled attention is causal over the whole row. forward is a pure function of its
+    inputs (tensors in, tensor out), as pipeline stages and activation checkpointing require; with carry, the memory
+    also keeps the rows' final states in its LaneStates (memory.py).
     """
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_index: int):
@@ -52,8 +53,9 @@ class DecoderBlock(nn.Module):
         cos, sin = _rope_table(xn.shape[1], self.cfg.head_dim, self.cfg.rope_theta, xn.device, xn.dtype)
         return self.self_attn(xn, cos, sin)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, d], whole rows starting from the initial memory."""
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, d], whole rows starting from the initial memory, or with carry [B, 2] (lane, fresh) from their
+        lanes' carried memory."""
         b, length, d = x.shape
         xn = self.input_layernorm(x)
         if self.cfg.memory.enabled:
@@ -63,7 +65,7 @@ class DecoderBlock(nn.Module):
         else:
             h = x + self._attention(xn)
         if self.memory is not None:
-            h = h + self.memory(xn, self.cfg.segment_length)
+            h = h + self.memory(xn, self.cfg.segment_length, carry)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward_segment(self, x: torch.Tensor, mem: torch.Tensor | None, segment: int):

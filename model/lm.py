@@ -99,14 +99,16 @@ class LM2Model(nn.Module):
         tied_weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
         return output_logits(self.lm_head, self.norm(h), self.real_vocab_columns, tied_weight)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] (L = row_length or any multiple of segment_length), fresh memory -> local logits."""
+    def forward(self, tokens: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] (L = row_length or any multiple of segment_length) -> local logits. Rows start from fresh
+        memory, or with carry [B, 2] int64 (each row's lane, and 1 where the row starts fresh) from their lanes'
+        carried memory, which every memory module's LaneStates holds (memory.py)."""
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, use_reentrant=False)  # recompute the block in backward
+                h = checkpoint(layer, h, carry, use_reentrant=False)  # recompute the block in backward
             else:
-                h = layer(h)
+                h = layer(h, carry)
         return self.logits(h)
 
     def initial_memory(self, batch: int) -> list[torch.Tensor | None]:

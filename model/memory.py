@@ -10,6 +10,12 @@ Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. The PyTorc
 ([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
 (bench/README.md measures why that matters). On CPU in fp32 the write scan and the row-level read run instead as
 fused kernels (memory_kernels.py) that take the token projections as they are; both compute the same function.
+
+Carried memory. By default every row starts from the learned bank M_0. With a `carry` input (a training option,
+pipeline/train/carry.py), each row belongs to a lane: it starts from the state its lane's previous row ended with,
+detached (no gradient crosses rows), or from M_0 where it is marked fresh (a new document, a reset), and the state
+it ends with is kept for the lane's next row. The states live in `LaneStates`, which the trainer attaches to every
+memory module; the model only reads and writes the rows of its lanes.
 """
 
 from __future__ import annotations
@@ -42,6 +48,30 @@ def _attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+class LaneStates:
+    """The carried memory of one block on this rank, per lane: `current` [lanes, Hl, N, dh] holds the state each
+    lane's previous row ended with and is what rows start from; `next` receives the states this step's rows end
+    with. The trainer swaps them after the step (`commit`): within a step, a forward recomputed under activation
+    checkpointing reads the same start as the first one."""
+
+    def __init__(self, lanes: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.current = torch.zeros(lanes, heads, slots, head_dim, dtype=dtype, device=device)
+        self.next = torch.zeros_like(self.current)
+
+    def commit(self) -> None:
+        self.current, self.next = self.next, self.current
+
+    @torch.compiler.disable  # an indexed read of state outside the model's parameters: eager under train.compile
+    def read(self, lanes: torch.Tensor) -> torch.Tensor:
+        """The carried states of rows whose lanes are `lanes` [B], head-first: [Hl, B, N, dh]."""
+        return self.current[lanes].transpose(0, 1)
+
+    @torch.compiler.disable
+    def write(self, lanes: torch.Tensor, states: torch.Tensor) -> None:
+        """Keeps the final states [Hl, B, N, dh] of rows whose lanes are `lanes` [B] for the lanes' next rows."""
+        self.next[lanes] = states.detach().transpose(0, 1).to(self.next.dtype)
 
 
 class LM2Memory(nn.Module):
@@ -80,11 +110,23 @@ class LM2Memory(nn.Module):
         self.forget_gate_bias = head_local((self.head_dim,), fill=cfg.memory.forget_bias_init)
         # The gates pass through probes, where the trainer's forward hooks read them for metrics.
         self.in_gate_probe, self.forget_gate_probe, self.out_gate_probe = Probe(), Probe(), Probe()
+        # The last state a row-level forward computed (M_k with carry, M_{k-1} without), for the trainer's slot
+        # norm metrics.
+        self.state_probe = Probe()
+        self.lane_states: LaneStates | None = None
 
     def initial_state(self, batch: int) -> torch.Tensor:
         """M_0 for a batch of fresh rows: the learned bank expanded, never a buffer. [Hl, B, N, dh]."""
         bank = self.init_bank.view(self.slots, self.local_heads, self.head_dim).transpose(0, 1)
         return bank.unsqueeze(1).expand(-1, batch, -1, -1)
+
+    def start_state(self, batch: int, carry: torch.Tensor | None) -> torch.Tensor:
+        """Where rows start, [Hl, B, N, dh]: M_0, or with carry [B, 2] (each row's lane, and 1 where it starts
+        fresh) the lane's carried state, detached, for rows that continue their lane."""
+        fresh = self.initial_state(batch)
+        if carry is None:
+            return fresh
+        return torch.where(carry[:, 1].bool().view(1, -1, 1, 1), fresh, self.lane_states.read(carry[:, 0]))
 
     def _heads(self, y: torch.Tensor) -> torch.Tensor:
         """A token projection [B, T, Hl*dh] -> head-first [Hl, B, T, dh] (one copy)."""
@@ -168,14 +210,16 @@ class LM2Memory(nn.Module):
             states.append(self.write(k.transpose(-1, -2), v, states[-1], weights))
         return torch.stack(states, dim=2)
 
-    def _states(self, keys: torch.Tensor, values: torch.Tensor, batch: int, segment_length: int) -> torch.Tensor:
-        """Every segment's memory M_0..M_{k-1} [Hl, B, k, N, dh] of fresh rows, from the write keys and values of
-        segments 0..k-2 [B, (k-1)*S, Hl*dh]. The scan runs window by window: as in truncate(), M_s starts a new
-        window, detached, at every multiple s of bptt_segments."""
-        k, window = keys.shape[1] // segment_length + 1, self.bptt_segments
-        weights, start, pieces = self.write_weights(), self.initial_state(batch), []
-        for first in range(0, k, window):
-            last = min(first + window, k - 1)
+    def _states(
+        self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, segment_length: int
+    ) -> torch.Tensor:
+        """M_0..M_n [Hl, B, n + 1, N, dh] from the rows' start M_0 and the write keys and values of segments
+        0..n-1 [B, n*S, Hl*dh]. The scan runs window by window: as in truncate(), M_s starts a new window,
+        detached, at every multiple s of bptt_segments."""
+        n, window = keys.shape[1] // segment_length, self.bptt_segments
+        weights, pieces = self.write_weights(), []
+        for first in range(0, n + 1, window):
+            last = min(first + window, n)
             tokens = slice(first * segment_length, last * segment_length)
             states = self._scan(start, keys[:, tokens], values[:, tokens], weights, segment_length)  # M_first..M_last
             if last == first + window:
@@ -183,17 +227,24 @@ class LM2Memory(nn.Module):
             pieces.append(states)
         return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
-    def forward(self, xn: torch.Tensor, segment_length: int) -> torch.Tensor:
-        """A batch of fresh rows. xn: [B, L, d] with L = k * S. Returns the memory read [B, L, d].
+    def forward(self, xn: torch.Tensor, segment_length: int, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows xn: [B, L, d] with L = k * S, starting from M_0 or, with carry [B, 2] (lane, fresh), from their
+        lanes' states (start_state). Returns the memory read [B, L, d].
 
         The token projections run over all segments at once; only the N x S writes scan over segments; then
-        every segment reads its own M_s in one batched attention over [B*k] rows. The write after the last segment
-        would feed nothing inside this row, so neither it nor the last segment's write keys and values are computed.
+        every segment reads its own M_s in one batched attention over [B*k] rows. Without carry, the write after
+        the last segment would feed nothing, so neither it nor the last segment's write keys and values are
+        computed; with carry, that write gives the state M_k the lane's next row starts from.
         """
         b, length, _ = xn.shape
         k = length // segment_length
-        written = xn[:, : length - segment_length]
-        states = self._states(self.write_k(written), self.write_v(written), b, segment_length)  # [Hl, B, k, N, dh]
+        written = xn if carry is not None else xn[:, : length - segment_length]
+        start = self.start_state(b, carry)
+        states = self._states(start, self.write_k(written), self.write_v(written), segment_length)
+        self.state_probe(states[:, :, -1])
+        if carry is not None:
+            self.lane_states.write(carry[:, 0], states[:, :, -1])
+            states = states[:, :, :k]  # [Hl, B, k, N, dh]: what segments 0..k-1 read
         q = self.read_q(xn)
         kernels = memory_backend.fused_kernels(q)
         if kernels is not None:

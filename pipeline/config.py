@@ -110,6 +110,11 @@ class RunConfig:
                 "stage needs at least one block; lower parallel.pp"
             )
         self.train.grad_accum(dims.dp)
+        if self.train.carry.enabled and not self.model.memory.enabled:
+            raise ConfigError(
+                f"train.carry.mode={self.train.carry.mode} carries the memory across rows, but model.memory.enabled "
+                "is false: set train.carry.mode=none for a vanilla model"
+            )
         return dims
 
 

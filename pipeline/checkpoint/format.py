@@ -1,11 +1,11 @@
 """The checkpoint format: what a checkpoint folder holds, its manifest, and the layout it was written at.
 
-`<run_dir>/checkpoints/step_<8 digits>/` holds DeepSpeed's sharded states (model states per model-parallel rank
-or pipeline layer, ZeRO optimizer partitions per data-parallel rank, LR scheduler), lm2's client state inside
-them (step, samples, tokens, loader position, wandb run id, resolved config, code version), one RNG file per
-rank, and `lm2_manifest.json`: every file with its size and sha256, the layout ("topology") and the config.
-`checkpoints/latest` names the newest complete checkpoint; `step_<N>_universal/` is its conversion to
-DeepSpeed's universal format, made when a run resumes it at another layout (universal.py).
+`<run_dir>/checkpoints/step_<8 digits>/` holds DeepSpeed's sharded states (model states per model-parallel rank or
+pipeline layer, ZeRO optimizer partitions per data-parallel rank, LR scheduler), lm2's client state inside them (step,
+samples, tokens, loader position, wandb run id, resolved config, code version), one RNG file per rank (and with carried
+memory one file of lane states per rank), and `lm2_manifest.json`: every file with its size and sha256, the layout
+("topology") and the config. `checkpoints/latest` names the newest complete checkpoint; `step_<N>_universal/` is its
+conversion to DeepSpeed's universal format, made when a run resumes it at another layout (universal.py).
 
 A checkpoint is complete when its manifest exists: the manifest is written only after every rank finished
 writing, and a folder whose files do not match it is never loaded.
@@ -47,6 +47,11 @@ def step_folders(root: Path) -> list[Path]:
 
 def rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng_rank_{rank:05d}.pt"
+
+
+def carry_file(folder: Path, rank: int) -> Path:
+    """A rank's carried memory (train.carry; pipeline/train/carry.py)."""
+    return folder / f"carry_rank_{rank:05d}.pt"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from lm2.pipeline.checkpoint.format import (
     MANIFEST,
     UNIVERSAL_SUFFIX,
     Manifest,
+    carry_file,
     rng_file,
     shared_hashes,
     step_folders,
@@ -69,10 +70,11 @@ def prune(root: Path, keep: int) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def save(engine, root: Path, manifest: Manifest, keep: int) -> Path:
+def save(engine, root: Path, manifest: Manifest, keep: int, carry: dict[str, Any] | None = None) -> Path:
     """Every rank calls it with lm2's Engine (train/engine.py). Writes checkpoint `manifest.step` (DeepSpeed's shards
-    with the manifest's client state, and for a ZeRO-1/2 layout what a resume at another layout needs), then
-    (rank 0) its manifest with the files' sizes and checksums, `latest`, and prunes to `keep`."""
+    with the manifest's client state, and for a ZeRO-1/2 layout what a resume at another layout needs; this rank's
+    carried memory when given), then (rank 0) its manifest with the files' sizes and checksums, `latest`, and
+    prunes to `keep`."""
     client_state = {"lm2": manifest.client_state()}
     if engine.layout.reshardable:
         client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(engine, engine.model)
@@ -84,6 +86,8 @@ def save(engine, root: Path, manifest: Manifest, keep: int) -> Path:
     try:
         engine.deepspeed.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), rng_file(folder, rank))
+        if carry is not None:
+            torch.save(carry, carry_file(folder, rank))
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None
     dist.barrier()  # every rank's files are on disk

@@ -47,6 +47,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         workers=args.workers,
         val_fraction=args.val_fraction,
         text_field=args.text_field,
+        answer_field=args.answer_field,
         packing=args.packing,
         part=part,
     )
@@ -125,11 +126,17 @@ def add_commands(commands) -> None:
     prepare.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split")
     prepare.add_argument("--text-field", default="text", help="JSONL field or parquet/dataset column holding the text")
     prepare.add_argument(
+        "--answer-field",
+        help="JSONL field of each record's answer: the record is a prompt (--text-field) and an answer, and the "
+        "loss covers only the answer and EOS",
+    )
+    prepare.add_argument(
         "--packing",
         default="concat",
-        choices=("concat", "whole"),
-        help="concat: cut the document stream anywhere; whole: a document that fits in a row "
-        "starts a new row rather than straddle two (the rest of the row is PAD)",
+        choices=("concat", "whole", "document"),
+        help="concat: cut the document stream anywhere; whole: a document that fits in a row starts a new row "
+        "rather than straddle two (the rest of the row is PAD); document: every document in rows of its own, "
+        "consecutive rows overlapping by one token (for train.carry.mode: document)",
     )
     prepare.add_argument(
         "--num-shards",

@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lm2.pipeline.train.step import NonFiniteLossError
 
     try:
-        Trainer(build(run, args.override_schedule), signals).fit()
+        Trainer(build(run, args.override_schedule, args.reset_memory), signals).fit()
     except NonFiniteLossError as error:  # every rank alike (the loss is reduced first): rank 0 reports
         report(f"lm2 train: {error}", args)
         raise SystemExit(EXIT_NONFINITE) from None
@@ -127,6 +127,12 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
         "--override-schedule",
         action="store_true",
         help="resume although train.steps or the optim LR fields changed: the LR follows the config",
+    )
+    train.add_argument(
+        "--reset-memory",
+        action="store_true",
+        help="with train.carry: resume with every lane's memory from M_0, keeping the data position (the way to "
+        "resume at another data-parallel size or micro-batch)",
     )
     # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment anyway.
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)

@@ -10,6 +10,8 @@ from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
 
 METADATA_FILE = "lm2_data.json"
+DOCUMENTS_FILE = "documents.npy"
+"""With packing "document", in every split folder (and part folder): each document's row count, in row order."""
 FORMAT = "lm2-packed-rows-v1"
 VAL_ID_OFFSET = 1 << 40
 """Row ids: train rows are 0..n-1, val rows VAL_ID_OFFSET + 0..m-1, so ids are unique within a dataset."""

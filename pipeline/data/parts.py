@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm2.model.errors import DataError
-from lm2.pipeline.data.metadata import METADATA_FILE, VAL_ID_OFFSET
+from lm2.pipeline.data.metadata import DOCUMENTS_FILE, METADATA_FILE, VAL_ID_OFFSET
 from lm2.pipeline.data.sources import Piece
 from lm2.pipeline.data.storage import Location
 
 PARTS_FOLDER = "parts"
-_MUST_AGREE = ("format", "tokenizer", "row_length", "dtype", "val_fraction", "text_field", "packing")
+_MUST_AGREE = ("format", "tokenizer", "row_length", "dtype", "val_fraction", "text_field", "answer_field", "packing")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ def merge(output: str | Path) -> dict:
     splits = {}
     for split in parts[0]["splits"]:
         _merge_index(location, split, [part.name for part in expected])
+        if parts[0]["packing"] == "document":
+            _merge_documents(location, split, [part.name for part in expected])
         splits[split] = {
             key: sum(part["splits"][split][key] for part in parts) for key in ("documents", "tokens", "rows", "padding")
         }
@@ -148,6 +150,20 @@ def _merge_index(location: Location, split: str, part_names: list[str]) -> None:
         )  # remote: drop the local temporary copy
     except (OSError, RuntimeError) as error:
         raise DataError(f"cannot merge {location.join(split)} ({error}); is every part complete?") from None
+
+
+def _merge_documents(location: Location, split: str, part_names: list[str]) -> None:
+    """The split's table of documents (packing "document"): the parts' tables, in part order like the rows."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        tables = [np.load(location.fetch(f"{split}/{name}/{DOCUMENTS_FILE}", Path(folder))) for name in part_names]
+        merged = Path(folder, DOCUMENTS_FILE)
+        np.save(merged, np.concatenate(tables))
+        if location.remote:
+            location.upload(merged, f"{split}/{DOCUMENTS_FILE}")
+        else:
+            shutil.copyfile(merged, location.join(split, DOCUMENTS_FILE))
 
 
 def write_json(location: Location, name: str, data: dict) -> None:

@@ -1,13 +1,13 @@
 """`lm2 data prepare`: tokenize documents in worker processes, pack them into rows, write MDS shards.
 
-Rows are `row_length + 1` tokens of the stream "doc0 EOS doc1 EOS ...", cut without overlap, so a row gives
-`row_length` inputs and their shifted labels; the last row of a split is filled with PAD. With packing "whole",
-a document that fits in one row never straddles two: the row it would overflow is filled with PAD (ignored by
-the loss) and the document starts the next one. Tasks whose question must see its context (bAbI stories in
-haystacks) need that; a books-only corpus loses nothing with the default "concat". The output folder:
+Rows are `row_length + 1` tokens, so a row gives `row_length` inputs and their shifted labels; packing.py says how
+documents become rows (concat, whole, document). With `answer_field`, each JSONL record is a prompt (its
+`text_field`) and an answer, and the loss covers only the answer's tokens and EOS: the rows carry a loss mask.
+The output folder:
 
-    <output>/lm2_data.json   what the rows are (tokenizer sha256, row length, counts): see metadata.py
-    <output>/train/          MDS shards (zstd, xxh64 per shard) + index.json, read by streaming.py
+    <output>/lm2_data.json   what the rows are (tokenizer sha256, row length, packing, counts): see metadata.py
+    <output>/train/          MDS shards (zstd, xxh64 per shard) + index.json, read by streaming.py; with packing
+                             "document", documents.npy (each document's row count, in row order)
     <output>/val/            the same for the validation documents, when val_fraction > 0
 
 Locally, everything is written to a hidden temporary folder next to <output> and renamed at the end, so an
@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
-from lm2.pipeline.data.metadata import FORMAT, METADATA_FILE, check_vocab_fits
+from lm2.pipeline.data.metadata import DOCUMENTS_FILE, FORMAT, METADATA_FILE, check_vocab_fits
+from lm2.pipeline.data.packing import PACKINGS, DocumentPacker, StreamPacker
 from lm2.pipeline.data.parts import Part, pieces_of_part, write_json
-from lm2.pipeline.data.sources import Piece, find_input_files, list_pieces, read_piece
+from lm2.pipeline.data.sources import Document, Piece, find_input_files, list_pieces, read_piece
 from lm2.pipeline.data.storage import Location
 from lm2.pipeline.data.tokenizer import Tokenizer
 
@@ -53,51 +54,25 @@ class SplitCounts:
     """Real tokens, EOS included, PAD excluded."""
     rows: int = 0
     padding: int = 0
-    """PAD tokens: the last row's fill, plus the row ends skipped by packing "whole"."""
+    """PAD tokens: the last row's fill, plus the row ends skipped by packing "whole" or "document"."""
     first_id: int = 0
 
 
-PACKINGS = ("concat", "whole")
-
-
-class RowPacker:
-    """Cuts a token stream into rows of `width` tokens; `finish` pads the last partial row. With `whole`, a
-    document of at most `width` tokens that would straddle a row boundary starts a new row instead."""
-
-    def __init__(self, width: int, pad_id: int, dtype: np.dtype, whole: bool = False) -> None:
-        self.width, self.pad_id, self.dtype, self.whole = width, pad_id, dtype, whole
-        self.pending = np.empty(0, dtype=dtype)
-        self.padding = 0
-
-    def add(self, tokens: np.ndarray) -> np.ndarray:
-        closed = np.empty((0, self.width), self.dtype)
-        if self.whole and len(tokens) <= self.width < len(self.pending) + len(tokens):
-            closed = self._pad_pending()
-        stream = np.concatenate([self.pending, tokens.astype(self.dtype)])
-        full = len(stream) // self.width * self.width
-        self.pending = stream[full:]
-        return np.concatenate([closed, stream[:full].reshape(-1, self.width)])
-
-    def finish(self) -> np.ndarray:
-        """The last, padded row (none if the stream ended on a row boundary)."""
-        return self._pad_pending() if len(self.pending) else np.empty((0, self.width), self.dtype)
-
-    def _pad_pending(self) -> np.ndarray:
-        padding = self.width - len(self.pending)
-        row = np.concatenate([self.pending, np.full(padding, self.pad_id, self.dtype)])
-        self.pending = np.empty(0, dtype=self.dtype)
-        self.padding += padding
-        return row[None, :]
-
-
 class _SplitWriter:
-    """One split's packer, MDS writer and counts."""
+    """One split's packer, MDS writer and counts, and with packing "document" its table of documents."""
 
-    def __init__(self, folder: Path, remote: str | None, packer: RowPacker, first_id: int, size_limit: int) -> None:
+    def __init__(self, folder: Path, remote: str | None, packer, masked: bool, first_id: int, size_limit: int):
         from streaming import MDSWriter  # streaming imports torch: keep `lm2 data` startup light until here
 
-        self.packer, self.remote = packer, remote
+        self.folder, self.packer, self.remote, self.masked = folder, packer, remote, masked
+        self.documents = isinstance(packer, DocumentPacker)
         self.counts = SplitCounts(first_id=first_id)
+        self.rows_per_document: list[int] = []
+        columns = {"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"}
+        if masked:
+            columns["mask"] = f"ndarray:uint8:{packer.width}"
+        if self.documents:
+            columns |= {"document": "int64", "position": "int64"}
         try:
             self.writer = MDSWriter(
                 out=(str(folder), remote) if remote else str(folder),
@@ -105,7 +80,7 @@ class _SplitWriter:
                 hashes=["xxh64"],
                 size_limit=size_limit,
                 keep_local=False,
-                columns={"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"},
+                columns=columns,
             )
         except Exception as error:  # every storage backend raises its own types
             raise DataError(
@@ -113,20 +88,38 @@ class _SplitWriter:
                 "(S3_ENDPOINT_URL for S3-compatible stores)"
             ) from None
 
-    def add_document(self, tokens: np.ndarray) -> None:
+    def add_document(self, document: np.ndarray) -> None:
+        """document: [2, n] tokens and loss mask (packing.py)."""
+        rows = self.packer.add(document)
+        if self.documents:
+            self.rows_per_document.append(len(rows))
+        self._write(rows, self.counts.documents)
         self.counts.documents += 1
-        self.counts.tokens += len(tokens)
-        self._write(self.packer.add(tokens))
+        self.counts.tokens += document.shape[1]
 
     def close(self) -> None:
-        self._write(self.packer.finish())
+        self._write(self.packer.finish(), None)
         self.counts.padding = self.packer.padding
         self._uploading(self.writer.finish)
+        if self.documents:
+            self._write_documents()
 
-    def _write(self, rows: np.ndarray) -> None:
-        for row in rows:
-            self._uploading(self.writer.write, {"tokens": row, "id": self.counts.first_id + self.counts.rows})
+    def _write(self, rows: np.ndarray, document: int | None) -> None:
+        for position, row in enumerate(rows):
+            sample = {"tokens": row[0], "id": self.counts.first_id + self.counts.rows}
+            if self.masked:
+                sample["mask"] = row[1].astype(np.uint8)
+            if self.documents:  # numbered from the split's (or part's) first row id: unique across parts
+                sample |= {"document": self.counts.first_id + document, "position": position}
+            self._uploading(self.writer.write, sample)
             self.counts.rows += 1
+
+    def _write_documents(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        np.save(self.folder / DOCUMENTS_FILE, np.array(self.rows_per_document, dtype=np.int64))
+        if self.remote:
+            folder, _, split = self.remote.rpartition("/")
+            self._uploading(Location(folder).upload, self.folder / DOCUMENTS_FILE, f"{split}/{DOCUMENTS_FILE}")
 
     def _uploading(self, call, *args) -> None:
         try:
@@ -146,11 +139,11 @@ def is_validation(index: int, val_fraction: float) -> bool:
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
     batch, chars = [], 0
     for document in documents:
         batch.append(document)
-        chars += len(document)
+        chars += sum(map(len, document)) if isinstance(document, tuple) else len(document)
         if chars >= _BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -166,11 +159,21 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    return _worker_tokenizer.encode_documents(texts)
+def _encode_batch(documents: list[Document]) -> list[np.ndarray]:
+    """Each document as [2, n]: its tokens (EOS last) and its loss mask: 1 everywhere for a text; for a (prompt,
+    answer) pair, 0 on the prompt's tokens and 1 on the answer's and EOS."""
+    if not documents or isinstance(documents[0], str):
+        return [np.stack([t, np.ones_like(t)]) for t in _worker_tokenizer.encode_documents(documents)]
+    encoded = []
+    for prompt, answer in documents:
+        prompt_ids, answer_ids = _worker_tokenizer.encode(prompt), _worker_tokenizer.encode(answer)
+        tokens = np.array([*prompt_ids, *answer_ids, _worker_tokenizer.eos_id], dtype=np.int64)
+        mask = np.array([0] * len(prompt_ids) + [1] * (len(answer_ids) + 1), dtype=np.int64)
+        encoded.append(np.stack([tokens, mask]))
+    return encoded
 
 
-def encode_in_order(batches: Iterable[list[str]], tokenizer_path: str, workers: int) -> Iterator[list[np.ndarray]]:
+def encode_in_order(batches: Iterable[list[Document]], tokenizer_path: str, workers: int) -> Iterator[list[np.ndarray]]:
     """Encodes batches on `workers` processes, yielding results in input order with a bounded backlog."""
     if workers == 1:
         _init_worker(tokenizer_path)
@@ -210,6 +213,7 @@ def prepare(
     workers: int = 1,
     val_fraction: float = 0.0,
     text_field: str = "text",
+    answer_field: str | None = None,
     packing: str = "concat",
     shard_size_limit: int = 1 << 26,
     part: Part | None = None,
@@ -225,8 +229,9 @@ def prepare(
         model: if given, the tokenizer must fit its embedding and row_length must match it.
         workers: encoding processes.
         val_fraction: share of documents (every 1/val_fraction-th) written to the val split.
-        text_field: the JSONL field or parquet/dataset column holding the text.
-        packing: "concat" cuts the document stream anywhere; "whole" keeps documents that fit in a row whole.
+        text_field: the JSONL field or parquet/dataset column holding the text (with answer_field: the prompt).
+        answer_field: the JSONL field of each record's answer: the loss then covers only the answer and EOS.
+        packing: concat, whole or document (packing.py).
         shard_size_limit: bytes of uncompressed rows per shard.
         part: write only this part of the inputs, into output's part folders (parts.py); merge them after.
         progress: show progress (input bytes, MB/s, ETA, documents, tokens) on stderr.
@@ -258,8 +263,8 @@ def prepare(
             row_length,
             workers,
             val_fraction,
-            text_field,
-            packing == "whole",
+            (text_field, answer_field),
+            packing,
             shard_size_limit,
             progress,
         )
@@ -270,6 +275,7 @@ def prepare(
             "dtype": _row_dtype(tokenizer).name,
             "val_fraction": val_fraction,
             "text_field": text_field,
+            "answer_field": answer_field,
             "packing": packing,
             "splits": {k: asdict(v) for k, v in counts.items()},
             "inputs": [str(f) for f in files] if part is None else [str(p) for p in pieces],
@@ -344,10 +350,17 @@ def _row_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
 
-def _documents(pieces: list[Piece], text_field: str, bar: tqdm) -> Iterator[str]:
+def _documents(pieces: list[Piece], fields: tuple[str, str | None], bar: tqdm) -> Iterator[Document]:
     for piece in pieces:
-        yield from read_piece(piece, text_field)
+        yield from read_piece(piece, *fields)
         bar.update(piece.size)
+
+
+def _packer(packing: str, width: int, tokenizer: Tokenizer):
+    dtype = _row_dtype(tokenizer)
+    if packing == "document":
+        return DocumentPacker(width, tokenizer.pad_id, dtype)
+    return StreamPacker(width, tokenizer.pad_id, dtype, whole=packing == "whole")
 
 
 def _write_splits(
@@ -359,8 +372,8 @@ def _write_splits(
     row_length: int,
     workers: int,
     val_fraction: float,
-    text_field: str,
-    whole: bool,
+    fields: tuple[str, str | None],
+    packing: str,
     size_limit: int,
     progress: bool,
 ) -> dict[str, SplitCounts]:
@@ -369,7 +382,8 @@ def _write_splits(
     splits = {
         name: _SplitWriter(
             *_split_places(location, part, staging, name),
-            RowPacker(row_length + 1, tokenizer.pad_id, _row_dtype(tokenizer), whole),
+            _packer(packing, row_length + 1, tokenizer),
+            fields[1] is not None,
             numbering.first_id(name),
             size_limit,
         )
@@ -379,11 +393,11 @@ def _write_splits(
     with tqdm(
         desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True, disable=not progress
     ) as bar:
-        for encoded in encode_in_order(_batches(_documents(pieces, text_field, bar)), str(tokenizer.path), workers):
+        for encoded in encode_in_order(_batches(_documents(pieces, fields, bar)), str(tokenizer.path), workers):
             for document in encoded:
                 splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(document)
                 index += 1
-                tokens += len(document)
+                tokens += document.shape[1]
             bar.set_postfix(documents=f"{index:,}", tokens=f"{tokens:,}", refresh=False)
     for writer in splits.values():
         writer.close()

@@ -3,7 +3,8 @@
 - `.txt` / `.txt.gz` / `.txt.zst`: the whole file is ONE document. Books and articles stay whole, so a memory
   model sees long coherent contexts; put one document per file, or use JSONL for many small documents.
 - `.jsonl` / `.jsonl.gz` / `.jsonl.zst`: one JSON object per line; its `text_field` (default "text") is the
-  document. Read line by line through the decompressor.
+  document. Read line by line through the decompressor. With an `answer_field`, each record is a (prompt, answer)
+  pair, its `text_field` the prompt: `lm2 data prepare` puts the loss on the answer only.
 - `.parquet`: the string column `text_field` is the documents, read one row group at a time.
 - A Hugging Face dataset written by `Dataset.save_to_disk` (a folder with state.json and data-*.arrow files):
   the column `text_field`, read record batch by record batch from the memory-mapped arrow files. A saved
@@ -33,6 +34,9 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 _KINDS = f"{', '.join(SUFFIXES)} files, or a Hugging Face dataset folder (save_to_disk)"
+
+Document = str | tuple[str, str]
+"""A document's text, or a (prompt, answer) pair (answer_field)."""
 _RECORD_BATCH = 1024
 
 
@@ -158,7 +162,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: cannot read ({error})") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, text_field: str, answer_field: str | None) -> Iterator[Document]:
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -167,12 +171,10 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             record = json.loads(_decode(line, where))
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(
-                f"{where}: no string field {text_field!r}; set the text field name "
-                "(--text-field) to the one the records use"
-            )
-        yield record[text_field]
+        for field, option in ((text_field, "--text-field"), (answer_field, "--answer-field")):
+            if field is not None and not (isinstance(record, dict) and isinstance(record.get(field), str)):
+                raise DataError(f"{where}: no string field {field!r}; set {option} to the one the records use")
+        yield record[text_field] if answer_field is None else (record[text_field], record[answer_field])
 
 
 def _text_document(path: Path) -> Iterator[str]:
@@ -221,17 +223,21 @@ def _arrow_documents(piece: Piece, text_field: str) -> Iterator[str]:
         raise DataError(f"{file}: cannot read ({error}); save the dataset again") from None
 
 
-def read_piece(piece: Piece, text_field: str = "text") -> Iterator[str]:
-    """The non-blank documents of one piece."""
+def read_piece(piece: Piece, text_field: str = "text", answer_field: str | None = None) -> Iterator[Document]:
+    """The non-blank documents of one piece; with answer_field, (prompt, answer) pairs of JSONL records."""
+    if answer_field is not None and not piece.path.name.endswith(JSONL_SUFFIXES):
+        raise DataError(
+            f"{piece.path}: --answer-field applies to .jsonl inputs only; give the prompts and answers as JSON lines"
+        )
     if piece.path.is_dir():
         documents = _arrow_documents(piece, text_field)
     elif piece.path.name.endswith(PARQUET_SUFFIXES):
         documents = _parquet_documents(piece, text_field)
     elif piece.path.name.endswith(JSONL_SUFFIXES):
-        documents = _jsonl_documents(piece.path, text_field)
+        documents = _jsonl_documents(piece.path, text_field, answer_field)
     else:
         documents = _text_document(piece.path)
-    return (doc for doc in documents if doc.strip())
+    return (doc for doc in documents if (doc[1] if isinstance(doc, tuple) else doc).strip())
 
 
 def read_all(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:

@@ -57,6 +57,19 @@ class Location:
                 raise DataError(f"cannot fetch {self.join(name)} ({error}); check the URL and credentials") from None
             return json.loads(Path(local).read_text())
 
+    def fetch(self, name: str, folder: Path) -> Path:
+        """The file `name` as a local path: itself for a local location, else downloaded into `folder`."""
+        if not self.remote:
+            return Path(self.url, name)
+        from streaming.base.storage import CloudDownloader
+
+        local = folder / name.replace("/", "_")
+        try:
+            CloudDownloader.direct_download(self.join(name), str(local), 60)
+        except Exception as error:  # every storage backend raises its own types
+            raise DataError(f"cannot fetch {self.join(name)} ({error}); check the URL and credentials") from None
+        return local
+
     def upload(self, local_file: Path, name: str) -> None:
         """Copies `local_file` to `name` (remote locations only)."""
         folder, _, basename = self.join(name).rpartition("/")

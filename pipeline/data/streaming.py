@@ -50,8 +50,10 @@ from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
 from lm2.model.lm import IGNORE_INDEX
 from lm2.pipeline.data.config import DataConfig, StreamConfig
-from lm2.pipeline.data.metadata import check_data_compatible, check_local_shards, read_metadata
+from lm2.pipeline.data.lanes import LaneLoader
+from lm2.pipeline.data.metadata import DOCUMENTS_FILE, check_data_compatible, check_local_shards, read_metadata
 from lm2.pipeline.data.shared_memory import clean_stale_shared_memory, registration_lock
+from lm2.pipeline.data.storage import Location
 from lm2.pipeline.files import sha256_file
 from lm2.pipeline.parallel.dims import ParallelDims
 
@@ -187,6 +189,9 @@ class RowLoader:
         tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
         labels = tokens[:, 1:].clone()
         labels[labels == self.pad_id] = IGNORE_INDEX
+        for i, sample in enumerate(samples):
+            if "mask" in sample:  # a dataset prepared with --answer-field: the loss covers the answers only
+                labels[i, torch.from_numpy(sample["mask"][1:] == 0)] = IGNORE_INDEX
         return {
             "input_ids": tokens[:, :-1],
             "labels": labels,
@@ -315,6 +320,44 @@ def build_train_loader(
         micro_batch: rows per micro-batch per replica (streaming's batch_size).
         model: the model config the rows must fit (row length, vocabulary).
     """
+    dataset, pad_id = _replica_dataset(cfg, dims, rank, micro_batch, model)
+    return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
+
+
+def build_lane_loader(
+    cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int, grad_accum: int, model: ModelConfig
+) -> LaneLoader:
+    """The document-lane loader of rank `rank` (lanes.py), for train.carry.mode: document; every rank must call it.
+    The streams must be prepared with --packing document; they are read in order, without proportions."""
+    if any(stream.proportion is not None for stream in cfg.streams):
+        raise DataError(
+            "data.streams proportions are not supported with train.carry.mode: document (every document is read "
+            "once per epoch): drop the proportions"
+        )
+    tables = [_documents_table(cfg, stream) for stream in cfg.streams]
+    dataset, pad_id = _replica_dataset(cfg, dims, rank, micro_batch, model)
+    offsets = [int(offset) for offset in dataset.sample_offset_per_stream]
+    first_sample = np.concatenate([offset + np.cumsum(table) - table for offset, table in zip(offsets, tables)])
+    return LaneLoader(
+        dataset.get_item,
+        np.concatenate(tables),
+        first_sample,
+        dims.dp,
+        dims.coords(rank)[1],
+        micro_batch,
+        grad_accum,
+        cfg.shuffle,
+        cfg.shuffle_seed,
+        pad_id,
+        model.row_length + 1,
+    )
+
+
+def _replica_dataset(
+    cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int, model: ModelConfig
+) -> tuple[_ReplicaDataset, int]:
+    """The streams' dataset for this rank's replica, after checking they fit the model, and the PAD id. Every rank
+    must call it (streaming synchronises them while building)."""
     if micro_batch < 1:
         raise DataError(f"micro batch must be >= 1, got {micro_batch}")
     checksum = sha256_file(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None
@@ -332,4 +375,18 @@ def build_train_loader(
             _remove_cut_short_files(dataset)
         if dist.is_initialized():
             dist.barrier()  # every rank has registered; none downloads before the cleanup
-    return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
+    return dataset, pad_id
+
+
+def _documents_table(cfg: DataConfig, stream: StreamConfig) -> np.ndarray:
+    """The stream's rows per document (prepare.py's documents.npy); refuses a stream not packed by document."""
+    local = _cache_folder(cfg, stream) if stream.is_remote else stream.path
+    metadata = read_metadata(stream.path, local)
+    if metadata.get("packing") != "document":
+        raise DataError(
+            f"{stream.path} was prepared with --packing {metadata.get('packing')}: train.carry.mode: document "
+            "reads documents in lanes; prepare it again with --packing document"
+        )
+    folder = Path(local) / stream.split
+    folder.mkdir(parents=True, exist_ok=True)
+    return np.load(Location(stream.path).fetch(f"{stream.split}/{DOCUMENTS_FILE}", folder))

@@ -1,8 +1,10 @@
 """The LM2 model as a DeepSpeed PipelineModule: the same parts as LM2Model, one LayerSpec each.
 
-Stages exchange hidden states only (each block owns its memory). Every part is built under the seed LM2Model
-uses for it, so a pipelined model starts from exactly the weights of the single-process one. Weight names
-map back to LM2Model's with `model_name`, which checkpoint conversion and export use.
+Stages exchange hidden states only (each block owns its memory), and with carried memory the rows' lanes (a
+[B, 2] int64 tensor, see LM2Model.forward): every stage's memory blocks read and keep their own lanes' states.
+Every part is built under the seed LM2Model uses for it, so a pipelined model starts from exactly the weights of
+the single-process one. Weight names map back to LM2Model's with `model_name`, which checkpoint conversion and
+export use.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ class EmbeddingStage(nn.Module):
             self.lm_head = build_lm_head(cfg, tp, seed)  # owns no weight
             self.real_vocab_columns = real_vocab_columns(cfg, tp)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(tokens)
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+        """tokens, or (tokens, carry) -> hidden states, or (hidden states, carry)."""
+        if isinstance(inputs, tuple):
+            tokens, carry = inputs
+            return self.embed_tokens(tokens), carry
+        return self.embed_tokens(inputs)
 
     def tied_output(self, hn: torch.Tensor) -> torch.Tensor:
         return output_logits(self.lm_head, hn, self.real_vocab_columns, self.embed_tokens.weight)
@@ -45,10 +51,20 @@ class PipeBlock(DecoderBlock):
         with seeded(block_seed(seed, index)):
             super().__init__(cfg, tp, index)
 
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+        if isinstance(inputs, tuple):
+            h, carry = inputs
+            return super().forward(h, carry), carry
+        return super().forward(inputs)
+
 
 class NormStage(RMSNorm):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__(cfg.hidden_size, cfg.norm_eps, tp.config.params_dtype)
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The final norm of the hidden states; the carry ends here."""
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 class OutputStage(nn.Module):

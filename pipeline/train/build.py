@@ -20,10 +20,12 @@ from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import read_manifest
 from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
 from lm2.pipeline.config import RunConfig
-from lm2.pipeline.data.streaming import RowLoader, build_train_loader
+from lm2.pipeline.data.lanes import LaneLoader
+from lm2.pipeline.data.streaming import RowLoader, build_lane_loader, build_train_loader
 from lm2.pipeline.launch.environment import launched_world_size
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.train.carry import CarriedMemory
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.run_folder import claim_run_folder
 
@@ -44,8 +46,10 @@ class RunParts:
     run: RunConfig
     dims: ParallelDims
     engine: Engine
-    train_loader: RowLoader
+    train_loader: RowLoader | LaneLoader
     val_loader: RowLoader | None
+    carry: CarriedMemory | None
+    """The lanes of carried memory (train.carry), None without."""
     start: Start
     run_folder_lock: IO | None
     """Rank 0's lock on the run folder (run_folder.py), held as long as this object lives."""
@@ -65,29 +69,58 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
     return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
 
 
-def build(run: RunConfig, override_schedule: bool = False) -> RunParts:
+def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = False) -> RunParts:
     """Every rank calls it. `override_schedule`: resume even if the LR schedule's fields changed, following the
-    config's schedule."""
+    config's schedule. `reset_memory`: resume with every lane of carried memory from M_0 (the way to resume at
+    another data-parallel size or micro-batch with train.carry)."""
     run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
     dims = init_distributed(run.parallel.tp, run.parallel.pp)
     rank = torch.distributed.get_rank()
     lock = claim_run_folder(run)
     seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
     # Data first: a dataset that does not fit the model fails before the engine is built.
-    train_loader = build_train_loader(run.data, dims, rank, run.train.micro_batch, run.model)
+    train_loader = build_loader(run, dims, rank)
     val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
     engine = build_engine(run, dims)
+    carry = None
+    if run.train.carry.enabled:
+        carry = CarriedMemory(
+            engine.deepspeed.module,
+            run.train.carry,
+            run.train.micro_batch,
+            engine.grad_accum,
+            run.train.seed,
+            engine.deepspeed.device,
+        )
     folder = find_resume(run.checkpoints, run.checkpoint.resume)
-    start = Start() if folder is None else resume(run, engine, train_loader, folder, override_schedule)
+    start = Start()
+    if folder is not None:
+        start = resume(run, engine, train_loader, carry, folder, override_schedule, reset_memory)
     if rank == 0:
         Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-    return RunParts(run, dims, engine, train_loader, val_loader, start, lock)
+    return RunParts(run, dims, engine, train_loader, val_loader, carry, start, lock)
 
 
-def resume(run: RunConfig, engine: Engine, train_loader: RowLoader, folder: Path, override_schedule: bool) -> Start:
+def build_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader | LaneLoader:
+    """The training loader: rows (shuffled), or document lanes for train.carry.mode: document."""
+    if run.train.carry.mode == "document":
+        grad_accum = run.train.grad_accum(dims.dp)
+        return build_lane_loader(run.data, dims, rank, run.train.micro_batch, grad_accum, run.model)
+    return build_train_loader(run.data, dims, rank, run.train.micro_batch, run.model)
+
+
+def resume(
+    run: RunConfig,
+    engine: Engine,
+    train_loader: RowLoader | LaneLoader,
+    carry: CarriedMemory | None,
+    folder: Path,
+    override_schedule: bool,
+    reset_memory: bool,
+) -> Start:
     """Loads checkpoint `folder` into the engine (natively, or through a universal checkpoint when it was written at
-    another layout), sets the LR schedule and the loader's position."""
+    another layout), sets the LR schedule, the loader's position and the lanes' carried memory."""
     manifest = read_manifest(folder)
     route = resume_route(manifest, run.model, engine.layout, folder)
     check_schedule(manifest, run.to_dict(), folder, override_schedule)
@@ -98,5 +131,10 @@ def resume(run: RunConfig, engine: Engine, train_loader: RowLoader, folder: Path
         state = load(engine.deepspeed, folder, manifest)
     resume_schedule(engine.deepspeed, run.optim, run.train.steps, state["step"])
     if state["data"] is not None:  # a step-0 checkpoint of `lm2 import hf` has read no data yet
-        train_loader.load_state_dict(state["data"])
+        if isinstance(train_loader, LaneLoader):
+            train_loader.load_state_dict(state["data"], reset_memory)
+        else:
+            train_loader.load_state_dict(state["data"])
+    if carry is not None:
+        carry.load(folder, manifest, reset_memory)
     return Start(state["step"], state["wandb_id"], folder)

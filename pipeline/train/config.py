@@ -1,13 +1,15 @@
-"""The trainer's sections of a run config: the optimiser and its schedule, and the training loop."""
+"""The trainer's sections of a run config: the optimiser and its schedule, and the training loop (with carried
+memory)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lm2.model.config import require, require_choice
 
 Decay = Literal["cosine", "linear"]
+CarryMode = Literal["none", "state", "document"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -40,6 +42,31 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CarryConfig:
+    """Memory carried across rows (pipeline/train/carry.py). A lane is row slot j of micro-batch i on a rank; what
+    a lane's row ends with is where its next row starts, detached: no gradient crosses rows."""
+
+    mode: CarryMode = "none"
+    """none: every row starts from the learned bank M_0. state ("state passing"): each lane's row starts from the
+    final memory of that lane's previous row, related or not, so training reaches the memory states a long input
+    reaches. document: lanes read documents in order (data prepared with `--packing document`): a document longer
+    than a row continues in the same lane at the next step with its memory, which returns to M_0 exactly where a
+    new document starts (evaluation's semantics, extended to training)."""
+    reset: float = 0.0
+    """state mode: the probability that a lane's row starts from M_0 instead, drawn per lane and row, so the model
+    also keeps learning from a fresh bank."""
+
+    def __post_init__(self) -> None:
+        require_choice("train.carry.mode", self.mode, CarryMode)
+        require(0 <= self.reset <= 1, f"train.carry.reset must lie in [0, 1], got {self.reset}")
+        require(self.reset == 0 or self.mode == "state", "train.carry.reset applies to train.carry.mode: state only")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     """Optimizer steps of the run."""
@@ -63,6 +90,8 @@ class TrainConfig:
     """Micro-batches per data-parallel rank in one validation pass."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU (e.g. 989 for an H100 in bf16); 0 leaves MFU out."""
+    carry: CarryConfig = field(default_factory=CarryConfig)
+    """Memory carried across rows: none (default), state or document."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):

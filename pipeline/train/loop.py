@@ -14,6 +14,7 @@ from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest
 from lm2.pipeline.checkpoint.save import code_version, save
 from lm2.pipeline.console import human, saved_line
+from lm2.pipeline.data.lanes import LaneLoader
 from lm2.pipeline.data.streaming import RowLoader
 from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from lm2.pipeline.launch.signals import StopSignals
@@ -25,15 +26,21 @@ from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
 from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
-def micro_batch_stream(loader: RowLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, labels) on `device`, epoch after epoch."""
+def micro_batch_stream(loader: RowLoader | LaneLoader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's micro-batches (input_ids, labels and, from document lanes, carry) on `device`, epoch after
+    epoch."""
     while True:
         for batch in loader:
-            yield batch["input_ids"].to(device), batch["labels"].to(device)
+            yield {key: batch[key].to(device) for key in ("input_ids", "labels", "carry") if key in batch}
 
 
-def take(stream: Iterator, count: int) -> MicroBatches:
+def take(stream: Iterator, count: int) -> list[dict[str, torch.Tensor]]:
     return [next(stream) for _ in range(count)]
+
+
+def plain(batches: list[dict[str, torch.Tensor]]) -> MicroBatches:
+    """The engine's micro-batches without carried memory: (input_ids, labels)."""
+    return [(batch["input_ids"], batch["labels"]) for batch in batches]
 
 
 class RequeueExit(SystemExit):
@@ -50,7 +57,7 @@ class Trainer:
 
     def __init__(self, parts: RunParts, signals: StopSignals | None = None):
         self.parts, self.run, self.dims, self.engine = parts, parts.run, parts.dims, parts.engine
-        self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
+        self.train_loader, self.val_loader, self.carry = parts.train_loader, parts.val_loader, parts.carry
         self.signals = signals or StopSignals()
         self.rank = dist.get_rank()
         self.host_group = host_group()
@@ -109,13 +116,14 @@ class Trainer:
             data=self.train_loader.state_dict(),
         )
         started = time.perf_counter()
-        folder = save(self.engine, self.run.checkpoints, manifest, self.run.checkpoint.keep)
+        carry = self.carry.state_dict() if self.carry is not None else None
+        folder = save(self.engine, self.run.checkpoints, manifest, self.run.checkpoint.keep, carry)
         if self.rank == 0:
             print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
-        return eval_loss(self.engine, take(stream, self.run.train.eval_batches)).item()
+        return eval_loss(self.engine, plain(take(stream, self.run.train.eval_batches))).item()
 
     def _stop_requested(self) -> bool:
         """Whether any rank received SIGTERM/SIGUSR1 (a launcher may signal only some ranks): all ranks agree at the
@@ -139,7 +147,9 @@ class Trainer:
                 log_due = self._log_due(self.step + 1)
                 lr = self.engine.deepspeed.get_lr()[0]  # the LR this step applies (the step moves it on)
                 with self.gates.recording(enabled=log_due):
-                    loss, grad_norm = train_step(self.engine, take(stream, self.engine.grad_accum))
+                    loss, grad_norm = train_step(self.engine, self._micro_batches(take(stream, self.engine.grad_accum)))
+                if self.carry is not None:
+                    self.carry.commit()
                 self.step += 1
                 finite.observe(self.step, loss, grad_norm)
                 if log_due:
@@ -170,6 +180,10 @@ class Trainer:
                 f"{logged_loss:.4f}; checkpoints in {self.run.checkpoints}",
                 flush=True,
             )
+
+    def _micro_batches(self, batches: list[dict[str, torch.Tensor]]) -> MicroBatches:
+        """This step's micro-batches for the engine, with each row's lane when memory is carried."""
+        return plain(batches) if self.carry is None else self.carry.micro_batches(self.step, batches)
 
     def _log_due(self, step: int) -> bool:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps

@@ -1,6 +1,7 @@
 """One optimizer step and one validation pass: the math, no logging and no files.
 
-Micro-batches are (input_ids, labels) pairs of [micro_batch, row_length] tensors on this rank's device. Every
+Micro-batches are (inputs, labels) pairs on this rank's device: inputs are input_ids [micro_batch, row_length], or
+with carried memory (input_ids, carry) (pipeline/train/carry.py), labels [micro_batch, row_length]. Every
 rank, every pipeline stage included, receives the same list for its replica: the pipeline engine reads only
 on its first and last stages, but all stages keep their loaders in step.
 """
@@ -14,7 +15,7 @@ from megatron.core import parallel_state
 from lm2.model.lm import mean_loss
 from lm2.pipeline.train.engine import Engine
 
-MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+MicroBatches = list[tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,7 +39,7 @@ def train_step(engine: Engine, micro_batches: MicroBatches) -> tuple[torch.Tenso
     else:
         total = torch.zeros((), device=ds.device)
         for inputs, labels in micro_batches:
-            micro_loss = mean_loss(ds(inputs), labels)
+            micro_loss = mean_loss(ds(*inputs) if isinstance(inputs, tuple) else ds(inputs), labels)
             ds.backward(micro_loss)
             ds.step()  # optimizer step only at the accumulation boundary
             total += micro_loss.detach()

@@ -51,6 +51,20 @@ def train_data(text_inputs, tmp_path_factory):
     return [f"data.streams=[{{path: {folder / 'data'}}}]", f"data.tokenizer={tokenizer}"]
 
 
+@pytest.fixture(scope="session")
+def train_documents(text_inputs, train_data, tmp_path_factory):
+    """train_data's inputs and tokenizer prepared with --packing document, for train.carry.mode: document, as
+    overrides."""
+    from lm2.pipeline.data.prepare import prepare
+
+    tokenizer = next(item.split("=", 1)[1] for item in train_data if item.startswith("data.tokenizer="))
+    folder = tmp_path_factory.mktemp("train_documents")
+    prepare(
+        [text_inputs], folder / "data", tokenizer, row_length=32, val_fraction=0.25, packing="document", progress=False
+    )
+    return [f"data.streams=[{{path: {folder / 'data'}}}]", f"data.tokenizer={tokenizer}", "train.carry.mode=document"]
+
+
 @pytest.fixture(scope="module")
 def hf_lm2(tokenizer_path, tmp_path_factory):
     """A random LM2 Hugging Face folder (tests/pipeline/eval_fixtures.py)."""

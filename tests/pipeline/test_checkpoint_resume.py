@@ -1,6 +1,6 @@
 """Checkpoints: a run killed with SIGKILL at a random step between checkpoints, or in the middle of a save, and
-resumed is bit-identical to an uninterrupted one (single process, TP=2, PP=2, DP=2 ZeRO-2); signals save and exit
-for requeue; broken checkpoints are skipped."""
+resumed is bit-identical to an uninterrupted one (single process, TP=2, PP=2, DP=2 ZeRO-2, and with carried memory
+in state and document mode); signals save and exit for requeue; broken checkpoints are skipped."""
 
 import json
 import random
@@ -121,36 +121,59 @@ def wait_for_kill_point(process: subprocess.Popen, run_dir: Path, during_save: b
     return f"step {kill_after + 1}"
 
 
-LAYOUTS = {
+PARALLEL = {
     "single": (1, []),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
-    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2": (2, ["parallel.zero_stage=2"]),
 }
+LAYOUTS = {"dp2-zero2" if name == "dp2" else name: layout for name, layout in PARALLEL.items()}
+LAYOUTS |= {
+    f"state-{name}": (size, [*overrides, "train.carry.mode=state", "train.carry.reset=0.25"])
+    for name, (size, overrides) in PARALLEL.items()
+}
+LAYOUTS |= {f"document-{name}": (size, overrides) for name, (size, overrides) in PARALLEL.items()}
+"""name -> (world size, overrides). document-*: train_documents's data (--packing document, train.carry.mode:
+document); the others: train_data's."""
 
 
 @pytest.fixture(scope="module")
-def references(train_data, tmp_path_factory):
+def layout_overrides(train_data, train_documents):
+    def overrides(layout: str) -> tuple[int, list[str]]:
+        world_size, extra = LAYOUTS[layout]
+        data = train_documents if layout.startswith("document-") else train_data
+        return world_size, data + extra + ["checkpoint.every=3"]
+
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def references(layout_overrides, tmp_path_factory):
     """layout -> the run folder of its uninterrupted run, trained once for both kill points."""
     folders = {}
 
     def reference(layout: str) -> Path:
         if layout not in folders:
-            world_size, overrides = LAYOUTS[layout]
+            world_size, overrides = layout_overrides(layout)
             folders[layout] = tmp_path_factory.mktemp(f"reference-{layout}") / "run"
-            finish(
-                launch(folders[layout], world_size, train_data + overrides + ["checkpoint.every=3"]), folders[layout]
-            )
+            finish(launch(folders[layout], world_size, overrides), folders[layout])
         return folders[layout]
 
     return reference
 
 
-# make test: one process, killed between checkpoints; make test-all: every layout at both kill points.
+# make test: one process, killed between checkpoints, without and with carried memory (document lanes); make
+# test-all: every layout at both kill points, and every layout with carried memory (state and document).
 @pytest.mark.parametrize(
     "layout,during_save",
     [
         ("single", False),
+        ("document-single", False),
+        *(
+            pytest.param(name, False, marks=pytest.mark.slow)
+            for name in LAYOUTS
+            if name.startswith(("state-", "document-")) and name != "document-single"
+        ),
         pytest.param("dp2-zero2", True, marks=pytest.mark.slow),
         pytest.param("single", True, marks=pytest.mark.slow),
         pytest.param("dp2-zero2", False, marks=pytest.mark.slow),
@@ -161,9 +184,8 @@ def references(train_data, tmp_path_factory):
     ],
     ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value),
 )
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, train_data, references, layout, during_save):
-    world_size, overrides = LAYOUTS[layout]
-    overrides = train_data + overrides + ["checkpoint.every=3"]
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, layout_overrides, references, layout, during_save):
+    world_size, overrides = layout_overrides(layout)
     reference, interrupted = references(layout), tmp_path / "interrupted"
 
     process = launch(interrupted, world_size, overrides)
