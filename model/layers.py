@@ -21,8 +21,8 @@ from torch import nn
 
 
 class Probe(nn.Identity):
-    """A named point where the model shows an activation without keeping it: returns its input unchanged. The
-    trainer registers forward hooks on probes to compute metrics (pipeline/train/gates.py); no state, no cost."""
+    """A named point where the model shows an activation without keeping it: returns its input unchanged. The trainer
+    registers forward hooks on probes to compute metrics (pipeline/train/memory_monitor.py); no state, no cost."""
 
 
 class RMSNorm(nn.Module):

@@ -63,7 +63,7 @@ def test_plain_pytest_collects_from_the_repository_root(tmp_path):
             "-p",
             "no:cacheprovider",
             "tests/model/test_config.py",
-            "tests/pipeline/test_gate_metrics.py",
+            "tests/pipeline/test_memory_metrics.py",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -21,8 +21,8 @@ from lm2.pipeline.launch.signals import StopSignals
 from lm2.pipeline.launch.slurm import requeue_note
 from lm2.pipeline.parallel.init import host_group
 from lm2.pipeline.train.build import RunParts
-from lm2.pipeline.train.gates import GateMonitor
-from lm2.pipeline.train.metrics import MetricsLogger, Throughput, gate_metrics
+from lm2.pipeline.train.memory_monitor import COLUMNS, MemoryMonitor
+from lm2.pipeline.train.metrics import MetricsLogger, Throughput, memory_metrics
 from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
@@ -62,7 +62,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.host_group = host_group()
         self.device = self.engine.deepspeed.device
-        self.gates = GateMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
+        self.memory_monitor = MemoryMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
         self.step, self.wandb_id = parts.start.step, parts.start.wandb_id
         if self.rank == 0:
             print(self.startup_summary(), flush=True)
@@ -146,7 +146,7 @@ class Trainer:
             while self.step < run.train.steps:
                 log_due = self._log_due(self.step + 1)
                 lr = self.engine.deepspeed.get_lr()[0]  # the LR this step applies (the step moves it on)
-                with self.gates.recording(enabled=log_due):
+                with self.memory_monitor.recording(enabled=log_due):
                     loss, grad_norm = train_step(self.engine, self._micro_batches(take(stream, self.engine.grad_accum)))
                 if self.carry is not None:
                     self.carry.commit()
@@ -189,14 +189,14 @@ class Trainer:
         return step % self.run.train.log_every == 0 or step == self.run.train.steps
 
     def _train_metrics(self, throughput: Throughput, loss: torch.Tensor, grad_norm, lr: float) -> dict:
-        """The log step's training metrics. Loss, grad norm and gate means reach the host in one transfer (the
-        one host sync of a log step), before the throughput clock is read."""
-        gates = self.gates.means()  # a collective: every rank logs the same steps
+        """The log step's training metrics. Loss, grad norm, gate means and slot norms reach the host in one transfer
+        (the one host sync of a log step), before the throughput clock is read."""
+        memory = self.memory_monitor.summary()  # a collective: every rank logs the same steps
         norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
         values = torch.cat(
-            [loss.detach().double().view(1).to(gates.device), norm.view(1).to(gates.device), gates.flatten()]
+            [loss.detach().double().view(1).to(memory.device), norm.view(1).to(memory.device), memory.flatten()]
         ).tolist()
-        run = self.run
+        run, width = self.run, len(COLUMNS)
         return {
             "loss": values[0],
             "lr": lr,
@@ -204,5 +204,5 @@ class Trainer:
             "samples": self.step * run.train.global_batch,
             "tokens": self.step * self.tokens_per_step,
             **throughput.report(),
-            **gate_metrics([values[2 + 3 * i : 5 + 3 * i] for i in range(run.model.num_layers)]),
+            **memory_metrics([values[2 + width * i : 2 + width * (i + 1)] for i in range(run.model.num_layers)]),
         }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lm2.pipeline.config import RunConfig
-from lm2.pipeline.train.gates import GATES
+from lm2.pipeline.train.memory_monitor import COLUMNS, GATES
 
 
 @dataclass
@@ -68,16 +68,21 @@ def _console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
             for g in ("g_in", "g_forget", "g_out")
         }
         parts.append("gates in/forget/out {g_in:.2f}/{g_forget:.2f}/{g_out:.2f}".format(**means))
+    means = [v for k, v in metrics.items() if k.endswith("/slot_norm_mean")]
+    if means:
+        largest = max(v for k, v in metrics.items() if k.endswith("/slot_norm_max"))
+        parts.append(f"slot norm mean/max {sum(means) / len(means):.2f}/{largest:.2f}")
     return " | ".join(parts)
 
 
-def gate_metrics(gates: list[list[float]]) -> dict[str, float]:
-    """num_layers rows of (g_in, g_forget, g_out) -> {"gates/layer_03/g_in": ...}; NaN (no memory) is left out."""
+def memory_metrics(rows: list[list[float]]) -> dict[str, float]:
+    """num_layers rows of (g_in, g_forget, g_out, slot_norm_mean, slot_norm_max) (MemoryMonitor.summary) ->
+    {"gates/layer_03/g_in": ..., "memory/layer_03/slot_norm_max": ...}; NaN (no memory) is left out."""
     out = {}
-    for layer, row in enumerate(gates):
-        for name, value in zip(GATES, row):
+    for layer, row in enumerate(rows):
+        for name, value in zip(COLUMNS, row):
             if not math.isnan(value):
-                out[f"gates/layer_{layer:02d}/{name}"] = value
+                out[f"{'gates' if name in GATES else 'memory'}/layer_{layer:02d}/{name}"] = value
     return out
 
 

@@ -12,6 +12,7 @@ from lm2.model.memory import LaneStates
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import gather_full_state, load_full_state
+from lm2.pipeline.train.memory_monitor import MemoryMonitor
 from tests.distributed import run_distributed
 from tests.model.test_tensor_parallel import _full_logits
 from tests.model.tiny import tiny_config
@@ -96,16 +97,18 @@ def _carry_tp2_matches_tp1() -> None:
     rows = [torch.randint(0, cfg.vocab_size, (2, cfg.row_length), generator=generator) for _ in range(3)]
     flags = [carry([0, 1], [1, 1]), carry([0, 1], [0, 1]), carry([0, 1], [0, 0])]
 
-    def run(model: LM2Model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def run(model: LM2Model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         states, out = attach_lanes(model, 2), []
+        monitor = MemoryMonitor(model, cfg.num_layers, torch.device("cpu"))
         for row, flag in zip(rows, flags):
             model.zero_grad()
-            logits = model(row, flag)
+            with monitor.recording():
+                logits = model(row, flag)
             full = _full_logits(logits.detach(), cfg.vocab_size)
             token_losses(logits, torch.roll(row, -1, dims=1)).mean().backward()
             grad = model.layers[1].memory.write_k.weight.grad.clone()
             commit(states)
-            out.append((full, grad))
+            out.append((full, grad, monitor.summary()))
         return out
 
     init_distributed(tp=1)
@@ -116,13 +119,14 @@ def _carry_tp2_matches_tp1() -> None:
     model = LM2Model(cfg, tensor_parallel(), seed=1)
     load_full_state(model, weights)
     rank, half = parallel_state.get_tensor_model_parallel_rank(), cfg.memory_dim // 2
-    for (logits, grad), (ref_logits, ref_grad) in zip(run(model), expected):
+    for (logits, grad, memory), (ref_logits, ref_grad, ref_memory) in zip(run(model), expected):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, ref_grad[rank * half : (rank + 1) * half], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(memory, ref_memory, rtol=1e-5, atol=1e-6)  # gate means and slot norms
     parallel_state.destroy_model_parallel()
 
 
 def test_tp2_carries_what_tp1_carries():
-    """Three rows through two lanes (one fresh midway) at TP=2 on two gloo ranks: the logits of every row (<= 1e-6)
-    and a sharded memory projection's gradient equal TP=1's."""
+    """Three rows through two lanes (one fresh midway) at TP=2 on two gloo ranks: the logits of every row (<= 1e-6),
+    a sharded memory projection's gradient and the memory metrics (slot norms over both ranks' heads) equal TP=1's."""
     run_distributed(_carry_tp2_matches_tp1, world_size=2)
