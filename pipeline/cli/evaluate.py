@@ -33,7 +33,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     """Perplexity on a prepared dataset's split or on text files."""
     from lm2.pipeline.eval.perplexity import perplexity
 
-    result, scored = perplexity(args.model, args.data, split=args.split, context=args.context, device=args.device)
+    result, scored = perplexity(
+        args.model, args.data, split=args.split, context=args.context, device=args.device, carry=args.carry
+    )
     print(
         f"perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats/token) over {result.tokens:,} tokens "
         f"of {scored}"
@@ -70,4 +72,10 @@ def add_commands(commands) -> None:
     ppl.add_argument("--split", default="val", help="split of a prepared dataset")
     ppl.add_argument("--context", type=int, help="tokens per window on text files (default 1024)")
     ppl.add_argument("--device", help=DEVICE_HELP)
+    ppl.add_argument(
+        "--carry",
+        action="store_true",
+        help="LM2, text files: score each document in pieces of --context tokens with the memory carried from "
+        "piece to piece (a new document starts from fresh memory)",
+    )
     ppl.set_defaults(run=cmd_eval_ppl)

@@ -1,7 +1,10 @@
 """`lm2 eval ppl`: perplexity of a model on a prepared dataset's split (MDS shards from `lm2 data prepare`,
 scored row by row exactly like the trainer's validation loss: PAD labels ignored) or on text files
 (.txt/.jsonl, optionally .gz: documents end with EOS as in training, the token stream is cut into windows of
-`context` tokens, and every token but a window's first is scored)."""
+`context` tokens, and every token but a window's first is scored). With `carry` (LM2 models), each document is
+scored in pieces of `context` tokens with the memory (the model's cache) carried from piece to piece and reset
+where a new document starts: every token but the document's first is scored, as one pass over the document
+would score it."""
 
 from __future__ import annotations
 
@@ -110,6 +113,31 @@ def text_perplexity(model: EvalModel, files: list[Path], context: int, progress:
     return total
 
 
+def carried_perplexity(model: EvalModel, files: list[Path], context: int, progress: bool = True) -> Perplexity:
+    """Each document in pieces of `context` tokens, the cache (memory, and the open segment's keys) carried."""
+    from lm2.pipeline.data.sources import read_all
+
+    total = Perplexity(0.0, 0)
+    for document in tqdm(list(read_all(files)), desc="ppl", unit="document", disable=not progress):
+        ids = torch.tensor(model.encode(document) + [model.tokenizer.eos_token_id])
+        cache = None
+        for start in range(0, len(ids) - 1, context):
+            piece = ids[start : start + context + 1]
+            nll, count, cache = token_nll_cached(model.model, piece[None, :-1], piece[None, 1:], cache)
+            total = Perplexity(total.nll_sum + nll, total.tokens + count)
+    return total
+
+
+def token_nll_cached(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cache):
+    """token_nll of inputs that continue the stream in `cache` (None: a new one); returns the cache too."""
+    inputs, labels = inputs.to(model.device), labels.to(model.device)
+    with torch.no_grad():
+        out = model(inputs, past_key_values=cache, use_cache=True)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return float(-picked.sum()), labels.numel(), out.past_key_values
+
+
 def perplexity(
     model_dir: str,
     data: list[str],
@@ -117,19 +145,30 @@ def perplexity(
     context: int | None = None,
     progress: bool = True,
     device: str | None = None,
+    carry: bool = False,
 ) -> tuple[Perplexity, str]:
     """(perplexity, what was scored) of the model in model_dir on one prepared dataset or on text files.
-    device: a torch device name, None for the GPU when there is one."""
+    device: a torch device name, None for the GPU when there is one. carry: score text files document by document
+    with the memory carried between pieces (LM2 models)."""
     from lm2.pipeline.data.metadata import METADATA_FILE
     from lm2.pipeline.data.sources import find_input_files
     from lm2.pipeline.eval.hf_model import load_model
 
     model = load_model(model_dir, device)
-    if len(data) == 1 and (Path(data[0]) / METADATA_FILE).is_file():
+    prepared = len(data) == 1 and (Path(data[0]) / METADATA_FILE).is_file()
+    if carry and (model.kind != "LM2" or prepared):
+        raise EvalError(
+            "--carry scores text files with an LM2 model's memory carried between pieces: give an LM2 "
+            "export and .txt/.jsonl files"
+        )
+    if prepared:
         result = mds_perplexity(model, Path(data[0]), split, Path(model_dir), progress=progress)
         return result, f"{data[0]} ({split} split)"
     context = context or TEXT_CONTEXT
     if model.max_tokens is not None:
         context = min(context, model.max_tokens)
     files = find_input_files(data)
+    if carry:
+        result = carried_perplexity(model, files, context, progress)
+        return result, f"{len(files)} text file(s), documents in pieces of {context} tokens, memory carried"
     return text_perplexity(model, files, context, progress), f"{len(files)} text file(s), windows of {context} tokens"

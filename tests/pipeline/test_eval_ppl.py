@@ -66,6 +66,33 @@ def test_perplexity_of_text_files_equals_the_models_own_loss(hf_lm2, text_inputs
     assert float(out.split()[1]) == pytest.approx(expected, rel=1e-3)  # printed with 3 decimals
 
 
+def test_carried_perplexity_equals_one_pass_over_each_document(hf_lm2, text_inputs, tokenizer_path):
+    """--carry: documents in pieces of 100 tokens (segments of 16: pieces end mid-segment), the memory carried,
+    against one call of the model over each whole document (<= 1e-5)."""
+    from lm2.pipeline.data.sources import find_input_files, read_all
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    model = AutoModelForCausalLM.from_pretrained(hf_lm2, trust_remote_code=True).eval()
+    files = [str(text_inputs / "macbeth.txt"), str(text_inputs / "scenes.jsonl")]
+    total, count = 0.0, 0
+    for document in read_all(find_input_files(files)):
+        ids = torch.tensor(processor.encode(document) + [processor.eos_id()])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None, :-1], use_cache=False).logits.double(), dim=-1)[0]
+        total -= float(logp.gather(-1, ids[1:, None]).sum())
+        count += len(ids) - 1
+    result, scored = perplexity(str(hf_lm2), files, context=100, progress=False, device="cpu", carry=True)
+    assert result.tokens == count > 1000 and "memory carried" in scored
+    assert result.loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_carry_needs_an_lm2_model_and_text(hf_vanilla, hf_lm2, prepared, text_inputs):
+    with pytest.raises(EvalError, match="--carry"):
+        perplexity(str(hf_vanilla), [str(text_inputs / "macbeth.txt")], progress=False, device="cpu", carry=True)
+    with pytest.raises(EvalError, match="--carry"):
+        perplexity(str(hf_lm2), [str(prepared)], progress=False, device="cpu", carry=True)
+
+
 def test_data_of_another_tokenizer_is_refused(prepared, tmp_path, text_inputs):
     from lm2.pipeline.data.sources import find_input_files, read_all
     from lm2.pipeline.data.tokenizer import train_tokenizer

@@ -90,6 +90,30 @@ def test_generate_with_cache_equals_greedy_full_forwards(single_process):
     assert (torch.cat(chunks, dim=1) - whole).abs().max() < 1e-5
 
 
+def test_a_long_document_chunk_by_chunk_through_the_cache_equals_one_call(single_process):
+    """Over 64 segments, calls of chunk sizes that do not divide the segment length (and one that spans several
+    segments), each continuing the cache the last returned, give the logits of one call over the document: in
+    fp64 to rounding (the same function), in fp32 within export's verification tolerance (attention over cached
+    keys rounds differently from one causal attention, and 64 memory writes carry that on)."""
+    model = lm2_model(tie=False)
+    hf = hf_model(model.cfg, gather_full_state(model), SPECIAL_IDS).eval()
+    S = model.cfg.segment_length
+    tokens = torch.randint(4, model.cfg.vocab_size, (1, 64 * S + 5), generator=torch.Generator().manual_seed(2))
+    sizes = [3, S + 1, 2 * S - 3, 1, 5 * S + 7]
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        hf = hf.to(dtype)
+        with torch.no_grad():
+            whole = hf(tokens, use_cache=False).logits
+            cache, chunks, start, turn = None, [], 0, 0
+            while start < tokens.shape[1]:
+                end = min(start + sizes[turn % len(sizes)], tokens.shape[1])
+                out = hf(tokens[:, start:end], past_key_values=cache, use_cache=True)
+                cache, start, turn = out.past_key_values, end, turn + 1
+                chunks.append(out.logits)
+        assert cache.seen == tokens.shape[1] and turn > 20
+        assert (torch.cat(chunks, dim=1) - whole).abs().max() < tolerance, dtype
+
+
 def test_generate_computes_only_the_last_positions_logits(single_process):
     """generate() asks for logits_to_keep=1, as for transformers' Llama: a long prompt's forward projects one
     position onto the vocabulary, not all of them (at 128K tokens and a 128K vocabulary that would be 67 GB)."""
