@@ -42,6 +42,21 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_eval_memory(args: argparse.Namespace) -> None:
+    """An LM2 model's slot norms over a long text and its loss with the memory read off and on."""
+    from pathlib import Path
+
+    from lm2.pipeline.eval.memory import evaluate_memory
+
+    output = Path(args.output or f"{args.model.rstrip('/')}-memory")
+    results = evaluate_memory(args.model, args.text, args.segments, output, args.device)
+    print(
+        f"loss {results['loss_memory_on']:.4f} with the memory read on, {results['loss_memory_off']:.4f} with it off, "
+        f"over {results['tokens']:,} tokens ({args.segments} segments); wrote {output}/memory.json and "
+        f"{output}/memory.png"
+    )
+
+
 DEVICE_HELP = "cpu, cuda or cuda:N (default: the GPU when there is one); the model runs in fp32 on it"
 
 
@@ -79,3 +94,12 @@ def add_commands(commands) -> None:
         "piece to piece (a new document starts from fresh memory)",
     )
     ppl.set_defaults(run=cmd_eval_ppl)
+    memory = jobs.add_parser(
+        "memory", help="an LM2 model's memory over a long text: slot norms, loss with the read off"
+    )
+    memory.add_argument("--model", required=True, help="an LM2 folder written by `lm2 export hf`")
+    memory.add_argument("--text", nargs="+", required=True, help=".txt/.jsonl files or folders (documents joined)")
+    memory.add_argument("--segments", type=int, default=256, help="segments of the text to run (one fresh memory)")
+    memory.add_argument("--output", help="results folder (default: MODEL-memory)")
+    memory.add_argument("--device", help=DEVICE_HELP)
+    memory.set_defaults(run=cmd_eval_memory)
