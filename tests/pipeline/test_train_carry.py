@@ -4,6 +4,7 @@ changes the training (the lanes do carry); a resume that cannot map the lanes is
 resumes with every lane fresh. The bit-identical SIGKILL resumes with carry (1 process, TP=2, PP=2, DP=2) are in
 test_checkpoint_resume.py."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,34 @@ def test_a_resume_that_cannot_map_the_lanes_is_refused_unless_memory_is_reset(tr
     assert reset.returncode == 0 and "resumed from step 2" in reset.stdout, reset.stderr[-3000:]
     final = torch.load(tmp_path / "checkpoints" / "step_00000004" / "carry_rank_00000.pt", weights_only=True)
     assert final["blocks"][0].shape[0] == 8 and final["started"]  # global batch 8 on one rank: 8 lanes, carried
+
+
+@pytest.mark.slow
+def test_a_resume_at_another_tp_degree_reslices_the_carried_memory_by_heads(train_data, tmp_path):
+    """TP=1 (ZeRO-1) killed after its step-3 checkpoint; TP=2 resumes it through a universal checkpoint: at the end
+    its two ranks' lane states, joined along the heads, are those of an uninterrupted TP=1 run (and so are the
+    losses)."""
+    from lm2.pipeline.checkpoint.format import MANIFEST
+    from tests.pipeline.test_checkpoint_resume import STEPS, finish, kill_job, launch, logged_losses
+
+    overrides = train_data + ["train.carry.mode=state", "checkpoint.every=3"]
+    reference, resharded = tmp_path / "reference", tmp_path / "resharded"
+    finish(launch(reference, 1, overrides), reference)
+    process = launch(resharded, 1, overrides)
+    while not (resharded / "checkpoints" / "step_00000003" / MANIFEST).exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_job(process)
+    step3 = str(resharded / "checkpoints" / "step_00000003")
+    finish(launch(resharded, 2, overrides + ["parallel.tp=2", "--resume", step3]), resharded)
+    assert "resumed from step 3" in (tmp_path / "resharded.log").read_text()
+    ours, theirs = logged_losses(resharded), logged_losses(reference)
+    assert ours.keys() == theirs.keys()
+    assert [ours[s] for s in sorted(ours)] == pytest.approx([theirs[s] for s in sorted(theirs)], rel=1e-5, abs=1e-5)
+    final = f"checkpoints/step_{STEPS:08d}"
+    expected = torch.load(reference / final / "carry_rank_00000.pt", weights_only=True)["blocks"]
+    shards = [torch.load(resharded / final / f"carry_rank_{rank:05d}.pt", weights_only=True) for rank in range(2)]
+    shards.sort(key=lambda shard: shard["tp_rank"])
+    for layer, state in expected.items():
+        joined = torch.cat([shard["blocks"][layer] for shard in shards], dim=1)
+        torch.testing.assert_close(joined, state, rtol=1e-4, atol=1e-5)
