@@ -12,6 +12,7 @@ import inspect
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import lm2.model
@@ -59,14 +60,17 @@ def _train_counting_reads(overrides: list[str], out: str) -> None:
     Path(out).write_text(json.dumps(reads))
 
 
-def test_lm2_reads_tensors_on_the_host_only_on_log_steps_and_saves(train_data, tmp_path):
+@pytest.mark.parametrize("carry", ["none", "state", "document"])
+def test_lm2_reads_tensors_on_the_host_only_on_log_steps_and_saves(train_data, train_documents, tmp_path, carry):
+    """Also with carried memory: lanes, resets and slot norms add no read of their own."""
     steps, log_every = 8, 4  # steps 4 and 8 log; step 8 also saves; steps 1-3 and 5-7 must not read
     out = tmp_path / "reads.json"
+    data = train_documents if carry == "document" else train_data + [f"train.carry.mode={carry}"]
     run_distributed(
         _train_counting_reads,
         world_size=1,
         args=(
-            train_data
+            data
             + [
                 f"logging.run_dir={tmp_path / 'run'}",
                 f"train.steps={steps}",
