@@ -1,6 +1,7 @@
 """Training-step throughput of lm2's engine against a plain-PyTorch loop, and LM2 against its vanilla backbone.
 
-    python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [overrides]
+    python bench/train_step.py --config configs/tiny.yaml [--rounds 7] [--steps 2] [--profile] [--compile] [--carry]
+        [overrides]
 
 One process, on the engine's device: a GPU when there is one (bf16, nccl; every timing waits for the GPU's
 queued work), else the CPU (fp32, gloo). Five subjects share each round, in turn: lm2's engine (DeepSpeed, the
@@ -16,7 +17,9 @@ Reported, as medians of per-round ratios:
   memory banks added to it, with memory_per_flop: the banks' FLOPs per second over the backbone's (1.0: the
   memory costs as much per FLOP as the backbone it is added to).
 --profile prints torch.profiler's top operators of the plain LM2 step; --compile adds both engines with
-train.compile=true (compiled blocks; the first, untimed round compiles). Prints one JSON line, then a summary.
+train.compile=true (compiled blocks; the first, untimed round compiles); --carry adds LM2's engine with carried
+memory (train.carry.mode=state) and reports carry_overhead, its step time over the engine's without (target
+<= 1.02). Prints one JSON line, then a summary.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from lm2.model.lm import LM2Model, mean_loss
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.parallel.mpu import tensor_parallel
+from lm2.pipeline.train.carry import CarriedMemory
 from lm2.pipeline.train.engine import build_engine, params_dtype
 from lm2.pipeline.train.step import train_step
 
@@ -55,6 +59,30 @@ def plain_step(model: LM2Model, optimizer, clip: float, micro_batches):
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def carried_step(run, dims, micro_batches):
+    """LM2's engine with train.carry.mode=state, its lanes carried from step to step."""
+    run = dataclasses.replace(
+        run, train=dataclasses.replace(run.train, carry=dataclasses.replace(run.train.carry, mode="state"))
+    )
+    engine = build_engine(run, dims)
+    carry = CarriedMemory(
+        engine.deepspeed.module,
+        run.train.carry,
+        run.train.micro_batch,
+        engine.grad_accum,
+        run.train.seed,
+        engine.deepspeed.device,
+    )
+    batches = [{"input_ids": inputs, "labels": labels} for inputs, labels in micro_batches]
+    steps = iter(range(1 << 62))
+
+    def step():
+        train_step(engine, carry.micro_batches(next(steps), batches))
+        carry.commit()
 
     return step
 
@@ -128,6 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per subject per round")
     parser.add_argument("--profile", action="store_true", help="print the plain LM2 step's top operators")
     parser.add_argument("--compile", action="store_true", help="also time both engines with train.compile=true")
+    parser.add_argument("--carry", action="store_true", help="also time LM2's engine with train.carry.mode=state")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     dims = init_distributed()
@@ -151,6 +180,8 @@ def main() -> None:
             subjects[f"{name}/engine-compiled"] = repeat(
                 lambda e=engine, mb=micro_batches[name]: train_step(e, mb), args.steps
             )
+    if args.carry:
+        subjects["lm2/engine-carry"] = repeat(carried_step(runs["lm2"], dims, micro_batches["lm2"]), args.steps)
     backbone = load_config(args.config, args.overrides + ["model.memory.layers=[]"])
     backbone_engine = build_engine(backbone, dims)
     subjects["backbone/engine"] = repeat(lambda: train_step(backbone_engine, micro_batches["lm2"]), args.steps)
@@ -189,6 +220,8 @@ def main() -> None:
         result["lm2_vs_vanilla_compiled"] = median_ratio(
             seconds["vanilla/engine-compiled"], seconds["lm2/engine-compiled"]
         )
+    if args.carry:
+        result["carry_overhead"] = median_ratio(seconds["lm2/engine-carry"], seconds["lm2/engine"])
     print(json.dumps(result))
     ratios = result["engine_vs_plain"]
     print(f"engine vs plain loop: LM2 {ratios['lm2']:.2f}, vanilla {ratios['vanilla']:.2f} (target >= 0.9)")
@@ -208,6 +241,11 @@ def main() -> None:
         print(
             f"train.compile vs eager (engine): LM2 {gains['lm2']:.2f}x, vanilla {gains['vanilla']:.2f}x; "
             f"LM2 vs vanilla compiled {result['lm2_vs_vanilla_compiled']:.2f}"
+        )
+    if args.carry:
+        print(
+            f"carried memory (state): LM2 step time x{result['carry_overhead']:.3f} of the engine's without "
+            "(target <= 1.02)"
         )
     if args.profile:
         profile(subjects["lm2/plain"])

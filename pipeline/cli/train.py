@@ -69,6 +69,8 @@ def _print_plan(run, dp: int, mfu: float) -> None:
         f"activation checkpointing (train.activation_checkpointing: {chosen})"
     )
     print(f"  memory state    {size(memory.memory_state)} (part of the activations)")
+    if memory.carried:
+        print(f"  carried memory  {size(memory.carried)} (train.carry: every lane's state, twice)")
     print(f"  total           {size(memory.total)}")
     if run.train.peak_tflops:
         print(

@@ -33,11 +33,13 @@ class MemoryEstimate:
     activation_checkpointing: bool
     gradient_bucket: int
     """ZeRO-1/2's buffer for reducing gradients (reduce_bucket_elements), in the params dtype."""
+    carried: int = 0
+    """train.carry: every lane's memory state in each memory block, twice (where rows start, where they end)."""
 
     @property
     def total(self) -> int:
         acts = self.activations_checkpointed if self.activation_checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + self.gradient_bucket + acts
+        return self.weights + self.gradients + self.optimizer + self.gradient_bucket + acts + self.carried
 
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
@@ -74,7 +76,8 @@ def _layer_elements_per_token(run: RunConfig, memory: bool, device: str) -> floa
     if memory:  # token projections and gates (write keys and values for every segment but the last, whose
         # write would feed nothing inside the row), the per-segment states and gates
         d_m, slots = m.memory_dim, m.memory.slots
-        written = (m.num_segments - 1) / m.num_segments
+        # Without carried memory the last segment's write would feed nothing inside the row: it is not computed.
+        written = 1 if run.train.carry.enabled else (m.num_segments - 1) / m.num_segments
         elements += ((4 + 2 * written) * d_m + 10 * slots * d_m / m.segment_length) / tp
         if device == "cpu":  # the explicit softmax (model/memory.py) keeps the read's probabilities (every token
             # over N slots) and the writes' (N slots over every written token)
@@ -117,6 +120,8 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
         / par.tp
         * params_bytes
     )
+    lanes = accum * train.micro_batch if train.carry.enabled else 0
+    carried = 2 * lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
     return MemoryEstimate(
         int(weights),
         int(gradients),
@@ -126,6 +131,7 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
         int(state),
         train.activation_checkpointing,
         int(bucket),
+        int(carried),
     )
 
 

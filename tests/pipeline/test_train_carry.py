@@ -111,3 +111,26 @@ def test_a_resume_at_another_tp_degree_reslices_the_carried_memory_by_heads(trai
     for layer, state in expected.items():
         joined = torch.cat([shard["blocks"][layer] for shard in shards], dim=1)
         torch.testing.assert_close(joined, state, rtol=1e-4, atol=1e-5)
+
+
+def test_the_memory_estimate_counts_the_lanes_states(single_process):
+    """lm2 info's carried-memory bytes are those the lanes' states allocate (both tables, every memory block)."""
+    from lm2.pipeline.train.plan import memory_estimate
+
+    run = load_config(CONFIG, ["train.carry.mode=document"])
+    engine = build_engine(run, single_process)
+    carry = CarriedMemory(
+        engine.deepspeed.module,
+        run.train.carry,
+        run.train.micro_batch,
+        engine.grad_accum,
+        run.train.seed,
+        engine.deepspeed.device,
+    )
+    allocated = sum(
+        t.numel() * t.element_size()
+        for m in carry.memories.values()
+        for t in (m.lane_states.current, m.lane_states.next)
+    )
+    assert memory_estimate(run, 1, 4, "cpu").carried == allocated > 0
+    assert memory_estimate(load_config(CONFIG), 1, 4, "cpu").carried == 0
