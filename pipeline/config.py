@@ -110,6 +110,13 @@ class RunConfig:
                 "stage needs at least one block; lower parallel.pp"
             )
         self.train.grad_accum(dims.dp)
+        for stage in self.train.stages:
+            rows = stage.segments * self.model.segment_length
+            if rows > self.model.row_length:
+                raise ConfigError(
+                    f"train.stages has a stage of {stage.segments} segments ({rows} tokens), longer than "
+                    f"model.row_length={self.model.row_length}: raise model.row_length to the longest stage's rows"
+                )
         if self.train.carry.enabled and not self.model.memory.enabled:
             raise ConfigError(
                 f"train.carry.mode={self.train.carry.mode} carries the memory across rows, but model.memory.enabled "

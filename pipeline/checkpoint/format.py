@@ -116,6 +116,8 @@ class Manifest:
     wandb_id: str | None = None
     data: dict[str, Any] | None = None
     """The training loader's position (RowLoader.state_dict()); None before any row was read."""
+    stage: int | None = None
+    """The curriculum stage (train.stages) whose data `data` is a position in; None without stages."""
 
     def client_state(self) -> dict[str, Any]:
         """What every rank saves in DeepSpeed's client state, under "lm2"."""
@@ -127,6 +129,7 @@ class Manifest:
             "code_version": self.code_version,
             "wandb_id": self.wandb_id,
             "data": self.data,
+            "stage": self.stage,
         }
 
     def to_json(self) -> str:
@@ -142,6 +145,7 @@ class Manifest:
                 "code_version": self.code_version,
                 "wandb_id": self.wandb_id,
                 "data": self.data,
+                "stage": self.stage,
             },
             indent=1,
             default=str,
@@ -166,6 +170,7 @@ class Manifest:
                 code_version=values.get("code_version"),
                 wandb_id=values.get("wandb_id"),
                 data=values.get("data"),
+                stage=values.get("stage"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where} lacks or mangles {error}; the checkpoint cannot be used") from None

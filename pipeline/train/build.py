@@ -78,8 +78,10 @@ def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = 
     rank = torch.distributed.get_rank()
     lock = claim_run_folder(run)
     seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
+    folder = find_resume(run.checkpoints, run.checkpoint.resume)
+    stage = run.train.stage_at(read_manifest(folder).step if folder is not None else 0)
     # Data first: a dataset that does not fit the model fails before the engine is built.
-    train_loader = build_loader(run, dims, rank)
+    train_loader = build_loader(run, dims, rank, stage)
     val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
     engine = build_engine(run, dims)
     carry = None
@@ -92,28 +94,39 @@ def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = 
             run.train.seed,
             engine.deepspeed.device,
         )
-    folder = find_resume(run.checkpoints, run.checkpoint.resume)
     start = Start()
     if folder is not None:
-        start = resume(run, engine, train_loader, carry, folder, override_schedule, reset_memory)
+        start = resume(run, engine, train_loader, stage, carry, folder, override_schedule, reset_memory)
     if rank == 0:
         Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     return RunParts(run, dims, engine, train_loader, val_loader, carry, start, lock)
 
 
-def build_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader | LaneLoader:
-    """The training loader: rows (shuffled), or document lanes for train.carry.mode: document."""
+def build_loader(run: RunConfig, dims: ParallelDims, rank: int, stage: int | None = None) -> RowLoader | LaneLoader:
+    """The training loader: rows (shuffled), or document lanes for train.carry.mode: document; of curriculum stage
+    `stage` (its data, rows of its length), or of data.streams when None."""
+    if stage is not None:
+        run = stage_view(run, stage)
     if run.train.carry.mode == "document":
         grad_accum = run.train.grad_accum(dims.dp)
         return build_lane_loader(run.data, dims, rank, run.train.micro_batch, grad_accum, run.model)
     return build_train_loader(run.data, dims, rank, run.train.micro_batch, run.model)
 
 
+def stage_view(run: RunConfig, stage: int) -> RunConfig:
+    """The run as its curriculum stage `stage` reads data: the stage's streams, rows of the stage's length."""
+    config = run.train.stages[stage]
+    rows = config.segments * run.model.segment_length
+    data = dataclasses.replace(run.data, streams=config.streams)
+    return dataclasses.replace(run, data=data, model=dataclasses.replace(run.model, row_length=rows))
+
+
 def resume(
     run: RunConfig,
     engine: Engine,
     train_loader: RowLoader | LaneLoader,
+    stage: int | None,
     carry: CarriedMemory | None,
     folder: Path,
     override_schedule: bool,
@@ -130,7 +143,9 @@ def resume(
     else:
         state = load(engine.deepspeed, folder, manifest)
     resume_schedule(engine.deepspeed, run.optim, run.train.steps, state["step"])
-    if state["data"] is not None:  # a step-0 checkpoint of `lm2 import hf` has read no data yet
+    # A step-0 checkpoint of `lm2 import hf` has read no data yet; a checkpoint at the end of a curriculum stage holds
+    # that stage's position, and the next stage starts from the beginning of its data.
+    if state["data"] is not None and manifest.stage == stage:
         if isinstance(train_loader, LaneLoader):
             train_loader.load_state_dict(state["data"], reset_memory)
         else:

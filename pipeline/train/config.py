@@ -1,5 +1,5 @@
 """The trainer's sections of a run config: the optimiser and its schedule, and the training loop (with carried
-memory)."""
+memory and a curriculum of stages)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lm2.model.config import require, require_choice
+from lm2.pipeline.data.config import StreamConfig
 
 Decay = Literal["cosine", "linear"]
 CarryMode = Literal["none", "state", "document"]
@@ -67,6 +68,24 @@ class CarryConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One stage of a curriculum (train.stages): the steps it runs, its data and the length of its rows."""
+
+    steps: int
+    """Optimizer steps of this stage."""
+    streams: list[StreamConfig]
+    """The stage's training data, read instead of data.streams while the stage runs (the same fields)."""
+    segments: int
+    """The longest a sample of this stage is, in segments: its rows hold segments x model.segment_length tokens
+    (prepare the stage's data with that --row-length). Samples shorter than their row are padded without loss."""
+
+    def __post_init__(self) -> None:
+        require(self.steps > 0, f"train.stages[].steps must be positive, got {self.steps}")
+        require(self.segments > 0, f"train.stages[].segments must be positive, got {self.segments}")
+        require(bool(self.streams), "train.stages[].streams is empty: give the stage's data")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     """Optimizer steps of the run."""
@@ -92,6 +111,10 @@ class TrainConfig:
     """Peak dense TFLOP/s of one device for MFU (e.g. 989 for an H100 in bf16); 0 leaves MFU out."""
     carry: CarryConfig = field(default_factory=CarryConfig)
     """Memory carried across rows: none (default), state or document."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """A curriculum (RMT/ARMT's over segment counts, e.g. samples of at most 1, 2, 4, 8, 16 segments): stages run
+    one after the other, each on its own data with rows of its own length; their steps add up to train.steps.
+    Empty: one stage, data.streams at model.row_length. Validation always reads data.streams."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):
@@ -99,7 +122,21 @@ class TrainConfig:
         require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         require(0 <= self.seed < 2**32, f"train.seed must lie in [0, 2**32) (numpy's seed range), got {self.seed}")
         require_choice("train.precision", self.precision, Precision)
+        require(
+            not self.stages or sum(stage.steps for stage in self.stages) == self.steps,
+            f"train.stages' steps add up to {sum(stage.steps for stage in self.stages)}, train.steps is "
+            f"{self.steps}: make them equal",
+        )
         require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
+
+    def stage_at(self, step: int) -> int | None:
+        """The index of the stage that runs optimizer step number `step` (counted from 0); None without stages."""
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return index
+        return len(self.stages) - 1 if self.stages else None
 
     def grad_accum(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""

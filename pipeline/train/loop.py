@@ -20,7 +20,7 @@ from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from lm2.pipeline.launch.signals import StopSignals
 from lm2.pipeline.launch.slurm import requeue_note
 from lm2.pipeline.parallel.init import host_group
-from lm2.pipeline.train.build import RunParts
+from lm2.pipeline.train.build import RunParts, build_loader
 from lm2.pipeline.train.memory_monitor import COLUMNS, MemoryMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, memory_metrics
 from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
@@ -64,6 +64,7 @@ class Trainer:
         self.device = self.engine.deepspeed.device
         self.memory_monitor = MemoryMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
         self.step, self.wandb_id = parts.start.step, parts.start.wandb_id
+        self.stage = self.run.train.stage_at(self.step)  # the curriculum stage the train loader reads
         if self.rank == 0:
             print(self.startup_summary(), flush=True)
 
@@ -100,9 +101,36 @@ class Trainer:
             ]
         )
 
+    def _rows(self, stage: int | None) -> int:
+        """Tokens per row of a curriculum stage (model.row_length without stages)."""
+        model = self.run.model
+        return model.row_length if stage is None else self.run.train.stages[stage].segments * model.segment_length
+
     @property
     def tokens_per_step(self) -> int:
-        return self.run.train.global_batch * self.run.model.row_length
+        return self.run.train.global_batch * self._rows(self.stage)
+
+    def tokens_through(self, step: int) -> int:
+        """Tokens of the first `step` steps, stage by stage."""
+        if not self.run.train.stages:
+            return step * self.tokens_per_step
+        tokens, first = 0, 0
+        for index, stage in enumerate(self.run.train.stages):
+            tokens += max(0, min(step, first + stage.steps) - first) * self.run.train.global_batch * self._rows(index)
+            first += stage.steps
+        return tokens
+
+    def _enter_stage(self, stage: int) -> None:
+        """Switches the train loader to curriculum stage `stage`'s data (every rank at the same step)."""
+        self.train_loader = build_loader(self.run, self.dims, self.rank, stage)
+        self.stage = stage
+        if self.rank == 0:
+            config = self.run.train.stages[stage]
+            print(
+                f"stage {stage + 1}/{len(self.run.train.stages)} from step {self.step + 1}: samples of up to "
+                f"{config.segments} segments ({self._rows(stage)} tokens), {', '.join(s.path for s in config.streams)}",
+                flush=True,
+            )
 
     def save_checkpoint(self) -> None:
         manifest = Manifest(
@@ -110,10 +138,11 @@ class Trainer:
             layout=self.engine.layout,
             config=self.run.to_dict(),
             samples=self.step * self.run.train.global_batch,
-            tokens=self.step * self.tokens_per_step,
+            tokens=self.tokens_through(self.step),
             code_version=code_version(),
             wandb_id=self.wandb_id,
             data=self.train_loader.state_dict(),
+            stage=self.stage,
         )
         started = time.perf_counter()
         carry = self.carry.state_dict() if self.carry is not None else None
@@ -144,6 +173,9 @@ class Trainer:
         finite = FiniteWatch(self.device)
         try:
             while self.step < run.train.steps:
+                if run.train.stage_at(self.step) != self.stage:
+                    self._enter_stage(run.train.stage_at(self.step))
+                    stream = micro_batch_stream(self.train_loader, self.device)
                 log_due = self._log_due(self.step + 1)
                 lr = self.engine.deepspeed.get_lr()[0]  # the LR this step applies (the step moves it on)
                 with self.memory_monitor.recording(enabled=log_due):
@@ -202,7 +234,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": values[1] if grad_norm is not None else None,
             "samples": self.step * run.train.global_batch,
-            "tokens": self.step * self.tokens_per_step,
+            "tokens": self.tokens_through(self.step),
             **throughput.report(),
             **memory_metrics([values[2 + width * i : 2 + width * (i + 1)] for i in range(run.model.num_layers)]),
         }
