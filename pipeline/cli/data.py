@@ -49,6 +49,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         answer_field=args.answer_field,
         packing=args.packing,
+        truncate=args.truncate,
         part=part,
     )
     _print_counts(metadata)
@@ -62,7 +63,9 @@ def _print_counts(metadata: dict) -> None:
     for name, counts in metadata["splits"].items():
         print(
             f"{name:6s} {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['rows']:,} rows "
-            f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding)"
+            f"of {metadata['row_length'] + 1} ({counts['padding']:,} padding"
+            + (f", {counts['truncated']:,} documents cut to their last row" if counts.get("truncated") else "")
+            + ")"
         )
 
 
@@ -137,6 +140,11 @@ def add_commands(commands) -> None:
         help="concat: cut the document stream anywhere; whole: a document that fits in a row starts a new row "
         "rather than straddle two (the rest of the row is PAD); document: every document in rows of its own, "
         "consecutive rows overlapping by one token (for train.carry.mode: document)",
+    )
+    prepare.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut a document longer than a row to its last row (its end, e.g. an answer, stays)",
     )
     prepare.add_argument(
         "--num-shards",

@@ -32,7 +32,17 @@ from lm2.pipeline.data.sources import Piece
 from lm2.pipeline.data.storage import Location
 
 PARTS_FOLDER = "parts"
-_MUST_AGREE = ("format", "tokenizer", "row_length", "dtype", "val_fraction", "text_field", "answer_field", "packing")
+_MUST_AGREE = (
+    "format",
+    "tokenizer",
+    "row_length",
+    "dtype",
+    "val_fraction",
+    "text_field",
+    "answer_field",
+    "packing",
+    "truncate",
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,8 @@ def merge(output: str | Path) -> dict:
         if parts[0]["packing"] == "document":
             _merge_documents(location, split, [part.name for part in expected])
         splits[split] = {
-            key: sum(part["splits"][split][key] for part in parts) for key in ("documents", "tokens", "rows", "padding")
+            key: sum(part["splits"][split].get(key, 0) for part in parts)
+            for key in ("documents", "tokens", "rows", "padding", "truncated")
         }
         splits[split]["first_id"] = Part(0, 1).first_id(split)
     if "val" in splits and not splits["val"]["documents"]:

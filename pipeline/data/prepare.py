@@ -55,16 +55,20 @@ class SplitCounts:
     rows: int = 0
     padding: int = 0
     """PAD tokens: the last row's fill, plus the row ends skipped by packing "whole" or "document"."""
+    truncated: int = 0
+    """Documents cut to their last row (truncate)."""
     first_id: int = 0
 
 
 class _SplitWriter:
     """One split's packer, MDS writer and counts, and with packing "document" its table of documents."""
 
-    def __init__(self, folder: Path, remote: str | None, packer, masked: bool, first_id: int, size_limit: int):
+    def __init__(
+        self, folder: Path, remote: str | None, packer, masked: bool, truncate: bool, first_id: int, size_limit: int
+    ):
         from streaming import MDSWriter  # streaming imports torch: keep `lm2 data` startup light until here
 
-        self.folder, self.packer, self.remote, self.masked = folder, packer, remote, masked
+        self.folder, self.packer, self.remote, self.masked, self.truncate = folder, packer, remote, masked, truncate
         self.documents = isinstance(packer, DocumentPacker)
         self.counts = SplitCounts(first_id=first_id)
         self.rows_per_document: list[int] = []
@@ -90,6 +94,9 @@ class _SplitWriter:
 
     def add_document(self, document: np.ndarray) -> None:
         """document: [2, n] tokens and loss mask (packing.py)."""
+        if self.truncate and document.shape[1] > self.packer.width:
+            document = document[:, -self.packer.width :]
+            self.counts.truncated += 1
         rows = self.packer.add(document)
         if self.documents:
             self.rows_per_document.append(len(rows))
@@ -215,6 +222,7 @@ def prepare(
     text_field: str = "text",
     answer_field: str | None = None,
     packing: str = "concat",
+    truncate: bool = False,
     shard_size_limit: int = 1 << 26,
     part: Part | None = None,
     progress: bool = True,
@@ -232,6 +240,8 @@ def prepare(
         text_field: the JSONL field or parquet/dataset column holding the text (with answer_field: the prompt).
         answer_field: the JSONL field of each record's answer: the loss then covers only the answer and EOS.
         packing: concat, whole or document (packing.py).
+        truncate: cut a document longer than a row to its last row_length + 1 tokens (its end stays: for
+            prompt/answer data read by a model of a short context).
         shard_size_limit: bytes of uncompressed rows per shard.
         part: write only this part of the inputs, into output's part folders (parts.py); merge them after.
         progress: show progress (input bytes, MB/s, ETA, documents, tokens) on stderr.
@@ -265,6 +275,7 @@ def prepare(
             val_fraction,
             (text_field, answer_field),
             packing,
+            truncate,
             shard_size_limit,
             progress,
         )
@@ -277,6 +288,7 @@ def prepare(
             "text_field": text_field,
             "answer_field": answer_field,
             "packing": packing,
+            "truncate": truncate,
             "splits": {k: asdict(v) for k, v in counts.items()},
             "inputs": [str(f) for f in files] if part is None else [str(p) for p in pieces],
         }
@@ -374,6 +386,7 @@ def _write_splits(
     val_fraction: float,
     fields: tuple[str, str | None],
     packing: str,
+    truncate: bool,
     size_limit: int,
     progress: bool,
 ) -> dict[str, SplitCounts]:
@@ -384,6 +397,7 @@ def _write_splits(
             *_split_places(location, part, staging, name),
             _packer(packing, row_length + 1, tokenizer),
             fields[1] is not None,
+            truncate,
             numbering.first_id(name),
             size_limit,
         )

@@ -192,3 +192,38 @@ def test_answer_field_puts_the_loss_on_the_answers_only(tmp_path, tokenizer_path
     for inputs, labels in zip(batch["input_ids"], batch["labels"]):
         assert labels[labels != IGNORE_INDEX].tolist() == answer  # one record per row: its answer and EOS
         assert tokenizer.decode(inputs[: (inputs != tokenizer.pad_id).sum()].tolist()).startswith("Mary went to")
+
+
+def test_truncate_keeps_a_long_documents_last_row(tmp_path, tokenizer_path):
+    """--truncate: a prompt longer than a row keeps its end, so its answer (and the loss) stays."""
+    from streaming import StreamingDataset
+
+    from lm2.pipeline.data.prepare import prepare
+    from lm2.pipeline.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_path)
+    records = [
+        {"prompt": "Long context words. " * 30 + "Where is it?", "answer": " here."},
+        {"prompt": "Short?", "answer": " yes."},
+    ]
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    metadata = prepare(
+        [source],
+        tmp_path / "data",
+        tokenizer_path,
+        row_length=16,
+        text_field="prompt",
+        answer_field="answer",
+        packing="whole",
+        truncate=True,
+        progress=False,
+    )
+    assert metadata["splits"]["train"]["truncated"] == 1 and metadata["splits"]["train"]["rows"] == 2
+    dataset = StreamingDataset(local=str(tmp_path / "data" / "train"), shuffle=False, batch_size=1)
+    first = dataset[0]
+    whole = tokenizer.encode(records[0]["prompt"]) + tokenizer.encode(" here.") + [tokenizer.eos_id]
+    assert first["tokens"].tolist() == whole[-17:]
+    assert first["mask"].tolist() == [0] * (17 - len(tokenizer.encode(" here.")) - 1) + [1] * (
+        len(tokenizer.encode(" here.")) + 1
+    )
