@@ -348,11 +348,17 @@ def test_forced_choice_equals_full_forwards_without_cache(folder, request):
     assert greedy(model, state, 5, set()) == plain_greedy(model, ids, 5)
 
 
-def test_candidates_are_the_words_tokens_after_the_prompt(tokenizer):
-    text = prompt(task_samples(HELDOUT_FOLDER, "qa1")[0], "Mary went to the bathroom.")
+@pytest.mark.parametrize("task", ["qa1", "qa5"])
+def test_candidates_are_the_words_tokens_after_the_whole_prompt(tokenizer, background, task):
+    """The evaluation tokenizes the candidates after the question alone: they are the tokens that follow whole
+    prompts of any length."""
     encode = lambda t: tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
-    ids = encode(text)
-    candidates = candidate_ids(encode, text, ids, TASK_LABELS["qa1"])
-    for word, tokens in candidates.items():
-        assert encode(f"{text} {word}") == ids + tokens and tokenizer.decode(tokens).strip() == word
+    sample = task_samples(HELDOUT_FOLDER, task)[0]
+    question = prompt(sample, "")
+    candidates = candidate_ids(encode, question, encode(question), TASK_LABELS[task])
+    for length in (0, 300, 1000):
+        text = prompt(sample, haystack(sample, length, background, sample_rng(0, task, length, 0)).context)
+        ids = encode(text)
+        for word, tokens in candidates.items():
+            assert encode(f"{text} {word}") == ids + tokens and tokenizer.decode(tokens).strip() == word
     assert any(len(tokens) > 1 for tokens in candidates.values())  # the test tokenizer splits some words
