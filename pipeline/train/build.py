@@ -25,6 +25,7 @@ from lm2.pipeline.launch.environment import launched_world_size
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
+from lm2.pipeline.train.init_from import initialise
 from lm2.pipeline.train.run_folder import claim_run_folder
 
 
@@ -35,6 +36,8 @@ class Start:
     step: int = 0
     wandb_id: str | None = None
     resumed_from: Path | None = None
+    initialised_from: Path | None = None
+    """The source of train.init_from, when a fresh run took its weights."""
 
 
 @dataclass
@@ -78,7 +81,12 @@ def build(run: RunConfig, override_schedule: bool = False) -> RunParts:
     val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
     engine = build_engine(run, dims)
     folder = find_resume(run.checkpoints, run.checkpoint.resume)
-    start = Start() if folder is None else resume(run, engine, train_loader, folder, override_schedule)
+    if folder is not None:
+        start = resume(run, engine, train_loader, folder, override_schedule)  # train.init_from is ignored
+    elif run.train.init_from is not None:
+        start = Start(initialised_from=initialise(engine, run.model, run.train.init_from))
+    else:
+        start = Start()
     if rank == 0:
         Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))

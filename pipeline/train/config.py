@@ -63,6 +63,16 @@ class TrainConfig:
     """Micro-batches per data-parallel rank in one validation pass."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU (e.g. 989 for an H100 in bf16); 0 leaves MFU out."""
+    init_from: str | None = None
+    """Fine-tuning: the run starts from the weights of this lm2 checkpoint (a step_* folder, a run's checkpoints
+    folder or its `latest` file; written at any TP/PP/ZeRO layout) or Hugging Face folder (lm2's LM2 export or a
+    Llama, safetensors), with the fresh optimizer, LR schedule and data position of a new run. Its model must have
+    the config's shape (train/init_from.py: vocabulary, widths, layers, heads, tied embeddings, and the memory's
+    slots, dim, heads and layers), else the run is refused naming the field; row_length, segment_length and the
+    memory's training options may differ. A source without memory (a Llama, a vanilla run) gives the backbone; the
+    memory starts as a new run's. Ignored when the run resumes a checkpoint of its own (checkpoint.resume auto
+    finding one, or a named checkpoint): a requeued fine-tuning job continues where it stopped, it does not
+    restart from init_from."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):
@@ -71,6 +81,7 @@ class TrainConfig:
         require(0 <= self.seed < 2**32, f"train.seed must lie in [0, 2**32) (numpy's seed range), got {self.seed}")
         require_choice("train.precision", self.precision, Precision)
         require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
+        require(self.init_from != "", "train.init_from must be a checkpoint or Hugging Face folder, or null")
 
     def grad_accum(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
