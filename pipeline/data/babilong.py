@@ -132,10 +132,10 @@ class SampleWriter:
 
 def babi_records(
     babi: Path, tasks: list[str], per_task: int, writer: SampleWriter, rng: np.random.Generator
-) -> tuple[list[dict[str, str]], int]:
-    """per_task records per task, each a random question of a random training story; and how many samples were
-    skipped as too long for the budget."""
-    records, skipped = [], 0
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """per_task records per task, each a random question of a random training story; and per task how many samples
+    were skipped as too long for the budget (they bias a task towards its short stories: the summary says so)."""
+    records, skipped = [], {}
     for task in tasks:
         pool, made, too_long = training_stories(babi, task), 0, 0
         while made < per_task:
@@ -151,7 +151,7 @@ def babi_records(
             else:
                 records.append(record)
                 made += 1
-        skipped += too_long
+        skipped[task] = too_long
     return records, skipped
 
 
@@ -199,10 +199,11 @@ def write_babilong(
     records, skipped = babi_records(Path(babi), tasks, per_task, writer, rng)
     lengths = [writer.count(r["prompt"]) + writer.count(r["answer"]) + 1 for r in records]
     write_jsonl(Path(output), [as_text(r) for r in records] if text_records else records, rng.permutation(len(records)))
+    too_long = ", ".join(f"{task} {count}" for task, count in skipped.items() if count) or "none"
     summary = (
         f"wrote {output}: {len(records)} {'text' if text_records else 'prompt/answer'} records ({', '.join(tasks)}; "
         f"{min(lengths)}-{max(lengths)} tokens with answer and EOS, mean {np.mean(lengths):.0f}, at most "
-        f"{budget.max_tokens}; {skipped} samples too long skipped)"
+        f"{budget.max_tokens}; samples skipped as too long: {too_long})"
     )
     if book_documents_path is not None:
         documents = [{"text": text} for text in book_documents(files)]
