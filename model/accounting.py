@@ -18,7 +18,8 @@ class ParameterCounts:
     backbone: int
     """Attention, MLP and norms of every block, and the final norm."""
     memory: int
-    """Every memory module: projections, gates, biases and the initial banks."""
+    """Every memory module: projections, gates, biases and the initial banks (the same with memory.write_rule
+    "convex", whose unused input gate stays, and memory.read_norm, which has no weight)."""
 
     @property
     def total(self) -> int:

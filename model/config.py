@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lm2.model.errors import ConfigError
 
@@ -28,6 +28,9 @@ def require_choice(name: str, value: Any, choices: Any) -> None:
     ok = any(value == option and type(value) is type(option) for option in options)
     listed = ", ".join(map(str, options[:-1])) + f" or {options[-1]}"
     require(ok, f"{name} must be {listed}, got {value!r}")
+
+
+WriteRule = Literal["paper", "convex"]
 
 
 def _positive(name: str, value: int) -> None:
@@ -52,9 +55,23 @@ class MemoryConfig:
     number of stacked blocks. At least 2: with 1 no write would ever be trained."""
     forget_bias_init: float = 1.0
     """Initial forget-gate bias: +1 makes a fresh model remember by default."""
+    input_bias_init: float = 0.0
+    """Initial input-gate bias (write_rule "paper" only: the convex rule has no input gate)."""
+    write_rule: WriteRule = "paper"
+    """How a write merges the update u into the memory. "paper": M' = g_in * tanh(u) + g_f * M, the paper's
+    LSTM-like rule, whose M can grow by up to 1 per write. "convex": M' = g_f * M + (1 - g_f) * tanh(u), so every
+    element stays within max(1, |M_0|) at any number of segments. With "convex" the input gate (in_gate,
+    in_gate_bias) is unused: its parameters stay, so checkpoints and the name table do not depend on the rule, but
+    they get zero gradients, and the input-gate metric (g_in) reports the weight of tanh(u), 1 - g_f."""
+    read_norm: bool = False
+    """RMSNorm of M_s before the read (not the write), per memory head over its d_h columns, so tensor-parallel
+    ranks need no communication: every read sees memory of unit RMS, however the writes scaled it. It has no
+    learnable gain: a gain before the read is a per-column scale of M that the read's key and value projections
+    (read_k, read_v) already express by scaling their rows, so it would add parameters, not function."""
 
     def __post_init__(self) -> None:
         _positive("memory.slots", self.slots)
+        require_choice("memory.write_rule", self.write_rule, WriteRule)
         _positive("memory.heads", self.heads)
         require(
             isinstance(self.bptt_segments, int) and self.bptt_segments >= 2,

@@ -80,6 +80,8 @@ class LM2Memory(nn.Module):
         d, d_m, heads, slots = cfg.hidden_size, cfg.memory_dim, cfg.memory.heads, cfg.memory.slots
         self.slots, self.local_heads, self.head_dim = slots, heads // tp.size, d_m // heads
         self.bptt_segments = cfg.memory.bptt_segments
+        self.convex = cfg.memory.write_rule == "convex"
+        self.read_norm_eps = cfg.norm_eps if cfg.memory.read_norm else None
         init = normal_init(cfg.init_std)
 
         def head_local(shape: tuple[int, ...], fill=None) -> nn.Parameter:
@@ -105,7 +107,7 @@ class LM2Memory(nn.Module):
         self.write_k = tp.column(d, d_m, init)
         self.write_v = tp.column(d, d_m, init)
         self.in_gate = head_local((2 * self.head_dim, self.head_dim))
-        self.in_gate_bias = head_local((self.head_dim,), fill=0.0)
+        self.in_gate_bias = head_local((self.head_dim,), fill=cfg.memory.input_bias_init)
         self.forget_gate = head_local((2 * self.head_dim, self.head_dim))
         self.forget_gate_bias = head_local((self.head_dim,), fill=cfg.memory.forget_bias_init)
         # The gates pass through probes, where the trainer's forward hooks read them for metrics.
@@ -148,9 +150,17 @@ class LM2Memory(nn.Module):
         """The read's key (softmax scale folded in) and value weights side by side: [Hl, dh, 2dh]."""
         return torch.cat((self.read_k * self._scale(), self.read_v), -1)
 
+    def read_memory(self, mem: torch.Tensor) -> torch.Tensor:
+        """The memory as the read sees it, any shape [..., dh] of head-local rows: RMS-normalised over each head's
+        dh columns with memory.read_norm (computed in fp32, as RMSNorm; no gain, see MemoryConfig), else mem."""
+        if self.read_norm_eps is None:
+            return mem
+        m32 = mem.float()
+        return (m32 * torch.rsqrt(m32.pow(2).mean(-1, keepdim=True) + self.read_norm_eps)).type_as(mem)
+
     def read(self, q: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Gated read. q: [Hl, B, T, dh] token queries; mem: [Hl, B, N, dh]. Returns [B, T, d] (all-reduced)."""
-        keys, values = _per_head(mem, self._read_kv_weight()).chunk(2, -1)
+        keys, values = _per_head(self.read_memory(mem), self._read_kv_weight()).chunk(2, -1)
         r = _attend(q, keys, values)  # [Hl, B, T, dh]
         gate = torch.baddbmm(self.out_gate_bias.unsqueeze(1), r.flatten(1, 2), self.out_gate).view_as(r)
         gate = self.out_gate_probe(torch.sigmoid(gate))
@@ -176,6 +186,8 @@ class LM2Memory(nn.Module):
         u = _attend(q.view(mem.shape), k, v)  # [Hl, B, N, dh]
         gates = torch.sigmoid(torch.baddbmm(from_mem_gates, u.flatten(1, 2), from_u)).view(*mem.shape[:-1], 2 * dh)
         g_in, g_forget = gates.chunk(2, -1)
+        if self.convex:  # the input gate computed above goes unused (see MemoryConfig.write_rule)
+            g_in = 1 - g_forget
         return self.in_gate_probe(g_in) * torch.tanh(u) + self.forget_gate_probe(g_forget) * mem
 
     def truncate(self, mem: torch.Tensor, segment: int) -> torch.Tensor:
@@ -200,9 +212,9 @@ class LM2Memory(nn.Module):
         on CPU in fp32 one fused kernel (model/memory_kernels.py), else one write() per segment."""
         kernels = memory_backend.fused_kernels(start)
         if keys.shape[1] > 0 and kernels is not None:
-            states, gates = kernels.fused_write_scan(start, keys, values, weights, segment_length)
+            states, gates = kernels.fused_write_scan(start, keys, values, weights, segment_length, self.convex)
             for g_in, g_forget in zip(*gates.chunk(2, -1)):
-                self.in_gate_probe(g_in), self.forget_gate_probe(g_forget)
+                self.in_gate_probe(1 - g_forget if self.convex else g_in), self.forget_gate_probe(g_forget)
             return states
         states = [start]
         keys, values = self._segments(keys, segment_length, keys=True), self._segments(values, segment_length)
@@ -248,8 +260,9 @@ class LM2Memory(nn.Module):
         q = self.read_q(xn)
         kernels = memory_backend.fused_kernels(q)
         if kernels is not None:
+            # The read norm runs as torch operations before the kernel: a few % of a step (bench/README.md).
             gated, gate = kernels.fused_read(
-                q, states, self._read_kv_weight(), self.out_gate, self.out_gate_bias, segment_length
+                q, self.read_memory(states), self._read_kv_weight(), self.out_gate, self.out_gate_bias, segment_length
             )
             self.out_gate_probe(gate)
             return self.out_proj(gated)

@@ -6,7 +6,8 @@
  *   P = softmax(q @ K^T)     [N, S]    (K, V: the segment's write keys and values [S, dh])
  *   U = P @ V                [N, dh]
  *   G = sigmoid(A[:, dh:] + U @ Wu)    [N, 2dh]  (input gate, then forget gate)
- *   M' = G[:, :dh] * tanh(U) + G[:, dh:] * M
+ *   M' = G[:, :dh] * tanh(U) + G[:, dh:] * M           (the paper's rule), or with Shape.convex
+ *   M' = G[:, dh:] * M + (1 - G[:, dh:]) * tanh(U)     (the input gate is computed, unused, and gets zero gradient)
  * Units are independent (head-local weights), so they run in parallel, one thread each, with no reductions
  * across threads: weight gradients are written per unit and summed over rows by the caller. The same inputs
  * give the same bits whatever the thread count.
@@ -114,7 +115,7 @@ static void softmax_backward_rows(int rows, int cols, const float *p, float *d) 
 
 /* The shapes and tensors of a call: model/memory_kernels.py mirrors these structs field by field (ctypes). */
 typedef struct {
-    int heads, rows, segments, slots, head_dim, seg_len, threads;
+    int heads, rows, segments, slots, head_dim, seg_len, threads, convex; /* convex: the write rule, 0 or 1 */
     long token_row, grad_row; /* the row strides of keys/values and of their gradients (tokens are H * dh apart) */
 } Shape;
 
@@ -168,8 +169,13 @@ static void forward_unit(const Shape *sh, int unit, const float *start, const fl
             const float *restrict ui = u + i * dh, *restrict mi = m + i * dh;
 #pragma omp simd
             for (int j = 0; j < 2 * dh; j++) gi[j] = sigmoid(gi[j]);
+            if (sh->convex) {
 #pragma omp simd
-            for (int j = 0; j < dh; j++) out[j] = gi[j] * fast_tanh(ui[j]) + gi[dh + j] * mi[j];
+                for (int j = 0; j < dh; j++) out[j] = (1.0f - gi[dh + j]) * fast_tanh(ui[j]) + gi[dh + j] * mi[j];
+            } else {
+#pragma omp simd
+                for (int j = 0; j < dh; j++) out[j] = gi[j] * fast_tanh(ui[j]) + gi[dh + j] * mi[j];
+            }
         }
     }
 }
@@ -207,14 +213,25 @@ static void backward_unit(const Shape *sh, int unit, const float *keys, const fl
             const float *restrict gi = g + i * 2 * dh, *restrict ui = u + i * dh, *restrict mi = m + i * dh;
             const float *restrict outside = d_out + i * dh, *restrict chain = carry + i * dh;
             float *restrict dn = d_next + i * dh, *restrict du = d_u + i * dh, *restrict dz = d_a + i * 3 * dh + dh;
+            if (sh->convex) { /* M' = g_f * M + (1 - g_f) * tanh(U): no input gate, g_f weighs M against tanh(U) */
 #pragma omp simd
-            for (int j = 0; j < dh; j++) {
-                const float dm = outside[j] + chain[j], t = fast_tanh(ui[j]);
-                const float g_in = gi[j], g_forget = gi[dh + j];
-                dn[j] = dm * g_forget;
-                du[j] = dm * g_in * (1.0f - t * t);
-                dz[j] = dm * t * g_in * (1.0f - g_in);
-                dz[dh + j] = dm * mi[j] * g_forget * (1.0f - g_forget);
+                for (int j = 0; j < dh; j++) {
+                    const float dm = outside[j] + chain[j], t = fast_tanh(ui[j]), g_forget = gi[dh + j];
+                    dn[j] = dm * g_forget;
+                    du[j] = dm * (1.0f - g_forget) * (1.0f - t * t);
+                    dz[j] = 0.0f;
+                    dz[dh + j] = dm * (mi[j] - t) * g_forget * (1.0f - g_forget);
+                }
+            } else {
+#pragma omp simd
+                for (int j = 0; j < dh; j++) {
+                    const float dm = outside[j] + chain[j], t = fast_tanh(ui[j]);
+                    const float g_in = gi[j], g_forget = gi[dh + j];
+                    dn[j] = dm * g_forget;
+                    du[j] = dm * g_in * (1.0f - t * t);
+                    dz[j] = dm * t * g_in * (1.0f - g_in);
+                    dz[dh + j] = dm * mi[j] * g_forget * (1.0f - g_forget);
+                }
             }
         }
         const float *dz = d_a + dh; /* the gates' pre-sigmoid gradient, rows of stride 3dh */

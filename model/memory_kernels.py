@@ -60,10 +60,12 @@ def _build(compiler: str) -> Path:
 
 
 class Shape(ctypes.Structure):
-    """The C `Shape`: sizes of a write scan, the token row strides of keys/values and of their gradients."""
+    """The C `Shape`: sizes of a write scan, its write rule (convex: 1 for MemoryConfig.write_rule "convex"), the
+    token row strides of keys/values and of their gradients."""
 
     _fields_ = [
-        (name, ctypes.c_int) for name in ("heads", "rows", "segments", "slots", "head_dim", "seg_len", "threads")
+        (name, ctypes.c_int)
+        for name in ("heads", "rows", "segments", "slots", "head_dim", "seg_len", "threads", "convex")
     ]
     _fields_ += [("token_row", ctypes.c_long), ("grad_row", ctypes.c_long)]
 
@@ -166,7 +168,7 @@ def _token_major(t: torch.Tensor) -> torch.Tensor:
 
 class _WriteScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, start, keys, values, from_mem, bias, from_u, segment_length):
+    def forward(ctx, start, keys, values, from_mem, bias, from_u, segment_length, convex):
         heads, rows, slots, head_dim = start.shape
         segments = keys.shape[1] // segment_length
         states = start.new_empty(heads, rows, segments + 1, slots, head_dim)
@@ -185,6 +187,7 @@ class _WriteScan(torch.autograd.Function):
             head_dim=head_dim,
             seg_len=segment_length,
             threads=torch.get_num_threads(),
+            convex=int(convex),
             token_row=keys.stride(0),
             grad_row=keys.shape[1] * keys.shape[2],
         )
@@ -242,17 +245,32 @@ class _WriteScan(torch.autograd.Function):
             d_bias=d_bias,
             d_wu=d_from_u,
         )
-        return (d_start, d_keys, d_values, d_from_mem.sum(1), d_bias.sum(1, keepdim=True), d_from_u.sum(1), None)
+        return (
+            d_start,
+            d_keys,
+            d_values,
+            d_from_mem.sum(1),
+            d_bias.sum(1, keepdim=True),
+            d_from_u.sum(1),
+            None,
+            None,
+        )
 
 
 def fused_write_scan(
-    start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights,
+    segment_length: int,
+    convex: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
-    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
-    [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
-    differentiable: for the probes)."""
-    return _WriteScan.apply(start, keys, values, *weights, segment_length)
+    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(); convex: the write rule
+    M' = g_f * M + (1 - g_f) * tanh(u) instead of the paper's (MemoryConfig.write_rule). Returns the states
+    M_s..M_{s+n} [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, computed even where
+    the convex rule leaves it unused, then forget gate; not differentiable: for the probes)."""
+    return _WriteScan.apply(start, keys, values, *weights, segment_length, convex)
 
 
 class _Read(torch.autograd.Function):

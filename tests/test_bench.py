@@ -78,3 +78,15 @@ def test_train_step_bench_on_the_cpu():
     report = train_step_bench(*SMALL)
     assert (report["device"], report["dtype"]) == ("cpu", "torch.float32")
     check_report(report, SMALL)
+
+
+def test_memory_options_bench_reports_every_option_against_the_paper_rule():
+    """bench/memory_options.py runs its four models and reports a positive ratio per option for both measurements."""
+    tiny = ["model.num_layers=1", "model.row_length=128", "train.micro_batch=1", "train.global_batch=1"]
+    command = [sys.executable, "bench/memory_options.py", "--config", "configs/tiny.yaml", "--rounds", "1", *tiny]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    for name in ("model_step", "memory_module"):
+        assert set(report[name]) == {"convex", "paper+read_norm", "convex+read_norm", "paper_ms"}
+        assert all(value > 0 for value in report[name].values())

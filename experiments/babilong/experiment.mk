@@ -17,9 +17,10 @@ experiment: experiment-data experiment-lm2 experiment-vanilla
 experiment-data: setup
 	rm -rf $(EXP)
 	$(BIN)/lm2 data tokenizer $(EXP_BOOKS) --output $(EXP)/tokenizer.model --config $(EXPERIMENT)/babilong-lm2.yaml
-	$(BIN)/lm2 data babilong --output $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) \
-		--babi $(SHARED)/data/babi --row-length 256 --tasks qa1,qa2,qa3,qa4,qa5
-	$(BIN)/lm2 data prepare $(EXP)/mixture.jsonl --tokenizer $(EXP)/tokenizer.model --output $(EXP)/data \
+	$(BIN)/lm2 data babilong --output $(EXP)/babi.jsonl --text --book-documents $(EXP)/books.jsonl \
+		--tokenizer $(EXP)/tokenizer.model --books $(EXP_BOOKS) --babi $(SHARED)/data/babi --max-tokens 256 \
+		--tasks qa1,qa2,qa3,qa4,qa5
+	$(BIN)/lm2 data prepare $(EXP)/babi.jsonl $(EXP)/books.jsonl --tokenizer $(EXP)/tokenizer.model --output $(EXP)/data \
 		--config $(EXPERIMENT)/babilong-lm2.yaml --val-fraction 0.02 --workers 2 --packing whole
 
 experiment-lm2 experiment-vanilla: experiment-%: setup

@@ -1,4 +1,4 @@
-"""`lm2 data`: tokenizer, prepare, merge."""
+"""`lm2 data`: tokenizer, prepare, merge, babilong."""
 
 from __future__ import annotations
 
@@ -79,19 +79,21 @@ def cmd_data_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_data_babilong(args: argparse.Namespace) -> None:
-    """The experiment's training documents: books plus bAbI stories in haystacks (pipeline/data/babilong.py)."""
-    from lm2.pipeline.data.babilong import write_mixture
+    """BABILong training samples as prompt/answer records (pipeline/data/babilong.py)."""
+    from lm2.pipeline.data.babilong import Budget, write_babilong
 
     print(
-        write_mixture(
+        write_babilong(
             args.output,
             args.tokenizer,
             args.books,
             args.babi,
-            args.row_length,
-            args.stories_per_task,
+            Budget(args.min_tokens, args.max_tokens),
+            args.samples_per_task,
             args.tasks.split(","),
             args.seed,
+            text_records=args.text,
+            book_documents_path=args.book_documents,
         )
     )
 
@@ -157,13 +159,28 @@ def add_commands(commands) -> None:
     merge = jobs.add_parser("merge", help="join the parts of `prepare --num-shards` into one dataset")
     merge.add_argument("output", help="the --output the parts were prepared into")
     merge.set_defaults(run=cmd_data_merge)
-    babilong = jobs.add_parser("babilong", help="write the LM2-vs-vanilla experiment's training documents (jsonl)")
+    babilong = jobs.add_parser(
+        "babilong", help="write BABILong training samples: prompt/answer records of bAbI facts in book haystacks"
+    )
     babilong.add_argument("--output", required=True, help="the .jsonl file to write")
-    babilong.add_argument("--tokenizer", required=True, help="sentencepiece .model measuring the haystacks")
-    babilong.add_argument("--books", nargs="+", required=True, help=".txt(.gz) books or folders of them")
+    babilong.add_argument("--tokenizer", required=True, help="sentencepiece .model measuring the samples")
+    babilong.add_argument(
+        "--books", nargs="+", required=True, help=".txt(.gz) books or folders of them (not the evaluation's corpus/)"
+    )
     babilong.add_argument("--babi", required=True, help="folder of bAbI qaN_*_train.txt files")
-    babilong.add_argument("--row-length", type=int, required=True, help="haystacks reach up to this many tokens")
+    babilong.add_argument(
+        "--max-tokens", type=int, required=True, help="a record's prompt + answer + EOS hold at most this many tokens"
+    )
+    babilong.add_argument(
+        "--min-tokens", type=int, default=0, help="record lengths are drawn uniformly from --min-tokens to --max-tokens"
+    )
     babilong.add_argument("--tasks", default="qa1,qa2,qa3,qa4,qa5", help="bAbI tasks to place in haystacks")
-    babilong.add_argument("--stories-per-task", type=int, default=4000, help="training samples per task")
-    babilong.add_argument("--seed", type=int, default=0, help="haystack lengths, sentences and positions")
+    babilong.add_argument("--samples-per-task", type=int, default=4000, help="training samples per task")
+    babilong.add_argument("--seed", type=int, default=0, help="samples, lengths, sentences and fact positions")
+    babilong.add_argument(
+        "--text", action="store_true", help='write {"text": prompt + answer} records (a prepare without loss masks)'
+    )
+    babilong.add_argument(
+        "--book-documents", help="also write the books, in pieces of 100 sentences, as text documents into this .jsonl"
+    )
     babilong.set_defaults(run=cmd_data_babilong)

@@ -26,7 +26,7 @@ def cmd_eval_babilong(args: argparse.Namespace) -> None:
         device=args.device,
     )
     print(markdown(results), end="")
-    print(f"wrote {output}/results.json, {output}/results.md and {output}/heatmap.png")
+    print(f"wrote {output}/results.json, {output}/results.md, {output}/heatmap.png and {output}/distance.png")
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:

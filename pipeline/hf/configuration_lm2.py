@@ -16,6 +16,9 @@ class LM2Config(PretrainedConfig):
         memory_dim: d_m, the width of a slot (default hidden_size).
         memory_heads: H_m memory heads of width d_m / H_m.
         memory_layers: indices of the blocks that carry memory (None: every block).
+        memory_write_rule: "paper", M' = g_in * tanh(u) + g_f * M, or "convex", M' = g_f * M + (1 - g_f) * tanh(u)
+            (the input gate is then unused).
+        memory_read_norm: RMS-normalise the memory before the read, per memory head, without a gain.
     """
 
     model_type = "lm2"
@@ -34,6 +37,8 @@ class LM2Config(PretrainedConfig):
         memory_dim=None,
         memory_heads=16,
         memory_layers=None,
+        memory_write_rule="paper",
+        memory_read_norm=False,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
         tie_word_embeddings=False,
@@ -55,6 +60,8 @@ class LM2Config(PretrainedConfig):
         self.memory_dim = memory_dim or hidden_size
         self.memory_heads = memory_heads
         self.memory_layers = memory_layers
+        self.memory_write_rule = memory_write_rule
+        self.memory_read_norm = memory_read_norm
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range

@@ -54,6 +54,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: torch.dtype)
         memory_dim=cfg.memory_dim,
         memory_heads=cfg.memory.heads,
         memory_layers=cfg.memory.layers,
+        memory_write_rule=cfg.memory.write_rule,
+        memory_read_norm=cfg.memory.read_norm,
     )
 
 

@@ -8,7 +8,9 @@ Inside a segment, self-attention is causal and RoPE positions restart at 0. Ever
 M of N slots x d_m, split into H_m heads; M starts as the learned `init_bank` for every new sequence.
 - read, every token:  r = softmax(q K(M_s)^T / sqrt(d_h)) V(M_s); h = x + attn + (sigmoid(r W_g + b) * r) W_o
 - write, when a segment completes: slots attend to the segment's tokens (u), then
-  M_{s+1} = sigmoid([u, M] W_in + b_in) * tanh(u) + sigmoid([u, M] W_f + b_f) * M
+  M_{s+1} = sigmoid([u, M] W_in + b_in) * tanh(u) + sigmoid([u, M] W_f + b_f) * M   (config.memory_write_rule
+  "paper"), or with g_f = sigmoid([u, M] W_f + b_f): M_{s+1} = g_f * M + (1 - g_f) * tanh(u)   ("convex")
+- config.memory_read_norm: the read sees M RMS-normalised per memory head (no gain).
 Inputs of any length are processed segment by segment. The cache (LM2Cache) holds, per block, the current
 segment's keys and values and the memory, so prompt processing and token-by-token decoding give the logits of
 one forward over the whole sequence; the memory is written when a segment completes, as in training.
@@ -138,6 +140,8 @@ class LM2MemoryBank(nn.Module):
         d, d_m, heads = config.hidden_size, config.memory_dim, config.memory_heads
         self.slots, self.heads, self.head_dim = config.memory_slots, heads, d_m // heads
         dh = self.head_dim
+        self.convex = config.memory_write_rule == "convex"
+        self.read_norm_eps = config.rms_norm_eps if config.memory_read_norm else None
         self.init_bank = nn.Parameter(torch.zeros(self.slots, d_m))
         self.read_q = nn.Linear(d, d_m, bias=False)
         self.read_k = nn.Parameter(torch.zeros(heads, dh, dh))
@@ -160,8 +164,16 @@ class LM2MemoryBank(nn.Module):
         """M_0, [B, N, H, dh]."""
         return self.init_bank.view(1, self.slots, self.heads, self.head_dim).expand(batch, -1, -1, -1)
 
+    def read_memory(self, mem):
+        """mem [B, N, H, dh] as the read sees it: RMS-normalised per head (fp32) with memory_read_norm."""
+        if self.read_norm_eps is None:
+            return mem
+        m32 = mem.float()
+        return (m32 * torch.rsqrt(m32.pow(2).mean(-1, keepdim=True) + self.read_norm_eps)).type_as(mem)
+
     def read(self, xn, mem):
         """Gated read of tokens xn [B, T, d] from mem [B, N, H, dh] -> [B, T, d]."""
+        mem = self.read_memory(mem)
         r = _attend(self._heads(self.read_q(xn)), _per_head(mem, self.read_k), _per_head(mem, self.read_v))
         gate = torch.sigmoid(_per_head(r, self.out_gate) + self.out_gate_bias)
         return self.out_proj((gate * r).flatten(-2))
@@ -174,8 +186,10 @@ class LM2MemoryBank(nn.Module):
         """M_{s+1} from the segment's keys/values [B, S, H, dh] and M_s [B, N, H, dh]."""
         u = _attend(_per_head(mem, self.write_q), keys, values)
         both = torch.cat((u, mem), dim=-1)
-        g_in = torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias)
         g_forget = torch.sigmoid(_per_head(both, self.forget_gate) + self.forget_gate_bias)
+        if self.convex:
+            return g_forget * mem + (1 - g_forget) * torch.tanh(u)
+        g_in = torch.sigmoid(_per_head(both, self.in_gate) + self.in_gate_bias)
         return g_in * torch.tanh(u) + g_forget * mem
 
 

@@ -27,6 +27,7 @@ from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.carry import CarriedMemory
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
+from lm2.pipeline.train.init_from import initialise
 from lm2.pipeline.train.run_folder import claim_run_folder
 
 
@@ -37,6 +38,8 @@ class Start:
     step: int = 0
     wandb_id: str | None = None
     resumed_from: Path | None = None
+    initialised_from: Path | None = None
+    """The source of train.init_from, when a fresh run took its weights."""
 
 
 @dataclass
@@ -94,9 +97,12 @@ def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = 
             run.train.seed,
             engine.deepspeed.device,
         )
-    start = Start()
-    if folder is not None:
+    if folder is not None:  # train.init_from is ignored: a resumed run continues
         start = resume(run, engine, train_loader, stage, carry, folder, override_schedule, reset_memory)
+    elif run.train.init_from is not None:
+        start = Start(initialised_from=initialise(engine, run.model, run.train.init_from))
+    else:
+        start = Start()
     if rank == 0:
         Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))

@@ -115,6 +115,16 @@ class TrainConfig:
     """A curriculum (RMT/ARMT's over segment counts, e.g. samples of at most 1, 2, 4, 8, 16 segments): stages run
     one after the other, each on its own data with rows of its own length; their steps add up to train.steps.
     Empty: one stage, data.streams at model.row_length. Validation always reads data.streams."""
+    init_from: str | None = None
+    """Fine-tuning: the run starts from the weights of this lm2 checkpoint (a step_* folder, a run's checkpoints
+    folder or its `latest` file; written at any TP/PP/ZeRO layout) or Hugging Face folder (lm2's LM2 export or a
+    Llama, safetensors), with the fresh optimizer, LR schedule and data position of a new run. Its model must have
+    the config's shape (train/init_from.py: vocabulary, widths, layers, heads, tied embeddings, and the memory's
+    slots, dim, heads and layers), else the run is refused naming the field; row_length, segment_length and the
+    memory's training options may differ. A source without memory (a Llama, a vanilla run) gives the backbone; the
+    memory starts as a new run's. Ignored when the run resumes a checkpoint of its own (checkpoint.resume auto
+    finding one, or a named checkpoint): a requeued fine-tuning job continues where it stopped, it does not
+    restart from init_from."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches"):
@@ -128,6 +138,7 @@ class TrainConfig:
             f"{self.steps}: make them equal",
         )
         require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
+        require(self.init_from != "", "train.init_from must be a checkpoint or Hugging Face folder, or null")
 
     def stage_at(self, step: int) -> int | None:
         """The index of the stage that runs optimizer step number `step` (counted from 0); None without stages."""

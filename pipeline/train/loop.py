@@ -85,6 +85,7 @@ class Trainer:
             f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from}"
             if self.parts.start.resumed_from is not None
             else "fresh run from step 0"
+            + (f", weights from {self.parts.start.initialised_from}" if self.parts.start.initialised_from else "")
         )
         return "\n".join(
             [

@@ -30,8 +30,9 @@ CONFIGS = sorted(Path("configs").glob("*.yaml"))
         tiny_config(with_memory=False),
         tiny_config(tie_embeddings=True),
         tiny_config(memory=MemoryConfig(slots=10, dim=32, heads=4, layers=[1])),
+        tiny_config(memory_fields=dict(write_rule="convex", read_norm=True)),
     ],
-    ids=["lm2", "vanilla", "tied", "memory-subset"],
+    ids=["lm2", "vanilla", "tied", "memory-subset", "stability-options"],
 )
 def test_parameter_count_matches_built_model(single_process, cfg):
     model = LM2Model(cfg, tensor_parallel())
@@ -48,8 +49,9 @@ def test_parameter_count_matches_built_model(single_process, cfg):
         tiny_config(with_memory=False),
         tiny_config(tie_embeddings=True),
         tiny_config(memory=MemoryConfig(slots=10, dim=32, heads=4, layers=[1])),
+        tiny_config(memory_fields=dict(write_rule="convex", read_norm=True)),
     ],
-    ids=["lm2", "vanilla", "tied", "memory-subset"],
+    ids=["lm2", "vanilla", "tied", "memory-subset", "stability-options"],
 )
 def test_flops_equal_the_matmuls_of_a_forward(single_process, cfg):
     """torch's FLOP counter over one row, with attention decomposed into matmuls (SDPA's math kernel computes the

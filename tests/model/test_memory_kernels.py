@@ -45,11 +45,15 @@ def output_and_gradients(module, xn, segment_length, fused):
         (dict(slots=6), 40, 3),  # a short last window
         (dict(slots=16), 96, 8),  # one window; 16 slots, 32-wide heads: whole blocks
         (dict(slots=5, dim=40), 32, 4),  # heads of 20 columns
+        (dict(slots=6, write_rule="convex"), 40, 3),
+        (dict(slots=6, read_norm=True), 40, 3),
+        (dict(slots=16, write_rule="convex", read_norm=True), 96, 8),
     ],
 )
 def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, fields, row_length, bptt):
     """Against the module's PyTorch operations in fp64, the kernels (fp32) err no more than the same operations in
-    fp32 do, up to a small factor, on the module's output and on every gradient."""
+    fp32 do, up to a small factor, on the module's output and on every gradient. The convex write rule leaves the
+    input gate unused: its gradients are zero on every path."""
     cfg = tiny_config(row_length=row_length, memory_fields=dict(bptt_segments=bptt, **fields))
     module = memory_module(cfg)
     xn = torch.randn(3, row_length, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -59,6 +63,9 @@ def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, fields, 
     module.float()
     for name in ["output", *exact[1]]:
         pick = (lambda run: run[0]) if name == "output" else (lambda run, name=name: run[1][name])
+        if cfg.memory.write_rule == "convex" and name.startswith("in_gate"):
+            assert all(not pick(run).any() for run in (fused, fp32, exact)), name
+            continue
         scale = pick(exact).abs().max()
         fused_error = (pick(fused) - pick(exact)).abs().max() / scale
         fp32_error = (pick(fp32) - pick(exact)).abs().max() / scale
@@ -67,8 +74,10 @@ def test_fused_kernels_equal_the_pytorch_memory_in_fp64(single_process, fields, 
 
 
 @requires_kernel
-def test_the_probes_see_the_same_gates(single_process):
-    cfg = tiny_config(row_length=40, memory_fields=dict(bptt_segments=2))
+@pytest.mark.parametrize("write_rule", ["paper", "convex"])
+def test_the_probes_see_the_same_gates(single_process, write_rule):
+    """With the convex rule the input-gate probe sees the weight of tanh(u), 1 - g_f, on both paths."""
+    cfg = tiny_config(row_length=40, memory_fields=dict(bptt_segments=2, write_rule=write_rule))
     module = memory_module(cfg)
     xn = torch.randn(2, 40, cfg.hidden_size)
     seen = {}
@@ -83,6 +92,8 @@ def test_the_probes_see_the_same_gates(single_process):
         for hook in hooks:
             hook.remove()
     assert len(seen[True]) == len(seen[False]) == 2 * 4 + 1  # input and forget gate of the 4 writes, output gate
+    if write_rule == "convex":
+        torch.testing.assert_close(seen[True][0], 1 - seen[True][1], rtol=0, atol=0)
     for fused_gate, gate in zip(seen[True], seen[False]):
         torch.testing.assert_close(fused_gate, gate, rtol=0, atol=1e-5)
 

@@ -1,4 +1,5 @@
-"""TP=2 on two real gloo ranks computes what TP=1 computes: logits, loss and full gradients, memory on and off."""
+"""TP=2 on two real gloo ranks computes what TP=1 computes: logits, loss and full gradients, memory on and off, and
+with the memory's stability options (the convex write, the per-head read norm)."""
 
 import pytest
 import torch
@@ -32,8 +33,8 @@ def _run(model: LM2Model, x: torch.Tensor):
 
 
 def _tp2_matches_tp1(cases):
-    for memory, tied in cases:
-        cfg = tiny_config(with_memory=memory, tie_embeddings=tied)
+    for memory, tied, options in cases:
+        cfg = tiny_config(with_memory=memory, tie_embeddings=tied, memory_fields=options)
         x = torch.randint(0, cfg.vocab_size, (2, cfg.row_length), generator=torch.Generator().manual_seed(5))
 
         init_distributed(tp=1)  # both ranks compute the TP=1 reference (as two data-parallel replicas)
@@ -59,7 +60,9 @@ def _tp2_matches_tp1(cases):
 
 
 def test_tp2_logits_loss_and_gradients_equal_tp1():
-    run_distributed(_tp2_matches_tp1, world_size=2, args=([(True, True), (True, False), (False, True)],))
+    stability = dict(write_rule="convex", read_norm=True)
+    cases = [(True, True, {}), (True, False, {}), (False, True, {}), (True, True, stability)]
+    run_distributed(_tp2_matches_tp1, world_size=2, args=(cases,))
 
 
 def _tp2_initialises_the_tp1_weights(vocab_size):

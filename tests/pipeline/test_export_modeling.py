@@ -1,20 +1,26 @@
 """modeling_lm2.py (the standalone Hugging Face model) against lm2's model/ on random weights: the same logits
 at several lengths, and generate() with its cache against greedy full forwards without cache."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from lm2.model.config import MemoryConfig, ModelConfig
+from lm2.model.errors import ExportError
 from lm2.model.lm import LM2Model
-from lm2.pipeline.hf.folder import hf_model
+from lm2.pipeline.hf.folder import hf_model, write_folder
+from lm2.pipeline.hf.verify import verify_export
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from lm2.pipeline.parallel.tp_shards import gather_full_state
 
 SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
 
 
-def lm2_model(tie: bool, memory_layers=None) -> LM2Model:
-    """A tiny LM2 whose every parameter is random (banks and gate biases too, so no initial value hides a bug)."""
+def lm2_model(tie: bool, memory_layers=None, **memory_fields) -> LM2Model:
+    """A tiny LM2 whose every parameter is random (banks and gate biases too, so no initial value hides a bug);
+    memory_fields: more MemoryConfig fields."""
     cfg = ModelConfig(
         vocab_size=300,
         hidden_size=48,
@@ -26,7 +32,7 @@ def lm2_model(tie: bool, memory_layers=None) -> LM2Model:
         segment_length=6,
         rope_theta=10000.0,
         tie_embeddings=tie,
-        memory=MemoryConfig(slots=5, dim=32, heads=2, layers=memory_layers),
+        memory=MemoryConfig(slots=5, dim=32, heads=2, layers=memory_layers, **memory_fields),
     )
     model = LM2Model(cfg, tensor_parallel(), seed=3).eval()
     with torch.no_grad():
@@ -63,6 +69,21 @@ def test_hf_model_matches_lm2_at_several_lengths(single_process, tie, memory_lay
         # Memory matters: without the first segments the last segment's logits change.
         cut = hf(tokens[:, 3 * S :], use_cache=False).logits
         assert (cut - hf(tokens, use_cache=False).logits[:, 3 * S :]).abs().max() > 1e-3
+
+
+def test_export_verifies_the_memory_stability_options(single_process, tmp_path):
+    """With the convex write and the read norm, the folder `lm2 export hf --verify` writes gives lm2's logits; the
+    options reach its config.json and change the logits (a folder of the same weights without them fails)."""
+    model = lm2_model(tie=False, write_rule="convex", read_norm=True)
+    state = gather_full_state(model)
+    write_folder(hf_model(model.cfg, state, SPECIAL_IDS), tmp_path / "hf", "5GB")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["memory_write_rule"], config["memory_read_norm"]) == ("convex", True)
+    assert verify_export(tmp_path / "hf", model.cfg, state) <= 1e-4
+    for changed in (dict(write_rule="paper"), dict(read_norm=False)):
+        other = dataclasses.replace(model.cfg, memory=dataclasses.replace(model.cfg.memory, **changed))
+        with pytest.raises(ExportError, match="verification failed"):
+            verify_export(tmp_path / "hf", other, state)
 
 
 def test_generate_with_cache_equals_greedy_full_forwards(single_process):

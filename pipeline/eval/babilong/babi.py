@@ -33,6 +33,8 @@ class BabiSample:
     facts: tuple[str, ...]
     question: str
     answer: str
+    supporting: tuple[int, ...] = ()
+    """Indices into `facts` of the supporting facts the question line names, in story order."""
 
 
 def read_text(path: Path) -> str:
@@ -55,14 +57,19 @@ def stories(text: str) -> list[list[str]]:
 
 
 def story_samples(story: list[str]) -> list[BabiSample]:
-    """One sample per question line ("question\tanswer\tsupporting line numbers")."""
+    """One sample per question line ("question\tanswer\tsupporting line numbers"). A story's lines are numbered
+    1, 2, ... in order (questions included), so line number n is story[n - 1]."""
     facts: list[str] = []
+    fact_of_line: dict[int, int] = {}  # line number -> index in facts
     samples = []
-    for line in story:
+    for number, line in enumerate(story, start=1):
         if "\t" in line:
-            question, answer = line.split("\t")[:2]
-            samples.append(BabiSample(tuple(facts), question.strip(), answer.strip()))
+            question, answer, *rest = line.split("\t")
+            lines = [int(n) for n in rest[0].split()] if rest else []
+            supporting = tuple(sorted(fact_of_line[n] for n in lines if n in fact_of_line))
+            samples.append(BabiSample(tuple(facts), question.strip(), answer.strip(), supporting))
         else:
+            fact_of_line[number] = len(facts)
             facts.append(line.strip())
     return samples
 

@@ -86,6 +86,17 @@ class Background:
 class Haystack:
     context: str
     fact_positions: tuple[int, ...]  # the gap (0..len(sentences)) each fact went into
+    fact_spans: tuple[tuple[int, int], ...]  # where each fact is in `context`: (start, end) character offsets
+
+
+def joined(pieces: list[str], is_fact: list[bool]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The pieces joined by spaces, and the character span of every piece marked as a fact, in order."""
+    spans, start = [], 0
+    for piece, fact in zip(pieces, is_fact):
+        if fact:
+            spans.append((start, start + len(piece)))
+        start += len(piece) + 1
+    return " ".join(pieces), tuple(spans)
 
 
 def haystack(sample: BabiSample, length: int, background: Background, rng: np.random.Generator) -> Haystack:
@@ -94,15 +105,18 @@ def haystack(sample: BabiSample, length: int, background: Background, rng: np.ra
     facts = list(sample.facts)
     fact_tokens = sum(map(len, background.tokenizer(facts, add_special_tokens=False).input_ids)) if facts else 0
     if fact_tokens >= length:
-        return Haystack(" ".join(facts), (0,) * len(facts))
+        context, spans = joined(facts, [True] * len(facts))
+        return Haystack(context, (0,) * len(facts), spans)
     sentences = background.take(length - fact_tokens, rng)
     positions = np.sort(rng.choice(len(sentences) + 1, size=len(facts)))
-    gaps: list[list[str]] = [[] for _ in range(len(sentences) + 1)]
+    gaps: list[list[tuple[str, bool]]] = [[] for _ in range(len(sentences) + 1)]
     for fact, position in zip(facts, positions):
-        gaps[position].append(fact)
+        gaps[position].append((fact, True))
     for gap, sentence in zip(gaps, sentences):
-        gap.append(sentence)
-    return Haystack(" ".join(piece for gap in gaps for piece in gap), tuple(int(p) for p in positions))
+        gap.append((sentence, False))
+    pieces = [piece for gap in gaps for piece in gap]
+    context, spans = joined([text for text, _ in pieces], [fact for _, fact in pieces])
+    return Haystack(context, tuple(int(p) for p in positions), spans)
 
 
 def sample_rng(seed: int, task: str, length: int, index: int) -> np.random.Generator:
