@@ -46,10 +46,11 @@ def applies(tensor: torch.Tensor) -> bool:
 def _options(slots: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict:
     """The tiles and launch settings for a head width, the slot and token counts and the inputs' dtype.
 
-    NOTE: chosen, not tuned (no GPU was at hand). Tiles are powers of two of at least 16 rows (tl.dot's least) and at
-    most _BLOCK, and a key or value tile stays within 16 KiB, so that the pipelined copies of a loop's two tiles and
-    a [dh, dh] weight fit in shared memory (fp32 heads of 128 get 32-row tiles). 8 warps where a head is 128 wide
-    keep the [rows, dh] fp32 accumulators in registers."""
+    NOTE: chosen, not tuned: no GPU was at hand, only ptxas (compiled for sm_90: at most 161 KiB of shared memory;
+    in bf16 at most 0.4 KB of register spills per thread; fp32 heads of 128, whose exact products run on the FMA
+    units, spill kilobytes). Tiles are powers of two of at least 16 rows (tl.dot's least) and at most _BLOCK, and a
+    key or value tile stays within 16 KiB, so that the pipelined copies of a loop's two tiles and a [dh, dh] weight
+    fit in shared memory (fp32 heads of 128 get 32-row tiles). 8 warps where a head is 128 wide."""
     width = max(16, 1 << (head_dim - 1).bit_length())
     most = min(_BLOCK, 16384 // (width * dtype.itemsize))
 
@@ -57,7 +58,7 @@ def _options(slots: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict
         return max(16, min(1 << (size - 1).bit_length(), most))
 
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return dict(BLOCK_N=tile(slots), BLOCK_S=tile(tokens), BLOCK_D=width, PRECISION=precision,
+    return dict(BLOCK_N=tile(slots), BLOCK_S=tile(tokens), BLOCK_D=width, HEAD_DIM=head_dim, PRECISION=precision,
                 num_warps=4 if width <= 64 else 8)
 
 
@@ -82,8 +83,8 @@ class _WriteScan(torch.autograd.Function):
         tiles = _options(slots, segment_length, head_dim, states.dtype)
         grid = (units, -(-slots // tiles["BLOCK_N"]))
         _kernels()._write_forward[grid](keys, values, from_mem, bias, from_u, states, q, u, gates, lse, rows,
-                                        segments, slots, segment_length, head_dim, *keys.stride()[:2],
-                                        *values.stride()[:2], **tiles)
+                                        segments, slots, segment_length, *keys.stride()[:2], *values.stride()[:2],
+                                        **tiles)
         ctx.save_for_backward(keys, values, from_mem, from_u, states, q, u, gates, lse)
         ctx.segment_length = segment_length
         ctx.mark_non_differentiable(gates)
@@ -102,13 +103,16 @@ class _WriteScan(torch.autograd.Function):
         delta = states.new_empty(units, segments, slots, dtype=torch.float32)
         tiles = _options(slots, segment_length, head_dim, states.dtype)
         strides = (*keys.stride()[:2], *values.stride()[:2])
-        _kernels()._write_chain_backward[(units, -(-slots // tiles["BLOCK_N"]))](
+        # The chain holds more [slots, dh] tiles than any other kernel: 32-slot blocks where heads are 128 wide (64
+        # spilled 1.4 KB per thread, 32 about 0.1 KB: ptxas for sm_90, bf16).
+        chain = dict(tiles, BLOCK_N=min(tiles["BLOCK_N"], 32 if tiles["BLOCK_D"] >= 128 else _BLOCK))
+        _kernels()._write_chain_backward[(units, -(-slots // chain["BLOCK_N"]))](
             keys, values, from_mem, from_u, states, q, u, gates, lse, d_states.contiguous(), d_start, d_a, d_u, delta,
-            rows, segments, slots, segment_length, head_dim, *strides, **tiles)
+            rows, segments, slots, segment_length, *strides, **chain)
         d_keys, d_values = (keys.new_empty(rows, segments * segment_length, heads * head_dim) for _ in range(2))
         _kernels()._write_token_backward[(units, segments, -(-segment_length // tiles["BLOCK_S"]))](
-            keys, values, q, d_u, lse, delta, d_keys, d_values, rows, segments, slots, segment_length, head_dim,
-            *strides, *d_keys.stride()[:2], **tiles)
+            keys, values, q, d_u, lse, delta, d_keys, d_values, rows, segments, slots, segment_length, *strides,
+            *d_keys.stride()[:2], **tiles)
         weights = _write_weight_grads(states, u, d_a, heads)
         return (d_start, d_keys, d_values, *(g.to(from_mem.dtype) for g in weights), None)
 
@@ -151,7 +155,7 @@ class _ReadAttention(torch.autograd.Function):
         tiles = _options(slots, segment_length, head_dim, kv.dtype)
         _kernels()._read_forward[(units, -(-segment_length // tiles["BLOCK_S"]))](
             q_tokens, kv, gate_weight, gate_bias, out, gates, r, lse, row_segments, segments, slots, segment_length,
-            head_dim, *q_tokens.stride()[:2], *out.stride()[:2], **tiles)
+            *q_tokens.stride()[:2], *out.stride()[:2], **tiles)
         ctx.save_for_backward(q_tokens, kv, gate_weight, gates, r, lse)
         ctx.rows = rows
         ctx.mark_non_differentiable(gates)
@@ -167,7 +171,7 @@ class _ReadAttention(torch.autograd.Function):
         d_z, d_r = (r.new_empty(r.shape, dtype=torch.float32) for _ in range(2))
         delta = r.new_empty(units, segment_length, dtype=torch.float32)
         tiles = _options(slots, segment_length, head_dim, kv.dtype)
-        sizes = (row_segments, segments, slots, segment_length, head_dim, *q_tokens.stride()[:2])
+        sizes = (row_segments, segments, slots, segment_length, *q_tokens.stride()[:2])
         _kernels()._read_query_backward[(units, -(-segment_length // tiles["BLOCK_S"]))](
             q_tokens, kv, gate_weight, gates, r, lse, d_out, d_q, d_z, d_r, delta, *sizes, *d_out.stride()[:2],
             *d_q.stride()[:2], **tiles)

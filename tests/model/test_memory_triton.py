@@ -47,6 +47,8 @@ CASES = {
     # A tensor-parallel rank of 4 heads at tp=2 holds 2 heads of 16 columns: projections 32 wide, not d = 64.
     "tp-local heads": Case(dict(heads=2, dim=32), 32, 2),
     "bf16": Case(dict(slots=5, dim=40), 24, 2, dtype="bfloat16"),
+    # One head of 128 columns: the chain kernel's 32-slot blocks (40 slots: 32, then 8) under the others' 64.
+    "a 128-wide head": Case(dict(slots=40, heads=1, dim=128), 32, 2, segment_length=16),
 }
 GPU_CASES = {  # heads of 128 and 64 columns, several tiles of 64 slots and tokens, short ones last
     "128-wide heads": Case(dict(slots=150, heads=2, dim=256), 400, 2, segment_length=80, extra=dict(hidden_size=256)),
