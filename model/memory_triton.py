@@ -58,8 +58,14 @@ def _options(slots: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict
         return max(16, min(1 << (size - 1).bit_length(), most))
 
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return dict(BLOCK_N=tile(slots), BLOCK_S=tile(tokens), BLOCK_D=width, HEAD_DIM=head_dim, PRECISION=precision,
-                num_warps=4 if width <= 64 else 8)
+    return dict(
+        BLOCK_N=tile(slots),
+        BLOCK_S=tile(tokens),
+        BLOCK_D=width,
+        HEAD_DIM=head_dim,
+        PRECISION=precision,
+        num_warps=4 if width <= 64 else 8,
+    )
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -82,9 +88,25 @@ class _WriteScan(torch.autograd.Function):
         lse = start.new_empty(units, segments, slots, dtype=torch.float32)
         tiles = _options(slots, segment_length, head_dim, states.dtype)
         grid = (units, -(-slots // tiles["BLOCK_N"]))
-        _kernels()._write_forward[grid](keys, values, from_mem, bias, from_u, states, q, u, gates, lse, rows,
-                                        segments, slots, segment_length, *keys.stride()[:2], *values.stride()[:2],
-                                        **tiles)
+        _kernels()._write_forward[grid](
+            keys,
+            values,
+            from_mem,
+            bias,
+            from_u,
+            states,
+            q,
+            u,
+            gates,
+            lse,
+            rows,
+            segments,
+            slots,
+            segment_length,
+            *keys.stride()[:2],
+            *values.stride()[:2],
+            **tiles,
+        )
         ctx.save_for_backward(keys, values, from_mem, from_u, states, q, u, gates, lse)
         ctx.segment_length = segment_length
         ctx.mark_non_differentiable(gates)
@@ -107,12 +129,45 @@ class _WriteScan(torch.autograd.Function):
         # spilled 1.4 KB per thread, 32 about 0.1 KB: ptxas for sm_90, bf16).
         chain = dict(tiles, BLOCK_N=min(tiles["BLOCK_N"], 32 if tiles["BLOCK_D"] >= 128 else _BLOCK))
         _kernels()._write_chain_backward[(units, -(-slots // chain["BLOCK_N"]))](
-            keys, values, from_mem, from_u, states, q, u, gates, lse, d_states.contiguous(), d_start, d_a, d_u, delta,
-            rows, segments, slots, segment_length, *strides, **chain)
+            keys,
+            values,
+            from_mem,
+            from_u,
+            states,
+            q,
+            u,
+            gates,
+            lse,
+            d_states.contiguous(),
+            d_start,
+            d_a,
+            d_u,
+            delta,
+            rows,
+            segments,
+            slots,
+            segment_length,
+            *strides,
+            **chain,
+        )
         d_keys, d_values = (keys.new_empty(rows, segments * segment_length, heads * head_dim) for _ in range(2))
         _kernels()._write_token_backward[(units, segments, -(-segment_length // tiles["BLOCK_S"]))](
-            keys, values, q, d_u, lse, delta, d_keys, d_values, rows, segments, slots, segment_length, *strides,
-            *d_keys.stride()[:2], **tiles)
+            keys,
+            values,
+            q,
+            d_u,
+            lse,
+            delta,
+            d_keys,
+            d_values,
+            rows,
+            segments,
+            slots,
+            segment_length,
+            *strides,
+            *d_keys.stride()[:2],
+            **tiles,
+        )
         weights = _write_weight_grads(states, u, d_a, heads)
         return (d_start, d_keys, d_values, *(g.to(from_mem.dtype) for g in weights), None)
 
@@ -130,8 +185,9 @@ def _write_weight_grads(states, u, d_a, heads):
     return d_from_mem, d_bias, d_from_u.view(heads, -1, head_dim, 2 * head_dim).sum(1)
 
 
-def fused_write_scan(start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights,
-                     segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_write_scan(
+    start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
     (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
     [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
@@ -154,8 +210,22 @@ class _ReadAttention(torch.autograd.Function):
         lse = kv.new_empty(units, segment_length, dtype=torch.float32)
         tiles = _options(slots, segment_length, head_dim, kv.dtype)
         _kernels()._read_forward[(units, -(-segment_length // tiles["BLOCK_S"]))](
-            q_tokens, kv, gate_weight, gate_bias, out, gates, r, lse, row_segments, segments, slots, segment_length,
-            *q_tokens.stride()[:2], *out.stride()[:2], **tiles)
+            q_tokens,
+            kv,
+            gate_weight,
+            gate_bias,
+            out,
+            gates,
+            r,
+            lse,
+            row_segments,
+            segments,
+            slots,
+            segment_length,
+            *q_tokens.stride()[:2],
+            *out.stride()[:2],
+            **tiles,
+        )
         ctx.save_for_backward(q_tokens, kv, gate_weight, gates, r, lse)
         ctx.rows = rows
         ctx.mark_non_differentiable(gates)
@@ -173,19 +243,40 @@ class _ReadAttention(torch.autograd.Function):
         tiles = _options(slots, segment_length, head_dim, kv.dtype)
         sizes = (row_segments, segments, slots, segment_length, *q_tokens.stride()[:2])
         _kernels()._read_query_backward[(units, -(-segment_length // tiles["BLOCK_S"]))](
-            q_tokens, kv, gate_weight, gates, r, lse, d_out, d_q, d_z, d_r, delta, *sizes, *d_out.stride()[:2],
-            *d_q.stride()[:2], **tiles)
+            q_tokens,
+            kv,
+            gate_weight,
+            gates,
+            r,
+            lse,
+            d_out,
+            d_q,
+            d_z,
+            d_r,
+            delta,
+            *sizes,
+            *d_out.stride()[:2],
+            *d_q.stride()[:2],
+            **tiles,
+        )
         d_kv = torch.empty_like(kv)
         _kernels()._read_memory_backward[(units, -(-slots // tiles["BLOCK_N"]))](
-            q_tokens, kv, lse, d_r, delta, d_kv, *sizes, **tiles)
+            q_tokens, kv, lse, d_r, delta, d_kv, *sizes, **tiles
+        )
         # The gate's weights: sums over every token of r^T dZ and dZ, one batched matmul over heads, in fp32.
         d_gate_weight = torch.bmm(r.view(heads, -1, head_dim).float().transpose(1, 2), d_z.view(heads, -1, head_dim))
         d_gate_bias = d_z.sum((1, 2))
         return d_q, d_kv, d_gate_weight.to(kv.dtype), d_gate_bias.to(kv.dtype), None, None
 
 
-def fused_read(q_tokens: torch.Tensor, states: torch.Tensor, kv_weight: torch.Tensor, gate_weight: torch.Tensor,
-               gate_bias: torch.Tensor, segment_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_read(
+    q_tokens: torch.Tensor,
+    states: torch.Tensor,
+    kv_weight: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    segment_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q_tokens: the read queries [B, k*S, Hl*dh] as the projection gives them; states: every segment's memory
     [Hl, B, k, N, dh]; kv_weight [Hl, dh, 2dh] (the scaled key weight, then the value weight); gate_weight
     [Hl, dh, dh] and gate_bias [Hl, dh]: the output gate. Returns the gated read [B, k*S, Hl*dh], token-major for

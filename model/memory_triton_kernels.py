@@ -78,9 +78,31 @@ def _rows(base, index, ld, d, ok):
 
 
 @triton.jit
-def _write_forward(keys, values, from_mem, bias, from_u, states, q_out, u_out, gates, lse_out, rows, segments, slots,
-                   seg_len, key_row, key_token, value_row, value_token, HEAD_DIM: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_forward(
+    keys,
+    values,
+    from_mem,
+    bias,
+    from_u,
+    states,
+    q_out,
+    u_out,
+    gates,
+    lse_out,
+    rows,
+    segments,
+    slots,
+    seg_len,
+    key_row,
+    key_token,
+    value_row,
+    value_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (heads * rows, slot blocks). states [HB, n + 1, N, dh] holds M_0 on entry; fills M_1..M_n, q and u
     [HB, n, N, dh], gates [n, HB, N, 2dh] and the log-sum-exp [HB, n, N] (fp32)."""
     unit, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -131,15 +153,39 @@ def _write_forward(keys, values, from_mem, bias, from_u, states, q_out, u_out, g
         g = tl.sigmoid(z + tl.load(b + 2 * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :])
         tl.store(g_at + HEAD_DIM, _round(g, dtype), mask=tile_ok)
         m = _round(update + g * m.to(tl.float32), dtype)
-        tl.store(states + (unit * (segments + 1) + s + 1) * state + n[:, None] * HEAD_DIM + d[None, :], m,
-                 mask=tile_ok)
+        tl.store(states + (unit * (segments + 1) + s + 1) * state + n[:, None] * HEAD_DIM + d[None, :], m, mask=tile_ok)
 
 
 @triton.jit
-def _write_chain_backward(keys, values, from_mem, from_u, states, q_in, u_in, gates, lse_in, d_states, d_start, d_a,
-                          d_u, delta_out, rows, segments, slots, seg_len, key_row, key_token, value_row, value_token,
-                          HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_chain_backward(
+    keys,
+    values,
+    from_mem,
+    from_u,
+    states,
+    q_in,
+    u_in,
+    gates,
+    lse_in,
+    d_states,
+    d_start,
+    d_a,
+    d_u,
+    delta_out,
+    rows,
+    segments,
+    slots,
+    seg_len,
+    key_row,
+    key_token,
+    value_row,
+    value_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (heads * rows, slot blocks), segments in reverse. d_states [HB, n + 1, N, dh]: every state's gradient
     from outside the scan (the reads); the chain's own is carried in registers from each write to the state it
     read. Fills d_start [HB, N, dh]; per segment, for the token kernel and the weights' gradients (all fp32):
@@ -196,15 +242,37 @@ def _write_chain_backward(keys, values, from_mem, from_u, states, q_in, u_in, ga
         tl.store(a_at, dq, mask=tile_ok)
         carry = dm + _mm(dq, _square(w_mem, 0, wide, d, d_ok, True), dtype, PRECISION)
     first_state = _rows(d_states + unit * (segments + 1) * state, n, HEAD_DIM, d, tile_ok).to(tl.float32)
-    tl.store(d_start + unit * state + n[:, None] * HEAD_DIM + d[None, :], _round(first_state + carry, dtype),
-             mask=tile_ok)
+    tl.store(
+        d_start + unit * state + n[:, None] * HEAD_DIM + d[None, :], _round(first_state + carry, dtype), mask=tile_ok
+    )
 
 
 @triton.jit
-def _write_token_backward(keys, values, q_in, d_u, lse_in, delta_in, d_keys, d_values, rows, segments, slots, seg_len,
-                          key_row, key_token, value_row, value_token, grad_row, grad_token, HEAD_DIM: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+def _write_token_backward(
+    keys,
+    values,
+    q_in,
+    d_u,
+    lse_in,
+    delta_in,
+    d_keys,
+    d_values,
+    rows,
+    segments,
+    slots,
+    seg_len,
+    key_row,
+    key_token,
+    value_row,
+    value_token,
+    grad_row,
+    grad_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (heads * rows, segments, token tiles): the gradients of one tile of a segment's keys and values, summed
     over the slots in a loop. d_keys and d_values [rows, n * S, H * dh], rows grad_row apart."""
     unit, s, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -236,9 +304,29 @@ def _write_token_backward(keys, values, q_in, d_u, lse_in, delta_in, d_keys, d_v
 
 
 @triton.jit
-def _read_forward(q_tokens, kv, gate_weight, gate_bias, out, gates, r_out, lse_out, row_segments, segments, slots,
-                  seg_len, q_row, q_token, out_row, out_token, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _read_forward(
+    q_tokens,
+    kv,
+    gate_weight,
+    gate_bias,
+    out,
+    gates,
+    r_out,
+    lse_out,
+    row_segments,
+    segments,
+    slots,
+    seg_len,
+    q_row,
+    q_token,
+    out_row,
+    out_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (heads * rows * k, token tiles); unit = head * (rows * k) + row * k + segment. The tokens of a segment
     read kv [units, N, 2dh] (keys, scaled, then values) of their M_s; out [rows, k * S, H * dh] token-major, rows
     out_row apart; fills gates and r [units, S, dh] and the log-sum-exp [units, S] (fp32)."""
@@ -275,15 +363,42 @@ def _read_forward(q_tokens, kv, gate_weight, gate_bias, out, gates, r_out, lse_o
     z = _mm(r, _square(gate_weight + head * HEAD_DIM * HEAD_DIM, 0, HEAD_DIM, d, d_ok, False), dtype, PRECISION)
     gate = tl.sigmoid(z + tl.load(gate_bias + head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :])
     tl.store(gates + mine, _round(gate, dtype), mask=tokens_ok)
-    tl.store(out + row * out_row + token[:, None] * out_token + head * HEAD_DIM + d[None, :], _round(gate * r, dtype),
-             mask=tokens_ok)
+    tl.store(
+        out + row * out_row + token[:, None] * out_token + head * HEAD_DIM + d[None, :],
+        _round(gate * r, dtype),
+        mask=tokens_ok,
+    )
 
 
 @triton.jit
-def _read_query_backward(q_tokens, kv, gate_weight, gates, r_in, lse_in, d_out, d_q, d_z, d_r, delta_out, row_segments,
-                         segments, slots, seg_len, q_row, q_token, d_out_row, d_out_token, d_q_row, d_q_token,
-                         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _read_query_backward(
+    q_tokens,
+    kv,
+    gate_weight,
+    gates,
+    r_in,
+    lse_in,
+    d_out,
+    d_q,
+    d_z,
+    d_r,
+    delta_out,
+    row_segments,
+    segments,
+    slots,
+    seg_len,
+    q_row,
+    q_token,
+    d_out_row,
+    d_out_token,
+    d_q_row,
+    d_q_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid as _read_forward's: the gradient of a token tile's queries, over the slots in a loop. Fills, for the
     memory kernel and the gate's weights (fp32), d_z (the gate's pre-activation) and d_r [units, S, dh] and
     delta = rowsum(d_r * r) [units, S]."""
@@ -300,8 +415,9 @@ def _read_query_backward(q_tokens, kv, gate_weight, gates, r_in, lse_in, d_out, 
     gate = tl.load(gates + mine, mask=tokens_ok, other=0.0).to(tl.float32)
     r = tl.load(r_in + mine, mask=tokens_ok, other=0.0).to(tl.float32)
     dz = d_gated * r * gate * (1.0 - gate)
-    dr = d_gated * gate + _mm(dz, _square(gate_weight + head * HEAD_DIM * HEAD_DIM, 0, HEAD_DIM, d, d_ok, True),
-                              dtype, PRECISION)
+    dr = d_gated * gate + _mm(
+        dz, _square(gate_weight + head * HEAD_DIM * HEAD_DIM, 0, HEAD_DIM, d, d_ok, True), dtype, PRECISION
+    )
     delta = tl.sum(dr * r, 1)
     tl.store(d_z + mine, dz, mask=tokens_ok)
     tl.store(d_r + mine, dr, mask=tokens_ok)
@@ -317,14 +433,33 @@ def _read_query_backward(q_tokens, kv, gate_weight, gates, r_in, lse_in, d_out, 
         v = _rows(memory + HEAD_DIM, n, 2 * HEAD_DIM, d, n_ok[:, None] & d_ok[None, :])
         p = tl.where(n_ok[None, :], tl.exp(_mm(q, tl.trans(k), dtype, PRECISION) - lse[:, None]), 0.0)
         dq += _mm(p * (_mm(dr, tl.trans(v), dtype, PRECISION) - delta[:, None]), k, dtype, PRECISION)
-    tl.store(d_q + row * d_q_row + token[:, None] * d_q_token + head * HEAD_DIM + d[None, :], _round(dq, dtype),
-             mask=tokens_ok)
+    tl.store(
+        d_q + row * d_q_row + token[:, None] * d_q_token + head * HEAD_DIM + d[None, :],
+        _round(dq, dtype),
+        mask=tokens_ok,
+    )
 
 
 @triton.jit
-def _read_memory_backward(q_tokens, kv, lse_in, d_r, delta_in, d_kv, row_segments, segments, slots, seg_len, q_row,
-                          q_token, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _read_memory_backward(
+    q_tokens,
+    kv,
+    lse_in,
+    d_r,
+    delta_in,
+    d_kv,
+    row_segments,
+    segments,
+    slots,
+    seg_len,
+    q_row,
+    q_token,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (units, slot blocks): the gradient of a slot block's keys and values, d_kv [units, N, 2dh], over the
     segment's tokens in a loop."""
     unit, block = tl.program_id(0).to(tl.int64), tl.program_id(1)

@@ -52,8 +52,9 @@ CASES = {
 }
 GPU_CASES = {  # heads of 128 and 64 columns, several tiles of 64 slots and tokens, short ones last
     "128-wide heads": Case(dict(slots=150, heads=2, dim=256), 400, 2, segment_length=80, extra=dict(hidden_size=256)),
-    "64-wide heads, bf16": Case(dict(slots=100, heads=4, dim=256), 400, 3, segment_length=100, dtype="bfloat16",
-                                extra=dict(hidden_size=256)),
+    "64-wide heads, bf16": Case(
+        dict(slots=100, heads=4, dim=256), 400, 3, segment_length=100, dtype="bfloat16", extra=dict(hidden_size=256)
+    ),
 }
 
 
@@ -70,8 +71,12 @@ def backend(triton: bool):
 def memory_module(case: Case, tp, device: str) -> tuple[LM2Memory, torch.Tensor, int]:
     """A memory module with weights moved well off their initial values (every gate and the chain of states then
     matter to the output), a batch of rows for it, and its segment length."""
-    cfg = tiny_config(row_length=case.row_length, segment_length=case.segment_length, **case.extra,
-                      memory_fields=dict(bptt_segments=case.bptt, **case.memory))
+    cfg = tiny_config(
+        row_length=case.row_length,
+        segment_length=case.segment_length,
+        **case.extra,
+        memory_fields=dict(bptt_segments=case.bptt, **case.memory),
+    )
     torch.manual_seed(0)
     module = LM2Memory(cfg, tp)
     with torch.no_grad():
@@ -108,7 +113,7 @@ def errors(case: Case, tp, device: str) -> dict[str, list[float]]:
     pytorch = output_and_gradients(module, xn, segment_length, False)
     found = {}
     for name in ["output", *exact[1]]:
-        pick = (lambda run: run[0]) if name == "output" else (lambda run: run[1][name])
+        pick = (lambda run: run[0]) if name == "output" else (lambda run, name=name: run[1][name])
         scale = pick(exact).abs().max()
         assert scale > 0, name
         found[name] = [((pick(run) - pick(exact)).abs().max() / scale).item() for run in (kernels, pytorch)]
@@ -121,14 +126,18 @@ def gates_seen(tp, device: str) -> dict:
     seen = {}
     for triton in (True, False):
         gates = seen[triton] = []
-        hooks = [probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
-                 for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)]
+        hooks = [
+            probe.register_forward_hook(lambda m, a, out, g=gates: g.append(out.clone()))
+            for probe in (module.in_gate_probe, module.forget_gate_probe, module.out_gate_probe)
+        ]
         with torch.no_grad(), backend(triton):
             module(xn, segment_length)
         for hook in hooks:
             hook.remove()
-    return dict(count=[len(seen[True]), len(seen[False])],
-                difference=max((a - b).abs().max().item() for a, b in zip(seen[True], seen[False])))
+    return dict(
+        count=[len(seen[True]), len(seen[False])],
+        difference=max((a - b).abs().max().item() for a, b in zip(seen[True], seen[False])),
+    )
 
 
 def interpreted_report() -> None:
@@ -141,10 +150,17 @@ def interpreted_report() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     tp = TensorParallel.of_group(dist.group.WORLD, torch.float32)
     report = {}
-    for name, check in [*((name, lambda case=case: errors(case, tp, "cpu")) for name, case in CASES.items()),
-                        ("gates", lambda: gates_seen(tp, "cpu")),
-                        ("applies", lambda: {str(t): memory_triton.applies(torch.zeros(1, dtype=t))
-                                             for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)})]:
+    for name, check in [
+        *((name, lambda case=case: errors(case, tp, "cpu")) for name, case in CASES.items()),
+        ("gates", lambda: gates_seen(tp, "cpu")),
+        (
+            "applies",
+            lambda: {
+                str(t): memory_triton.applies(torch.zeros(1, dtype=t))
+                for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+            },
+        ),
+    ]:
         try:
             report[name] = check()
         except Exception:  # reported: the case's test fails with it, the others still run
@@ -157,8 +173,14 @@ def interpreted_report() -> None:
 def interpreted() -> dict:
     """interpreted_report() of a subprocess."""
     command = "from tests.model.test_memory_triton import interpreted_report; interpreted_report()"
-    done = subprocess.run([sys.executable, "-c", command], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", command],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -174,8 +196,9 @@ def assert_close_to_pytorch(found: dict[str, list[float]], dtype: str) -> None:
     1e-6 is a few ulp; bf16's (errors about 1e-2) never binds."""
     floor = 1e-6 if dtype == "float32" else 1e-3
     for name, (kernel_error, pytorch_error) in found.items():
-        assert kernel_error < max(4 * pytorch_error, floor), \
+        assert kernel_error < max(4 * pytorch_error, floor), (
             f"{name}: {kernel_error:.2e} against {dtype} PyTorch's {pytorch_error:.2e}"
+        )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -191,8 +214,12 @@ def test_interpreted_probes_see_the_same_gates(interpreted):
 
 
 def test_the_kernels_apply_to_fp32_and_bf16_only(interpreted):
-    assert result(interpreted, "applies") == {"torch.float32": True, "torch.bfloat16": True, "torch.float16": False,
-                                              "torch.float64": False}
+    assert result(interpreted, "applies") == {
+        "torch.float32": True,
+        "torch.bfloat16": True,
+        "torch.float16": False,
+        "torch.float64": False,
+    }
 
 
 def test_on_cpu_without_the_interpreter_the_kernels_do_not_apply():
