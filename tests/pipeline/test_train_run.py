@@ -115,8 +115,11 @@ def test_metrics_reach_console_jsonl_and_offline_wandb(train_data, logged_run):
         }
         assert all(0 < value < 1 for values in gates.values() for value in values)
         means = "/".join(f"{sum(values) / 4:.2f}" for values in gates.values())
+        norms = [entry[f"memory/layer_{i:02d}/slot_norm_{kind}"] for kind in ("mean", "max") for i in range(4)]
+        assert all(0 < norm for norm in norms) and max(norms[:4]) <= max(norms[4:])
+        norm_line = f"slot norm mean/max {sum(norms[:4]) / 4:.2f}/{max(norms[4:]):.2f}"
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"step {step}/4 |"))
-        assert f"loss {entry['loss']:.4f}" in line and line.endswith(f"gates in/forget/out {means}")
+        assert f"loss {entry['loss']:.4f}" in line and line.endswith(f"gates in/forget/out {means} | {norm_line}")
     assert "val_loss" in entries[-1] and f"val {entries[-1]['val_loss']:.4f}" in result.stdout
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
