@@ -72,11 +72,15 @@ def _print_plan(run, dp: int, mfu: float) -> None:
     if memory.carried:
         print(f"  carried memory  {size(memory.carried)} (train.carry: every lane's state, twice)")
     print(f"  total           {size(memory.total)}")
-    if run.train.peak_tflops:
-        print(
-            f"tokens/s/device   {tokens_per_s_per_device(run, mfu, run.train.peak_tflops):,.0f} at MFU {mfu:.0%} "
-            f"of train.peak_tflops={run.train.peak_tflops:g}"
-        )
+    import torch
+
+    from lm2.pipeline.train.peak import resolve_peak_tflops
+
+    peak, _ = resolve_peak_tflops(
+        run.train.peak_tflops, torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    )
+    if peak:
+        print(f"tokens/s/device   {tokens_per_s_per_device(run, mfu, peak):,.0f} at MFU {mfu:.0%} of {peak:g} TFLOP/s")
     else:
         print("tokens/s/device   set train.peak_tflops (e.g. 989 for an H100 in bf16) for an estimate")
 

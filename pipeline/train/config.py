@@ -107,8 +107,10 @@ class TrainConfig:
     """Validation loss every this many steps on the val split of data.streams; 0 disables."""
     eval_batches: int = 4
     """Micro-batches per data-parallel rank in one validation pass."""
-    peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device for MFU (e.g. 989 for an H100 in bf16); 0 leaves MFU out."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU (e.g. 989 for an H100 in bf16). None (default): the GPU's from a
+    table (pipeline/train/peak.py), none on CPU or on a GPU the table lacks (the console says so); 0 leaves MFU
+    out."""
     carry: CarryConfig = field(default_factory=CarryConfig)
     """Memory carried across rows: none (default), state or document."""
     stages: list[StageConfig] = field(default_factory=list)
@@ -137,7 +139,9 @@ class TrainConfig:
             f"train.stages' steps add up to {sum(stage.steps for stage in self.stages)}, train.steps is "
             f"{self.steps}: make them equal",
         )
-        require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
+        require(
+            self.peak_tflops is None or self.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {self.peak_tflops}"
+        )
         require(self.init_from != "", "train.init_from must be a checkpoint or Hugging Face folder, or null")
 
     def stage_at(self, step: int) -> int | None:

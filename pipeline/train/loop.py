@@ -23,6 +23,7 @@ from lm2.pipeline.parallel.init import host_group
 from lm2.pipeline.train.build import RunParts, build_loader
 from lm2.pipeline.train.memory_monitor import COLUMNS, MemoryMonitor
 from lm2.pipeline.train.metrics import MetricsLogger, Throughput, memory_metrics
+from lm2.pipeline.train.peak import resolve_peak_tflops
 from lm2.pipeline.train.step import FiniteWatch, MicroBatches, eval_loss, train_step
 
 
@@ -32,6 +33,10 @@ def micro_batch_stream(loader: RowLoader | LaneLoader, device: torch.device) -> 
     while True:
         for batch in loader:
             yield {key: batch[key].to(device) for key in ("input_ids", "labels", "carry") if key in batch}
+
+
+def device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def take(stream: Iterator, count: int) -> list[dict[str, torch.Tensor]]:
@@ -168,7 +173,10 @@ class Trainer:
         run = self.run
         logger = MetricsLogger(run, self.rank, self.wandb_id)
         self.wandb_id = logger.wandb_id if self.rank == 0 else None
-        throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, run.train.peak_tflops)
+        peak, note = resolve_peak_tflops(run.train.peak_tflops, device_name(self.device))
+        if note and self.rank == 0:
+            print(note, flush=True)
+        throughput = Throughput(3 * forward_flops_per_token(run.model), self.dims.world_size, peak)
         stream = micro_batch_stream(self.train_loader, self.device)
         first_step, started, logged_loss = self.step, time.perf_counter(), None
         finite = FiniteWatch(self.device)

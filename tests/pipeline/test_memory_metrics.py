@@ -100,3 +100,29 @@ def test_memory_metrics_and_their_console_means():
     line = _console_line(3, 10, {"loss": 2.0, **metrics})
     # means over layers 0 and 2; the largest slot norm of both
     assert line == "step 3/10 | loss 2.0000 | gates in/forget/out 0.30/0.70/0.25 | slot norm mean/max 2.00/4.00"
+
+
+@pytest.mark.parametrize(
+    "configured,device,expected",
+    [
+        (None, "NVIDIA H100 80GB HBM3", 989.0),
+        (None, "NVIDIA H100 PCIe", 756.0),
+        (None, "NVIDIA H200", 989.0),
+        (None, "NVIDIA A100-SXM4-80GB", 312.0),
+        (None, "NVIDIA L40S", 362.0),
+        (None, None, 0.0),  # CPU
+        (500.0, "NVIDIA H100 80GB HBM3", 500.0),  # configured wins
+        (0.0, "NVIDIA H100 80GB HBM3", 0.0),  # 0 leaves MFU out
+    ],
+)
+def test_the_peak_for_mfu_comes_from_the_gpu_unless_configured(configured, device, expected):
+    from lm2.pipeline.train.peak import resolve_peak_tflops
+
+    assert resolve_peak_tflops(configured, device) == (expected, None)
+
+
+def test_an_unknown_gpu_logs_no_mfu_and_says_how_to_set_it():
+    from lm2.pipeline.train.peak import resolve_peak_tflops
+
+    peak, note = resolve_peak_tflops(None, "Some Future GPU")
+    assert peak == 0.0 and "Some Future GPU" in note and "train.peak_tflops" in note
