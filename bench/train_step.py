@@ -69,14 +69,7 @@ def carried_step(run, dims, micro_batches):
         run, train=dataclasses.replace(run.train, carry=dataclasses.replace(run.train.carry, mode="state"))
     )
     engine = build_engine(run, dims)
-    carry = CarriedMemory(
-        engine.deepspeed.module,
-        run.train.carry,
-        run.train.micro_batch,
-        engine.grad_accum,
-        run.train.seed,
-        engine.deepspeed.device,
-    )
+    carry = CarriedMemory.of_engine(engine, run)
     batches = [{"input_ids": inputs, "labels": labels} for inputs, labels in micro_batches]
     steps = iter(range(1 << 62))
 

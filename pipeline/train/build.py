@@ -87,16 +87,7 @@ def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = 
     train_loader = build_loader(run, dims, rank, stage)
     val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
     engine = build_engine(run, dims)
-    carry = None
-    if run.train.carry.enabled:
-        carry = CarriedMemory(
-            engine.deepspeed.module,
-            run.train.carry,
-            run.train.micro_batch,
-            engine.grad_accum,
-            run.train.seed,
-            engine.deepspeed.device,
-        )
+    carry = CarriedMemory.of_engine(engine, run) if run.train.carry.enabled else None
     if folder is not None:  # train.init_from is ignored: a resumed run continues
         start = resume(run, engine, train_loader, stage, carry, folder, override_schedule, reset_memory)
     elif run.train.init_from is not None:

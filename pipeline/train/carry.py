@@ -62,6 +62,18 @@ class CarriedMemory:
         self.started = False
         """Whether the lanes hold states: a fresh run's (or reset's) first rows start from M_0."""
 
+    @classmethod
+    def of_engine(cls, engine, run) -> CarriedMemory:
+        """The lanes of `engine` (lm2's Engine, train/engine.py) for run config `run`'s train.carry."""
+        return cls(
+            engine.deepspeed.module,
+            run.train.carry,
+            run.train.micro_batch,
+            engine.grad_accum,
+            run.train.seed,
+            engine.deepspeed.device,
+        )
+
     @property
     def lanes(self) -> int:
         return self.grad_accum * self.micro_batch

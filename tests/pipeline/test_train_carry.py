@@ -25,14 +25,7 @@ def carried_run(overrides: list[str], dims) -> tuple[torch.Tensor, torch.Tensor]
     and every lane's carried state at the end."""
     run = load_config(CONFIG, ["train.carry.mode=state", "train.carry.reset=0.3", *overrides])
     engine = build_engine(run, dims)
-    carry = CarriedMemory(
-        engine.deepspeed.module,
-        run.train.carry,
-        run.train.micro_batch,
-        engine.grad_accum,
-        run.train.seed,
-        engine.deepspeed.device,
-    )
+    carry = CarriedMemory.of_engine(engine, run)
     rows = torch.randint(0, 400, (STEPS, 8, 33), generator=torch.Generator().manual_seed(0))
     losses = []
     for step, batch in enumerate(rows):
@@ -119,14 +112,7 @@ def test_the_memory_estimate_counts_the_lanes_states(single_process):
 
     run = load_config(CONFIG, ["train.carry.mode=document"])
     engine = build_engine(run, single_process)
-    carry = CarriedMemory(
-        engine.deepspeed.module,
-        run.train.carry,
-        run.train.micro_batch,
-        engine.grad_accum,
-        run.train.seed,
-        engine.deepspeed.device,
-    )
+    carry = CarriedMemory.of_engine(engine, run)
     allocated = sum(
         t.numel() * t.element_size()
         for m in carry.memories.values()
