@@ -186,12 +186,20 @@ def _write_weight_grads(states, u, d_a, heads):
 
 
 def fused_write_scan(
-    start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights,
+    segment_length: int,
+    convex: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
-    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
-    [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
+    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(); convex: the write rule
+    M' = g_f * M + (1 - g_f) * tanh(u) instead of the paper's (MemoryConfig.write_rule). Returns the states
+    M_s..M_{s+n} [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
     differentiable: for the probes)."""
+    if convex:
+        raise NotImplementedError("the Triton write scan has the paper's write rule only")
     return _WriteScan.apply(start, keys, values, *weights, segment_length)
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import lm2.model
-from lm2.model import memory_kernels, memory_triton
+from lm2.model import memory_backend, memory_triton
 from lm2.model.memory import LM2Memory
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
@@ -60,11 +60,14 @@ GPU_CASES = {  # heads of 128 and 64 columns, several tiles of 64 slots and toke
 
 @contextmanager
 def backend(triton: bool):
-    """The memory's fused calls routed to the Triton kernels, or to none (its PyTorch operations)."""
+    """The memory's fused calls (memory_backend picks them) routed to the Triton kernels where they apply (on CPU:
+    under the interpreter), or to none (its PyTorch operations)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_kernels, "applies", memory_triton.applies if triton else (lambda tensor: False))
-        patch.setattr(memory_kernels, "fused_write_scan", memory_triton.fused_write_scan)
-        patch.setattr(memory_kernels, "fused_read", memory_triton.fused_read)
+        patch.setattr(
+            memory_backend,
+            "fused_kernels",
+            lambda tensor: memory_triton if triton and memory_triton.applies(tensor) else None,
+        )
         yield
 
 
