@@ -8,8 +8,9 @@ projections), row-parallel out (out_proj, one all-reduce), no communication insi
 
 Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. The PyTorch operations below work head-first
 ([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
-(bench/README.md measures why that matters). On CPU in fp32 the write scan and the row-level read run instead as
-fused kernels (memory_kernels.py) that take the token projections as they are; both compute the same function.
+(bench/README.md measures why that matters). The write scan and the row-level read run instead as fused kernels
+that take the token projections as they are, wherever memory_backend.py finds some (CPU fp32: memory_kernels.py;
+CUDA fp32 and bf16: memory_triton.py; both write rules); all compute the same function.
 
 Carried memory. By default every row starts from the learned bank M_0. With a `carry` input (a training option,
 pipeline/train/carry.py), each row belongs to a lane: it starts from the state its lane's previous row ended with,
@@ -209,7 +210,8 @@ class LM2Memory(nn.Module):
         self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
     ) -> torch.Tensor:
         """M_s..M_{s+n} [Hl, B, n + 1, N, dh] from M_s and the write keys and values of n segments [B, n*S, Hl*dh]:
-        on CPU in fp32 one fused kernel (model/memory_kernels.py), else one write() per segment."""
+        in one fused call where memory_backend has kernels for `start` (CPU fp32: model/memory_kernels.py; CUDA:
+        model/memory_triton.py), else one write() per segment."""
         kernels = memory_backend.fused_kernels(start)
         if keys.shape[1] > 0 and kernels is not None:
             states, gates = kernels.fused_write_scan(start, keys, values, weights, segment_length, self.convex)

@@ -2,11 +2,11 @@
 in fp32 and bf16.
 
 `fused_write_scan` and `fused_read` take and return exactly what memory_kernels' CPU functions of the same names do
-(the token projections in their own layout, the states head-first, the gates for the probes), so the memory picks
-a backend in one place; `applies` says where these run. Both compute the function of the memory's PyTorch
-operations (tests/model/test_memory_triton.py compares values, every gradient and the gates). On CPU they run only
-under Triton's interpreter, with TRITON_INTERPRET=1 set before this module first loads its kernels: that is how the
-tests check them on a machine without a GPU.
+(the token projections in their own layout, the states head-first, the gates for the probes; either write rule of
+MemoryConfig.write_rule), so the memory picks a backend in one place; `applies` says where these run. Both compute
+the function of the memory's PyTorch operations (tests/model/test_memory_triton.py compares values, every gradient
+and the gates). On CPU they run only under Triton's interpreter, with TRITON_INTERPRET=1 set before this module
+first loads its kernels: that is how the tests check them on a machine without a GPU.
 
 What autograd saves: the write keeps the states, q, u (the attention's output) and the gates of every segment, and
 per slot the softmax's log-sum-exp, never the [N, S] probabilities (backward recomputes them, as flash attention
@@ -75,7 +75,7 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class _WriteScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, start, keys, values, from_mem, bias, from_u, segment_length):
+    def forward(ctx, start, keys, values, from_mem, bias, from_u, segment_length, convex):
         """As fused_write_scan. Saves q and u [HB, n, N, dh] (HB = heads * rows) and the log-sum-exp [HB, n, N]."""
         heads, rows, slots, head_dim = start.shape
         units, segments = heads * rows, keys.shape[1] // segment_length
@@ -105,10 +105,11 @@ class _WriteScan(torch.autograd.Function):
             segment_length,
             *keys.stride()[:2],
             *values.stride()[:2],
+            CONVEX=convex,
             **tiles,
         )
         ctx.save_for_backward(keys, values, from_mem, from_u, states, q, u, gates, lse)
-        ctx.segment_length = segment_length
+        ctx.segment_length, ctx.convex = segment_length, convex
         ctx.mark_non_differentiable(gates)
         return states, gates
 
@@ -148,6 +149,7 @@ class _WriteScan(torch.autograd.Function):
             slots,
             segment_length,
             *strides,
+            CONVEX=ctx.convex,
             **chain,
         )
         d_keys, d_values = (keys.new_empty(rows, segments * segment_length, heads * head_dim) for _ in range(2))
@@ -169,7 +171,7 @@ class _WriteScan(torch.autograd.Function):
             **tiles,
         )
         weights = _write_weight_grads(states, u, d_a, heads)
-        return (d_start, d_keys, d_values, *(g.to(from_mem.dtype) for g in weights), None)
+        return (d_start, d_keys, d_values, *(g.to(from_mem.dtype) for g in weights), None, None)
 
 
 def _write_weight_grads(states, u, d_a, heads):
@@ -186,13 +188,19 @@ def _write_weight_grads(states, u, d_a, heads):
 
 
 def fused_write_scan(
-    start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights, segment_length: int
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights,
+    segment_length: int,
+    convex: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """start M_s [Hl, B, N, dh]; keys and values: the write projections of n segments as they come, [B, n * S, Hl * dh]
-    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(). Returns the states M_s..M_{s+n}
-    [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, then forget gate; not
-    differentiable: for the probes)."""
-    return _WriteScan.apply(start, keys, values, *weights, segment_length)
+    (a slice of a row's tokens is fine); weights: LM2Memory.write_weights(); convex: the write rule
+    M' = g_f * M + (1 - g_f) * tanh(u) instead of the paper's (MemoryConfig.write_rule). Returns the states
+    M_s..M_{s+n} [Hl, B, n + 1, N, dh] and every write's gates [n, Hl, B, N, 2dh] (input gate, computed even where
+    the convex rule leaves it unused, then forget gate; not differentiable: for the probes)."""
+    return _WriteScan.apply(start, keys, values, *weights, segment_length, bool(convex))
 
 
 class _ReadAttention(torch.autograd.Function):

@@ -6,10 +6,13 @@ dh = 128, S = 2048-token segments), where neither a unit's [N, S] attention nor 
   M in registers. A slot's update reads only its own row of M (the head-local weights act on rows), so slot blocks
   never exchange anything. Each segment's keys and values stream through in tiles of BLOCK_S tokens with an online
   softmax: flash attention with the slots as queries. It saves q, u and the softmax's log-sum-exp, not the [N, S]
-  probabilities, which backward recomputes.
+  probabilities, which backward recomputes. The write rule is a compile-time constant, CONVEX (each rule compiles
+  separately): the paper's M' = g_in * tanh(u) + g_f * M, or M' = g_f * M + (1 - g_f) * tanh(u), where the input
+  gate is computed and stored for the probes but unused.
 - write backward, two kernels: the chain kernel runs the segments in reverse per slot block, as the forward did
-  (the gradients of the states, and of each write's q and gates); then the token kernel gives every tile of a
-  segment's tokens its key and value gradients, looping over the slot tiles.
+  (the gradients of the states, and of each write's q and gates; with CONVEX the input gate's is exactly 0); then
+  the token kernel gives every tile of a segment's tokens its key and value gradients, looping over the slot tiles
+  (it only sees d_u, so it is the same for both rules).
 - read: flash attention of a segment's tokens over the slots of M_s (its keys and values projected by the caller),
   fused with the output gate; backward in two kernels the same way (token tiles: dq; slot tiles: dk, dv).
 Every output element is written by exactly one program, so there are no atomics and the same inputs give the same
@@ -99,12 +102,14 @@ def _write_forward(
     value_token,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    CONVEX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Grid (heads * rows, slot blocks). states [HB, n + 1, N, dh] holds M_0 on entry; fills M_1..M_n, q and u
-    [HB, n, N, dh], gates [n, HB, N, 2dh] and the log-sum-exp [HB, n, N] (fp32)."""
+    [HB, n, N, dh], gates [n, HB, N, 2dh] and the log-sum-exp [HB, n, N] (fp32). CONVEX: the write rule
+    M' = g_f * M + (1 - g_f) * tanh(u); the input gate is still computed and stored (for the probes), unused."""
     unit, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     head, row, units = unit // rows, unit % rows, tl.num_programs(0)
     dtype = states.dtype.element_ty
@@ -147,12 +152,18 @@ def _write_forward(
         z += _mm(u, _square(w_u, 0, 2 * HEAD_DIM, d, d_ok, False), dtype, PRECISION)
         g = tl.sigmoid(z + tl.load(b + HEAD_DIM + d, mask=d_ok, other=0.0)[None, :])
         tl.store(g_at, _round(g, dtype), mask=tile_ok)
-        update = g * _tanh(u.to(tl.float32))
+        if CONVEX:  # the update is tanh(u) alone, weighed by 1 - g_f below
+            update = _tanh(u.to(tl.float32))
+        else:
+            update = g * _tanh(u.to(tl.float32))
         z = _mm(m, _square(w_mem, 2 * HEAD_DIM, wide, d, d_ok, False), dtype, PRECISION)
         z += _mm(u, _square(w_u, HEAD_DIM, 2 * HEAD_DIM, d, d_ok, False), dtype, PRECISION)
         g = tl.sigmoid(z + tl.load(b + 2 * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :])
         tl.store(g_at + HEAD_DIM, _round(g, dtype), mask=tile_ok)
-        m = _round(update + g * m.to(tl.float32), dtype)
+        if CONVEX:
+            m = _round((1.0 - g) * update + g * m.to(tl.float32), dtype)
+        else:
+            m = _round(update + g * m.to(tl.float32), dtype)
         tl.store(states + (unit * (segments + 1) + s + 1) * state + n[:, None] * HEAD_DIM + d[None, :], m, mask=tile_ok)
 
 
@@ -182,6 +193,7 @@ def _write_chain_backward(
     value_token,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    CONVEX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -190,7 +202,9 @@ def _write_chain_backward(
     from outside the scan (the reads); the chain's own is carried in registers from each write to the state it
     read. Fills d_start [HB, N, dh]; per segment, for the token kernel and the weights' gradients (all fp32):
     d_a [HB, n, N, 3dh] (the gradients of q and of the gates' pre-activations), d_u [HB, n, N, dh] and
-    delta = rowsum(d_u * u) [HB, n, N], the softmax backward's correction."""
+    delta = rowsum(d_u * u) [HB, n, N], the softmax backward's correction. CONVEX: the rule
+    M' = g_f * M + (1 - g_f) * tanh(u), whose gradient reaches M through g_f, tanh(u) through 1 - g_f and g_f
+    through M - tanh(u); the unused input gate's pre-activation gets exactly 0."""
     unit, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     head, row, units = unit // rows, unit % rows, tl.num_programs(0)
     dtype = states.dtype.element_ty
@@ -209,21 +223,34 @@ def _write_chain_backward(
         d_next = _rows(d_states + (unit * (segments + 1) + s + 1) * state, n, HEAD_DIM, d, tile_ok).to(tl.float32)
         d_next += carry
         g_at = gates + (s * units + unit) * 2 * state
-        g_in = _rows(g_at, n, 2 * HEAD_DIM, d, tile_ok).to(tl.float32)
-        u = _rows(u_in + at, n, HEAD_DIM, d, tile_ok).to(tl.float32)
-        squashed = _tanh(u)
-        du = d_next * g_in * (1.0 - squashed * squashed)
-        dz_in = d_next * squashed * g_in * (1.0 - g_in)
-        g_f = _rows(g_at + HEAD_DIM, n, 2 * HEAD_DIM, d, tile_ok).to(tl.float32)
-        dm = d_next * g_f
-        m = _rows(states + (unit * (segments + 1) + s) * state, n, HEAD_DIM, d, tile_ok).to(tl.float32)
-        dz_f = d_next * m * g_f * (1.0 - g_f)
-        tl.store(a_at + HEAD_DIM, dz_in, mask=tile_ok)
-        tl.store(a_at + 2 * HEAD_DIM, dz_f, mask=tile_ok)
-        du += _mm(dz_in, _square(w_u, 0, 2 * HEAD_DIM, d, d_ok, True), dtype, PRECISION)
-        du += _mm(dz_f, _square(w_u, HEAD_DIM, 2 * HEAD_DIM, d, d_ok, True), dtype, PRECISION)
-        dm += _mm(dz_in, _square(w_mem, HEAD_DIM, wide, d, d_ok, True), dtype, PRECISION)
-        dm += _mm(dz_f, _square(w_mem, 2 * HEAD_DIM, wide, d, d_ok, True), dtype, PRECISION)
+        if CONVEX:  # no input gate: its dZ is 0, and so are its products with the weights, left out
+            u = _rows(u_in + at, n, HEAD_DIM, d, tile_ok).to(tl.float32)
+            squashed = _tanh(u)
+            g_f = _rows(g_at + HEAD_DIM, n, 2 * HEAD_DIM, d, tile_ok).to(tl.float32)
+            du = d_next * (1.0 - g_f) * (1.0 - squashed * squashed)
+            dm = d_next * g_f
+            m = _rows(states + (unit * (segments + 1) + s) * state, n, HEAD_DIM, d, tile_ok).to(tl.float32)
+            dz_f = d_next * (m - squashed) * g_f * (1.0 - g_f)
+            tl.store(a_at + HEAD_DIM, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), mask=tile_ok)
+            tl.store(a_at + 2 * HEAD_DIM, dz_f, mask=tile_ok)
+            du += _mm(dz_f, _square(w_u, HEAD_DIM, 2 * HEAD_DIM, d, d_ok, True), dtype, PRECISION)
+            dm += _mm(dz_f, _square(w_mem, 2 * HEAD_DIM, wide, d, d_ok, True), dtype, PRECISION)
+        else:
+            g_in = _rows(g_at, n, 2 * HEAD_DIM, d, tile_ok).to(tl.float32)
+            u = _rows(u_in + at, n, HEAD_DIM, d, tile_ok).to(tl.float32)
+            squashed = _tanh(u)
+            du = d_next * g_in * (1.0 - squashed * squashed)
+            dz_in = d_next * squashed * g_in * (1.0 - g_in)
+            g_f = _rows(g_at + HEAD_DIM, n, 2 * HEAD_DIM, d, tile_ok).to(tl.float32)
+            dm = d_next * g_f
+            m = _rows(states + (unit * (segments + 1) + s) * state, n, HEAD_DIM, d, tile_ok).to(tl.float32)
+            dz_f = d_next * m * g_f * (1.0 - g_f)
+            tl.store(a_at + HEAD_DIM, dz_in, mask=tile_ok)
+            tl.store(a_at + 2 * HEAD_DIM, dz_f, mask=tile_ok)
+            du += _mm(dz_in, _square(w_u, 0, 2 * HEAD_DIM, d, d_ok, True), dtype, PRECISION)
+            du += _mm(dz_f, _square(w_u, HEAD_DIM, 2 * HEAD_DIM, d, d_ok, True), dtype, PRECISION)
+            dm += _mm(dz_in, _square(w_mem, HEAD_DIM, wide, d, d_ok, True), dtype, PRECISION)
+            dm += _mm(dz_f, _square(w_mem, 2 * HEAD_DIM, wide, d, d_ok, True), dtype, PRECISION)
         delta = tl.sum(du * u, 1)
         tl.store(d_u + at + n[:, None] * HEAD_DIM + d[None, :], du, mask=tile_ok)
         tl.store(delta_out + (unit * segments + s) * slots + n, delta, mask=n_ok)

@@ -1,5 +1,6 @@
 """The Triton memory kernels (model/memory_triton.py) compute what the memory's PyTorch operations compute: values,
-every gradient and the gates, over truncated-BPTT windows, at sizes off their tiles, in fp32 and bf16.
+every gradient and the gates, over truncated-BPTT windows, at sizes off their tiles, in fp32 and bf16, with either
+write rule (with the convex one the input gate's gradients are exactly zero on every path).
 
 Without a GPU they run under Triton's interpreter, in one subprocess for every case: TRITON_INTERPRET must be set
 before the kernels are first imported, and another test of this pytest worker may already have imported them
@@ -13,14 +14,14 @@ import subprocess
 import sys
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import lm2.model
-from lm2.model import memory_kernels, memory_triton
+from lm2.model import memory_backend, memory_triton
 from lm2.model.memory import LM2Memory
 from lm2.pipeline.parallel.mpu import tensor_parallel
 from tests.model.tiny import tiny_config
@@ -49,22 +50,43 @@ CASES = {
     "bf16": Case(dict(slots=5, dim=40), 24, 2, dtype="bfloat16"),
     # One head of 128 columns: the chain kernel's 32-slot blocks (40 slots: 32, then 8) under the others' 64.
     "a 128-wide head": Case(dict(slots=40, heads=1, dim=128), 32, 2, segment_length=16),
+    # The convex write rule: 4 writes in windows of 3 and 1; then tiles of 16 slots and tokens, short ones last.
+    "convex, a short last window": Case(dict(slots=6, write_rule="convex"), 40, 3),
+    "convex, several tiles": Case(dict(slots=20, write_rule="convex"), 72, 2, segment_length=24, block=16),
+    # 3 writes in windows of 2 and 1, 2 slot tiles (16, then 4), heads of 20 columns.
+    "convex, bf16": Case(
+        dict(slots=20, dim=40, write_rule="convex"), 64, 2, segment_length=16, dtype="bfloat16", block=16
+    ),
 }
 GPU_CASES = {  # heads of 128 and 64 columns, several tiles of 64 slots and tokens, short ones last
     "128-wide heads": Case(dict(slots=150, heads=2, dim=256), 400, 2, segment_length=80, extra=dict(hidden_size=256)),
     "64-wide heads, bf16": Case(
         dict(slots=100, heads=4, dim=256), 400, 3, segment_length=100, dtype="bfloat16", extra=dict(hidden_size=256)
     ),
+    "128-wide heads, convex": Case(
+        dict(slots=150, heads=2, dim=256, write_rule="convex"), 400, 3, segment_length=80, extra=dict(hidden_size=256)
+    ),
+    "64-wide heads, bf16, convex": Case(
+        dict(slots=100, heads=4, dim=256, write_rule="convex"),
+        400,
+        2,
+        segment_length=100,
+        dtype="bfloat16",
+        extra=dict(hidden_size=256),
+    ),
 }
 
 
 @contextmanager
 def backend(triton: bool):
-    """The memory's fused calls routed to the Triton kernels, or to none (its PyTorch operations)."""
+    """The memory's fused calls (memory_backend picks them) routed to the Triton kernels where they apply (on CPU:
+    under the interpreter), or to none (its PyTorch operations)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_kernels, "applies", memory_triton.applies if triton else (lambda tensor: False))
-        patch.setattr(memory_kernels, "fused_write_scan", memory_triton.fused_write_scan)
-        patch.setattr(memory_kernels, "fused_read", memory_triton.fused_read)
+        patch.setattr(
+            memory_backend,
+            "fused_kernels",
+            lambda tensor: memory_triton if triton and memory_triton.applies(tensor) else None,
+        )
         yield
 
 
@@ -101,7 +123,9 @@ def output_and_gradients(module, xn, segment_length, triton: bool):
 
 def errors(case: Case, tp, device: str) -> dict[str, list[float]]:
     """{output or gradient: [the kernels' error, the PyTorch operations' error]}, both in the case's dtype, relative
-    to the largest value of the module's PyTorch operations in fp64 (from the same weights and rows)."""
+    to the largest value of the module's PyTorch operations in fp64 (from the same weights and rows). With the
+    convex rule the input gate's gradients are zero: for those, [the kernels', the PyTorch operations' and the fp64
+    operations' largest magnitude]."""
     module, xn, segment_length = memory_module(case, tp, device)
     dtype = getattr(torch, case.dtype)
     xn = xn.to(dtype)  # the reference computes from the same rounded weights and rows: it measures the operations
@@ -114,15 +138,22 @@ def errors(case: Case, tp, device: str) -> dict[str, list[float]]:
     found = {}
     for name in ["output", *exact[1]]:
         pick = (lambda run: run[0]) if name == "output" else (lambda run, name=name: run[1][name])
+        if case.memory.get("write_rule") == "convex" and name.startswith("in_gate"):
+            found[name] = [pick(run).abs().max().item() for run in (kernels, pytorch, exact)]
+            continue
         scale = pick(exact).abs().max()
         assert scale > 0, name
         found[name] = [((pick(run) - pick(exact)).abs().max() / scale).item() for run in (kernels, pytorch)]
     return found
 
 
-def gates_seen(tp, device: str) -> dict:
-    """The gates the probes see, kernels against PyTorch operations: how many, and their largest difference."""
-    module, xn, segment_length = memory_module(CASES["three windows"], tp, device)
+def gates_seen(tp, device: str, write_rule: str = "paper") -> dict:
+    """The gates the probes see, kernels against PyTorch operations: how many, their largest difference, and how far
+    the kernels' input gates are from 1 - their forget gates (the convex rule's weight of tanh(u))."""
+    case = CASES["three windows"]
+    module, xn, segment_length = memory_module(
+        replace(case, memory={**case.memory, "write_rule": write_rule}), tp, device
+    )
     seen = {}
     for triton in (True, False):
         gates = seen[triton] = []
@@ -134,9 +165,11 @@ def gates_seen(tp, device: str) -> dict:
             module(xn, segment_length)
         for hook in hooks:
             hook.remove()
+    writes = seen[True][:-1]  # input then forget gate of each write, then the read's output gate
     return dict(
         count=[len(seen[True]), len(seen[False])],
         difference=max((a - b).abs().max().item() for a, b in zip(seen[True], seen[False])),
+        complement=max((g_in - (1 - g_f)).abs().max().item() for g_in, g_f in zip(writes[::2], writes[1::2])),
     )
 
 
@@ -153,6 +186,7 @@ def interpreted_report() -> None:
     for name, check in [
         *((name, lambda case=case: errors(case, tp, "cpu")) for name, case in CASES.items()),
         ("gates", lambda: gates_seen(tp, "cpu")),
+        ("gates, convex", lambda: gates_seen(tp, "cpu", "convex")),
         (
             "applies",
             lambda: {
@@ -191,26 +225,36 @@ def result(report: dict, name: str):
     return report[name]
 
 
-def assert_close_to_pytorch(found: dict[str, list[float]], dtype: str) -> None:
+def assert_close_to_pytorch(found: dict[str, list[float]], case: Case) -> None:
     """The CPU kernels' rule: no more than 4x what the same PyTorch operations err in the same dtype. fp32's floor
-    1e-6 is a few ulp; bf16's (errors about 1e-2) never binds."""
-    floor = 1e-6 if dtype == "float32" else 1e-3
+    1e-6 is a few ulp; bf16's (errors about 1e-2) never binds. With the convex rule the input gate's gradients are
+    exactly zero, from the kernels and from the PyTorch operations in both dtypes."""
+    assert len(found) == 1 + 14 + 1  # the output, every parameter's gradient and the input's
+    found, floor = dict(found), 1e-6 if case.dtype == "float32" else 1e-3
+    if case.memory.get("write_rule") == "convex":
+        unused = {name: found.pop(name) for name in ("in_gate", "in_gate_bias")}
+        assert all(magnitude == 0 for magnitudes in unused.values() for magnitude in magnitudes), unused
     for name, (kernel_error, pytorch_error) in found.items():
         assert kernel_error < max(4 * pytorch_error, floor), (
-            f"{name}: {kernel_error:.2e} against {dtype} PyTorch's {pytorch_error:.2e}"
+            f"{name}: {kernel_error:.2e} against {case.dtype} PyTorch's {pytorch_error:.2e}"
         )
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_interpreted_kernels_equal_the_pytorch_memory_in_fp64(interpreted, name):
-    assert_close_to_pytorch(result(interpreted, name), CASES[name].dtype)
-    assert len(interpreted[name]) == 1 + 14 + 1  # the output, every parameter's gradient and the input's
+    assert_close_to_pytorch(result(interpreted, name), CASES[name])
 
 
-def test_interpreted_probes_see_the_same_gates(interpreted):
-    gates = result(interpreted, "gates")
+def assert_the_same_gates(gates: dict, write_rule: str) -> None:
     assert gates["count"] == [2 * 4 + 1] * 2  # input and forget gate of the 4 writes, output gate
     assert gates["difference"] < 1e-5
+    if write_rule == "convex":  # the input-gate probe sees the weight of tanh(u)
+        assert gates["complement"] == 0
+
+
+@pytest.mark.parametrize("write_rule", ["paper", "convex"])
+def test_interpreted_probes_see_the_same_gates(interpreted, write_rule):
+    assert_the_same_gates(result(interpreted, "gates" if write_rule == "paper" else "gates, convex"), write_rule)
 
 
 def test_the_kernels_apply_to_fp32_and_bf16_only(interpreted):
@@ -248,23 +292,23 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.parametrize("name", [*CASES, *GPU_CASES])
 def test_gpu_kernels_equal_the_pytorch_memory_in_fp64(single_process, name):
     case = {**CASES, **GPU_CASES}[name]
-    assert_close_to_pytorch(errors(case, tensor_parallel(torch.float32), "cuda"), case.dtype)
+    assert_close_to_pytorch(errors(case, tensor_parallel(torch.float32), "cuda"), case)
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_probes_see_the_same_gates(single_process):
-    gates = gates_seen(tensor_parallel(torch.float32), "cuda")
-    assert gates["count"] == [2 * 4 + 1] * 2
-    assert gates["difference"] < 1e-5
+@pytest.mark.parametrize("write_rule", ["paper", "convex"])
+def test_gpu_probes_see_the_same_gates(single_process, write_rule):
+    assert_the_same_gates(gates_seen(tensor_parallel(torch.float32), "cuda", write_rule), write_rule)
 
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("name", ["128-wide heads", "128-wide heads, convex"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_kernels_give_the_same_bits_every_run(single_process, dtype):
+def test_gpu_kernels_give_the_same_bits_every_run(single_process, dtype, name):
     """No atomics: every output element has one writer, and the weights' sums are torch's (fixed order)."""
-    module, xn, segment_length = memory_module(GPU_CASES["128-wide heads"], tensor_parallel(torch.float32), "cuda")
+    module, xn, segment_length = memory_module(GPU_CASES[name], tensor_parallel(torch.float32), "cuda")
     module.to(dtype)
     runs = [output_and_gradients(module, xn.to(dtype), segment_length, True) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
