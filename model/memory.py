@@ -8,7 +8,7 @@ projections), row-parallel out (out_proj, one all-reduce), no communication insi
 
 Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. The PyTorch operations below work head-first
 ([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
-(bench/README.md measures why that matters). On CPU in fp32 the write scan and the row-level read run instead as
+(bench/NOTES.md measures why that matters). On CPU in fp32 the write scan and the row-level read run instead as
 fused kernels (memory_kernels.py) that take the token projections as they are; both compute the same function.
 
 Carried memory. By default every row starts from the learned bank M_0. With a `carry` input (a training option,
@@ -37,7 +37,7 @@ def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention, q [Hl, B, Tq, dh] over k/v [Hl, B, Tk, dh], the softmax scale already folded into q
     or k. On GPU SDPA's fused kernels never build the [Tq, Tk] scores; on CPU, at the memory's sizes (16 slots,
-    64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/README.md)."""
+    64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/NOTES.md)."""
     return _attend_fused(q, k, v) if q.is_cuda else _attend_explicit(q, k, v)
 
 

@@ -19,7 +19,7 @@
  *   wu [H, dh, 2dh]; states [HB, n + 1, N, dh] (start copied to index 0); saved per segment:
  *   q [n, HB, N, dh], probs [n, HB, N, S], u [n, HB, N, dh], gates [n, HB, N, 2dh].
  * Why C: at CPU sizes each of these matrices is a few thousand elements, and in PyTorch every write is some 40
- * operations, forward and backward, each below torch's parallel grain (bench/README.md).
+ * operations, forward and backward, each below torch's parallel grain (bench/NOTES.md).
  */
 #include <stdlib.h>
 #include <string.h>
