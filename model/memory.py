@@ -1,6 +1,6 @@
 """The LM2 memory module: a gated memory bank read by cross-attention and written once per segment.
 
-Semantics as fixed in shared/LM2_MEMORY.md. Per block with memory, N slots of width d_m split into H_m heads of
+Semantics as fixed in docs/memory.md. Per block with memory, N slots of width d_m split into H_m heads of
 width d_h = d_m / H_m. Every weight that touches M is head-local (block-diagonal: memory head h only sees its
 d_h columns), so under tensor parallelism a rank holds H_m/tp heads, the matching columns of M and of every
 projection and gate, and the module is sharded exactly like attention: column-parallel in (the token

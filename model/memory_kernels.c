@@ -1,7 +1,7 @@
 /* The LM2 memory's write scan and read on CPU, forward and backward, fused: model/memory_kernels.py builds and
  * calls them.
  *
- * One "unit" is one (memory head, row) pair: its N x dh state goes through n segment writes (shared/LM2_MEMORY.md)
+ * One "unit" is one (memory head, row) pair: its N x dh state goes through n segment writes (docs/memory.md)
  *   A = M @ Wm + bias        [N, 3dh]  (q = A[:, :dh], already scaled; the gates' M rows in A[:, dh:])
  *   P = softmax(q @ K^T)     [N, S]    (K, V: the segment's write keys and values [S, dh])
  *   U = P @ V                [N, dh]
