@@ -29,7 +29,7 @@ data:
 	$(BIN)/lm2 data prepare corpus --tokenizer $(RUN)/tokenizer.model --output $(RUN)/data \
 		--config configs/tiny.yaml --val-fraction 0.2 --workers 2
 
-# launch/local.sh: one process per rank; SIGTERM/SIGUSR1 make the ranks save and exit 75 (see README).
+# launch/local.sh: one process per rank; SIGTERM/SIGUSR1 make the ranks save and exit 75 (docs/checkpoints.md).
 LOCAL := NPROC=$(NPROC) PATH="$(abspath $(BIN)):$$PATH" launch/local.sh
 
 train:

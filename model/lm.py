@@ -55,7 +55,7 @@ def output_logits(
     """Normalised hidden states [B, T, d] -> this rank's logits [B, T, V_pad/tp], padding columns at the dtype's
     minimum: they take no probability, so the loss does not depend on how much padding a TP degree needs. Only the
     padding columns are written, in place: a masked copy of the whole logits (the model's largest activation),
-    forward and backward, took 12-15 % of a tiny CPU step (bench/README.md) and adds a [tokens, V/tp] buffer."""
+    forward and backward, took 12-15 % of a tiny CPU step (bench/NOTES.md) and adds a [tokens, V/tp] buffer."""
     logits = lm_head(hn, weight=tied_weight)
     if real_columns < logits.shape[-1]:
         logits[..., real_columns:] = torch.finfo(logits.dtype).min

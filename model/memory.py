@@ -1,6 +1,6 @@
 """The LM2 memory module: a gated memory bank read by cross-attention and written once per segment.
 
-Semantics as fixed in shared/LM2_MEMORY.md. Per block with memory, N slots of width d_m split into H_m heads of
+Semantics as fixed in docs/memory.md. Per block with memory, N slots of width d_m split into H_m heads of
 width d_h = d_m / H_m. Every weight that touches M is head-local (block-diagonal: memory head h only sees its
 d_h columns), so under tensor parallelism a rank holds H_m/tp heads, the matching columns of M and of every
 projection and gate, and the module is sharded exactly like attention: column-parallel in (the token
@@ -8,7 +8,7 @@ projections), row-parallel out (out_proj, one all-reduce), no communication insi
 
 Shapes below use the rank-local sizes: Hl = H_m / tp heads, dh = d_h. The PyTorch operations below work head-first
 ([Hl, B, rows, dh]): a head-local weight is then one batched matmul over a view, with no copy per operation
-(bench/README.md measures why that matters). The write scan and the row-level read run instead as fused kernels
+(bench/NOTES.md measures why that matters). The write scan and the row-level read run instead as fused kernels
 that take the token projections as they are, wherever memory_backend.py finds some (CPU fp32: memory_kernels.py;
 CUDA fp32 and bf16: memory_triton.py; both write rules); all compute the same function.
 
@@ -38,7 +38,7 @@ def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention, q [Hl, B, Tq, dh] over k/v [Hl, B, Tk, dh], the softmax scale already folded into q
     or k. On GPU SDPA's fused kernels never build the [Tq, Tk] scores; on CPU, at the memory's sizes (16 slots,
-    64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/README.md)."""
+    64-token segments), SDPA's fixed cost per call exceeded the explicit softmax's (bench/NOTES.md)."""
     return _attend_fused(q, k, v) if q.is_cuda else _attend_explicit(q, k, v)
 
 

@@ -1,7 +1,7 @@
 /* The LM2 memory's write scan and read on CPU, forward and backward, fused: model/memory_kernels.py builds and
  * calls them.
  *
- * One "unit" is one (memory head, row) pair: its N x dh state goes through n segment writes (shared/LM2_MEMORY.md)
+ * One "unit" is one (memory head, row) pair: its N x dh state goes through n segment writes (docs/memory.md)
  *   A = M @ Wm + bias        [N, 3dh]  (q = A[:, :dh], already scaled; the gates' M rows in A[:, dh:])
  *   P = softmax(q @ K^T)     [N, S]    (K, V: the segment's write keys and values [S, dh])
  *   U = P @ V                [N, dh]
@@ -19,7 +19,7 @@
  *   wu [H, dh, 2dh]; states [HB, n + 1, N, dh] (start copied to index 0); saved per segment:
  *   q [n, HB, N, dh], probs [n, HB, N, S], u [n, HB, N, dh], gates [n, HB, N, 2dh].
  * Why C: at CPU sizes each of these matrices is a few thousand elements, and in PyTorch every write is some 40
- * operations, forward and backward, each below torch's parallel grain (bench/README.md).
+ * operations, forward and backward, each below torch's parallel grain (bench/NOTES.md).
  */
 #include <stdlib.h>
 #include <string.h>

@@ -4,7 +4,7 @@
 GPU, in bf16, under torch.compile, or where no C compiler is found (memory_backend.py chooses). Both compute the
 same function (tests/model/test_memory_kernels.py compares values, gradients and gates). Why: at CPU sizes a write
 is some 40 PyTorch operations forward and backward on [4, 4, 16, 32] tensors, below torch's parallel grain, and
-the read a dozen more plus two layout copies; together they cost more time than their FLOPs (bench/README.md). The
+the read a dozen more plus two layout copies; together they cost more time than their FLOPs (bench/NOTES.md). The
 kernels take the token projections in their own layout ([B, tokens, heads * dh]), so no head-first or
 segment-major copy is made. They are compiled on first use with the system's `cc` into ~/.cache/lm2 (keyed by the
 source, flags and CPU), and link the OpenMP runtime torch has already loaded, so they share torch's threads.

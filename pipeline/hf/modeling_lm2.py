@@ -3,7 +3,7 @@
 Standalone: imports only torch and transformers (and configuration_lm2.py beside it), so an exported folder
 loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` where lm2 is not installed.
 
-Semantics (lm2's LM2_MEMORY.md). The token stream is cut into segments of S = config.segment_length tokens.
+Semantics (lm2's docs/memory.md). The token stream is cut into segments of S = config.segment_length tokens.
 Inside a segment, self-attention is causal and RoPE positions restart at 0. Every block with memory holds a bank
 M of N slots x d_m, split into H_m heads; M starts as the learned `init_bank` for every new sequence.
 - read, every token:  r = softmax(q K(M_s)^T / sqrt(d_h)) V(M_s); h = x + attn + (sigmoid(r W_g + b) * r) W_o

@@ -101,7 +101,7 @@ class TrainConfig:
     """Recompute each block's activations in backward instead of storing them."""
     compile: bool = False
     """torch.compile each decoder block in place (names, hooks and checkpoints unchanged). Off by default: on CPU
-    it made LM2's steps 4-7 % faster but the first step 9-43 s slower (bench/README.md)."""
+    it made LM2's steps 4-7 % faster but the first step 9-43 s slower (bench/NOTES.md)."""
     log_every: int = 10
     eval_every: int = 0
     """Validation loss every this many steps on the val split of data.streams; 0 disables."""

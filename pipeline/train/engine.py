@@ -103,7 +103,7 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
                 block.compile()  # in place: parameter names, hooks and checkpoints stay as they are
     optim = run.optim
     # fused: one pass over each (flat, under ZeRO) parameter tensor, where the default implementation allocates
-    # parameter-sized temporaries every step (bench/README.md: 4.8 % of an LM2 step at d=512 on CPU).
+    # parameter-sized temporaries every step (bench/NOTES.md: 4.8 % of an LM2 step at d=512 on CPU).
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
         lr=optim.lr,

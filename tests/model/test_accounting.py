@@ -132,7 +132,7 @@ def test_lm2_1b_has_the_paper_shape():
     assert (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads) == (16, 2048, 32, 8)
     assert (model.memory.slots, model.memory_dim) == (2048, 2048)
     assert counts.embedding + counts.backbone == 1_235_814_400  # Llama-3.2-1B's published count (tied embeddings)
-    # Per block, with d = d_m = 2048, 16 memory heads of d_h = 128 and N = 2048 slots (README: head-local gates
+    # Per block, with d = d_m = 2048, 16 memory heads of d_h = 128 and N = 2048 slots (docs/memory.md: head-local gates
     # are smaller than the paper's +0.54B):
     per_block = (
         4 * 2048 * 2048  # read query, write key and value (d -> d_m), output projection (d_m -> d)

@@ -1,4 +1,4 @@
-"""The memory semantics of shared/LM2_MEMORY.md: causality, the parallel scan, resets and initial values."""
+"""The memory semantics of docs/memory.md: causality, the parallel scan, resets and initial values."""
 
 import pytest
 import torch
@@ -90,7 +90,7 @@ def test_parallel_segments_equal_segment_by_segment_loop(single_process, bptt):
 
 
 def explicit_read(memory, xn, mem, read_norm_eps=None):
-    """The read of LM2_MEMORY.md written out with plain tensor ops from the module's weights (TP=1).
+    """The read of docs/memory.md written out with plain tensor ops from the module's weights (TP=1).
     xn [B, S, d], mem [B, N, d_m] -> [B, S, d]. read_norm_eps: memory.read_norm's RMSNorm of each head's slice."""
     b, s, _ = xn.shape
     heads, dh = memory.local_heads, memory.head_dim
@@ -107,7 +107,7 @@ def explicit_read(memory, xn, mem, read_norm_eps=None):
 
 
 def explicit_write(memory, xn, mem, write_rule="paper"):
-    """The write of LM2_MEMORY.md with plain tensor ops: xn [B, S, d], M_s [B, N, d_m] -> M_{s+1}, by the paper's
+    """The write of docs/memory.md with plain tensor ops: xn [B, S, d], M_s [B, N, d_m] -> M_{s+1}, by the paper's
     rule or the convex one (memory.write_rule)."""
     b, s, _ = xn.shape
     heads, dh = memory.local_heads, memory.head_dim
