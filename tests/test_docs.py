@@ -25,6 +25,7 @@ import importlib.util
 import io
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,13 +268,10 @@ def check_lm2(argv: list[str], whole: bool) -> list[str]:
 
 
 def _make_targets() -> set[str]:
-    targets = set()
-    for makefile in (ROOT / "Makefile", *ROOT.glob("experiments/*/*.mk")):
-        for line in makefile.read_text().splitlines():
-            match = re.match(r"([A-Za-z][\w.% -]*):(?!=)", line)
-            if match:
-                targets.update(match.group(1).split())
-    return targets
+    """The targets make knows after reading the Makefile and what it includes (its database, so that targets
+    written with variables and static patterns count)."""
+    database = subprocess.run(["make", "-pRrq", "-C", str(ROOT), ":"], capture_output=True, text=True).stdout
+    return {match.group(1) for match in re.finditer(r"^([A-Za-z][\w.-]*):(?!=)", database, re.M)}
 
 
 def _module_runs(name: str) -> bool:
