@@ -13,7 +13,7 @@ EXP := runs/babilong
 # shakespeare-caesar.txt are left out: they are not valid UTF-8.
 EXP_BOOKS := $(addprefix $(SHARED)/data/text/,austen-sense.txt melville-moby_dick.txt milton-paradise.txt)
 # Stage n: samples of at most n segments of 128 tokens, as many as its steps read (16 a step) and 2 % for val.
-EXP_STAGES := 1:49000 2:6600 4:6600 8:4900 16:4100
+EXP_STAGES := 1:100000 2:6600 4:6600 8:4900 16:4100
 EXP_MODELS := lm2 lm2-seed1 vanilla-span vanilla-full
 EXP_EVAL := --tasks qa1 --lengths 0k,1k,2k,4k,8k,16k --samples 200
 .PHONY: experiment experiment-data experiment-report $(addprefix experiment-,$(EXP_MODELS))

@@ -86,6 +86,9 @@ class Trainer:
         streams = ", ".join(
             f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "") for s in run.data.streams
         )
+        if run.train.stages:
+            stages = ", ".join(f"{stage.steps} steps of <= {stage.segments} segment(s)" for stage in run.train.stages)
+            streams = f"a curriculum of {len(run.train.stages)} stages ({stages}); validation {streams}"
         start = (
             f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from}"
             if self.parts.start.resumed_from is not None

@@ -61,13 +61,10 @@ def _console_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     ):
         if metrics.get(key) is not None:
             parts.append(fmt.format(metrics[key]))
-    gates = [(k, v) for k, v in metrics.items() if k.startswith("gates/") and not math.isnan(v)]
-    if gates:
-        means = {
-            g: sum(v for k, v in gates if k.endswith(g)) / max(1, sum(k.endswith(g) for k, _ in gates))
-            for g in ("g_in", "g_forget", "g_out")
-        }
-        parts.append("gates in/forget/out {g_in:.2f}/{g_forget:.2f}/{g_out:.2f}".format(**means))
+    gates = {g: [v for k, v in metrics.items() if k.startswith("gates/") and k.endswith(g)] for g in GATES}
+    if any(gates.values()):  # a gate no layer used (no write in a one-segment row) shows as "-"
+        means = [f"{sum(values) / len(values):.2f}" if values else "-" for values in gates.values()]
+        parts.append(f"gates in/forget/out {'/'.join(means)}")
     means = [v for k, v in metrics.items() if k.endswith("/slot_norm_mean")]
     if means:
         largest = max(v for k, v in metrics.items() if k.endswith("/slot_norm_max"))

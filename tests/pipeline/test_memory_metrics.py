@@ -100,6 +100,9 @@ def test_memory_metrics_and_their_console_means():
     line = _console_line(3, 10, {"loss": 2.0, **metrics})
     # means over layers 0 and 2; the largest slot norm of both
     assert line == "step 3/10 | loss 2.0000 | gates in/forget/out 0.30/0.70/0.25 | slot norm mean/max 2.00/4.00"
+    # rows of one segment write nothing: only the output gate has a mean
+    unwritten = memory_metrics([[nan, nan, 0.5, 1.0, 1.0]])
+    assert _console_line(1, 10, unwritten).endswith("gates in/forget/out -/-/0.50 | slot norm mean/max 1.00/1.00")
 
 
 @pytest.mark.parametrize(
