@@ -10,7 +10,6 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from lm2.pipeline.launch.environment import launched_world_size
 from lm2.pipeline.parallel.dims import ParallelDims
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
-from lm2.pipeline.train.run_folder import claim_run_folder
+from lm2.pipeline.train.run_folder import RunFolderLock, claim_run_folder
 
 
 @dataclass
@@ -47,7 +46,7 @@ class RunParts:
     train_loader: RowLoader
     val_loader: RowLoader | None
     start: Start
-    run_folder_lock: IO | None
+    run_folder_lock: RunFolderLock | None
     """Rank 0's lock on the run folder (run_folder.py), held as long as this object lives."""
 
 
