@@ -37,7 +37,7 @@ from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
 from lm2.pipeline.data.metadata import FORMAT, METADATA_FILE, check_vocab_fits
 from lm2.pipeline.data.parts import Part, pieces_of_part, write_json
-from lm2.pipeline.data.sources import Piece, find_input_files, list_pieces, read_piece
+from lm2.pipeline.data.sources import Chunk, Piece, find_input_files, list_pieces, read_piece
 from lm2.pipeline.data.storage import Location
 from lm2.pipeline.data.tokenizer import Tokenizer
 
@@ -69,9 +69,10 @@ class RowPacker:
         self.pending = np.empty(0, dtype=dtype)
         self.padding = 0
 
-    def add(self, tokens: np.ndarray) -> np.ndarray:
+    def add(self, tokens: np.ndarray, whole_document: bool = True) -> np.ndarray:
+        """The rows `tokens` complete; `whole_document`: they are a document, not a chunk of a long one."""
         closed = np.empty((0, self.width), self.dtype)
-        if self.whole and len(tokens) <= self.width < len(self.pending) + len(tokens):
+        if self.whole and whole_document and len(tokens) <= self.width < len(self.pending) + len(tokens):
             closed = self._pad_pending()
         stream = np.concatenate([self.pending, tokens.astype(self.dtype)])
         full = len(stream) // self.width * self.width
@@ -113,10 +114,11 @@ class _SplitWriter:
                 "(S3_ENDPOINT_URL for S3-compatible stores)"
             ) from None
 
-    def add_document(self, tokens: np.ndarray) -> None:
-        self.counts.documents += 1
+    def add_document(self, tokens: np.ndarray, first: bool = True, last: bool = True) -> None:
+        """A document's tokens, or those of a chunk of a long one: `first` and `last` say which (sources.Chunk)."""
+        self.counts.documents += last
         self.counts.tokens += len(tokens)
-        self._write(self.packer.add(tokens))
+        self._write(self.packer.add(tokens, whole_document=first and last))
 
     def close(self) -> None:
         self._write(self.packer.finish())
@@ -146,11 +148,11 @@ def is_validation(index: int, val_fraction: float) -> bool:
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def _batches(chunks: Iterable[Chunk]) -> Iterator[list[Chunk]]:
     batch, chars = [], 0
-    for document in documents:
-        batch.append(document)
-        chars += len(document)
+    for chunk in chunks:
+        batch.append(chunk)
+        chars += len(chunk.text)
         if chars >= _BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -166,11 +168,15 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    return _worker_tokenizer.encode_documents(texts)
+def _encode_batch(chunks: list[Chunk]) -> list[tuple[np.ndarray, tuple[bool, bool]]]:
+    """Each chunk's tokens and where it lies in its document."""
+    encoded = _worker_tokenizer.encode_chunks(chunks)
+    return [(tokens, (chunk.first, chunk.last)) for tokens, chunk in zip(encoded, chunks)]
 
 
-def encode_in_order(batches: Iterable[list[str]], tokenizer_path: str, workers: int) -> Iterator[list[np.ndarray]]:
+def encode_in_order(
+    batches: Iterable[list[Chunk]], tokenizer_path: str, workers: int
+) -> Iterator[list[tuple[np.ndarray, tuple[bool, bool]]]]:
     """Encodes batches on `workers` processes, yielding results in input order with a bounded backlog."""
     if workers == 1:
         _init_worker(tokenizer_path)
@@ -344,7 +350,7 @@ def _row_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
 
-def _documents(pieces: list[Piece], text_field: str, bar: tqdm) -> Iterator[str]:
+def _documents(pieces: list[Piece], text_field: str, bar: tqdm) -> Iterator[Chunk]:
     for piece in pieces:
         yield from read_piece(piece, text_field)
         bar.update(piece.size)
@@ -380,10 +386,11 @@ def _write_splits(
         desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True, disable=not progress
     ) as bar:
         for encoded in encode_in_order(_batches(_documents(pieces, text_field, bar)), str(tokenizer.path), workers):
-            for document in encoded:
-                splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(document)
-                index += 1
-                tokens += len(document)
+            for chunk_tokens, (first, last) in encoded:
+                split = "val" if val_fraction and is_validation(index, val_fraction) else "train"
+                splits[split].add_document(chunk_tokens, first, last)
+                index += last
+                tokens += len(chunk_tokens)
             bar.set_postfix(documents=f"{index:,}", tokens=f"{tokens:,}", refresh=False)
     for writer in splits.values():
         writer.close()

@@ -94,10 +94,10 @@ def mds_perplexity(
 
 
 def text_windows(model: EvalModel, files: list[Path], context: int) -> list[torch.Tensor]:
-    from lm2.pipeline.data.sources import read_all
+    from lm2.pipeline.data.sources import read_documents
 
     stream: list[int] = []
-    for document in read_all(files):
+    for document in read_documents(files):
         stream += model.encode(document) + [model.tokenizer.eos_token_id]
     return [torch.tensor(stream[i : i + context]) for i in range(0, len(stream), context) if len(stream) - i > 1]
 
