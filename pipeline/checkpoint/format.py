@@ -3,7 +3,8 @@
 `<run_dir>/checkpoints/step_<8 digits>/` holds DeepSpeed's sharded states (model states per model-parallel rank
 or pipeline layer, ZeRO optimizer partitions per data-parallel rank, LR scheduler), lm2's client state inside
 them (step, samples, tokens, loader position, wandb run id, resolved config, code version), one RNG file per
-rank, and `lm2_manifest.json`: every file with its size and sha256, the layout ("topology") and the config.
+rank, and `lm2_manifest.json`: every file with its size and sha256, the layout ("topology"), the config and the
+tokenizer's sha256.
 `checkpoints/latest` names the newest complete checkpoint; `step_<N>_universal/` is its conversion to
 DeepSpeed's universal format, made when a run resumes it at another layout (universal.py).
 
@@ -20,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.files import sha256_file, write_atomic
+from lm2.pipeline.files import write_atomic
 
 MANIFEST = "lm2_manifest.json"
 LATEST = "latest"
@@ -111,6 +110,8 @@ class Manifest:
     wandb_id: str | None = None
     data: dict[str, Any] | None = None
     """The training loader's position (RowLoader.state_dict()); None before any row was read."""
+    tokenizer_sha256: str | None = None
+    """sha256 of the tokenizer the run's rows were made with: export uses that tokenizer or refuses."""
 
     def client_state(self) -> dict[str, Any]:
         """What every rank saves in DeepSpeed's client state, under "lm2"."""
@@ -137,6 +138,7 @@ class Manifest:
                 "code_version": self.code_version,
                 "wandb_id": self.wandb_id,
                 "data": self.data,
+                "tokenizer_sha256": self.tokenizer_sha256,
             },
             indent=1,
             default=str,
@@ -161,6 +163,7 @@ class Manifest:
                 code_version=values.get("code_version"),
                 wandb_id=values.get("wandb_id"),
                 data=values.get("data"),
+                tokenizer_sha256=values.get("tokenizer_sha256"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where} lacks or mangles {error}; the checkpoint cannot be used") from None
@@ -175,16 +178,3 @@ def read_manifest(folder: Path) -> Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_atomic(folder / MANIFEST, manifest.to_json())
-
-
-def shared_hashes(folder: Path, files: list[str]) -> dict[str, dict[str, Any]]:
-    """Sizes and sha256 of `files`, each rank hashing its share; every rank gets the whole table. A collective."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-        for i, name in enumerate(files)
-        if i % world == rank
-    }
-    tables: list[dict] = [{} for _ in range(world)]
-    dist.all_gather_object(tables, mine)
-    return {name: entry for table in tables for name, entry in sorted(table.items())}

@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lm2.pipeline.train.step import NonFiniteLossError
 
     try:
-        Trainer(build(run, args.override_schedule), signals).fit()
+        Trainer(build(run, args.override_schedule, args.accept_config_changes), signals).fit()
     except NonFiniteLossError as error:  # every rank alike (the loss is reduced first): rank 0 reports
         report(f"lm2 train: {error}", args)
         raise SystemExit(EXIT_NONFINITE) from None
@@ -127,6 +127,12 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
         "--override-schedule",
         action="store_true",
         help="resume although train.steps or the optim LR fields changed: the LR follows the config",
+    )
+    train.add_argument(
+        "--accept-config-changes",
+        action="store_true",
+        help="resume although fields that change the data or the math changed (streams, seeds, batch, optimizer, "
+        "precision, tokenizer): continue with the new values deliberately",
     )
     # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment anyway.
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)

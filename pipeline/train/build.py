@@ -17,7 +17,7 @@ import yaml
 
 from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import read_manifest
-from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
+from lm2.pipeline.checkpoint.resume import check_config, check_schedule, find_resume, load, resume_route
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.streaming import RowLoader, build_train_loader
 from lm2.pipeline.launch.environment import launched_world_size
@@ -34,6 +34,8 @@ class Start:
     step: int = 0
     wandb_id: str | None = None
     resumed_from: Path | None = None
+    verified: str | None = None
+    """How the checkpoint resumed from was verified (size, time), for the startup summary."""
 
 
 @dataclass
@@ -64,9 +66,9 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
     return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
 
 
-def build(run: RunConfig, override_schedule: bool = False) -> RunParts:
+def build(run: RunConfig, override_schedule: bool = False, accept_config_changes: bool = False) -> RunParts:
     """Every rank calls it. `override_schedule`: resume even if the LR schedule's fields changed, following the
-    config's schedule."""
+    config's schedule; `accept_config_changes`: resume even if fields that change the data or the math changed."""
     run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
     dims = init_distributed(run.parallel.tp, run.parallel.pp)
     rank = torch.distributed.get_rank()
@@ -76,20 +78,32 @@ def build(run: RunConfig, override_schedule: bool = False) -> RunParts:
     train_loader = build_train_loader(run.data, dims, rank, run.train.micro_batch, run.model)
     val_loader = build_val_loader(run, dims, rank) if run.train.eval_every else None
     engine = build_engine(run, dims)
-    folder = find_resume(run.checkpoints, run.checkpoint.resume)
-    start = Start() if folder is None else resume(run, engine, train_loader, folder, override_schedule)
+    found = find_resume(run.checkpoints, run.checkpoint.resume)
+    start = Start()
+    if found is not None:
+        folder, verification = found
+        start = resume(run, engine, train_loader, folder, override_schedule, accept_config_changes)
+        start.verified = verification.describe(folder)
     if rank == 0:
         Path(run.logging.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     return RunParts(run, dims, engine, train_loader, val_loader, start, lock)
 
 
-def resume(run: RunConfig, engine: Engine, train_loader: RowLoader, folder: Path, override_schedule: bool) -> Start:
+def resume(
+    run: RunConfig,
+    engine: Engine,
+    train_loader: RowLoader,
+    folder: Path,
+    override_schedule: bool,
+    accept_config_changes: bool,
+) -> Start:
     """Loads checkpoint `folder` into the engine (natively, or through a universal checkpoint when it was written at
     another layout), sets the LR schedule and the loader's position."""
     manifest = read_manifest(folder)
     route = resume_route(manifest, run.model, engine.layout, folder)
     check_schedule(manifest, run.to_dict(), folder, override_schedule)
+    check_config(manifest, run.to_dict(), train_loader.tokenizer_sha256, folder, accept_config_changes)
     if route == "universal":
         tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
         state = universal.load_universal(engine, str(folder.parent), tag)[1]["lm2"]

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest
-from lm2.pipeline.checkpoint.save import code_version, save
+from lm2.pipeline.checkpoint.save import Retention, code_version, save
 from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.streaming import RowLoader
 from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
@@ -57,6 +57,8 @@ class Trainer:
         self.device = self.engine.deepspeed.device
         self.gates = GateMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
         self.step, self.wandb_id = parts.start.step, parts.start.wandb_id
+        resumed = parts.start.resumed_from
+        self.retention = Retention(self.run.checkpoint.keep, [resumed.name] if resumed is not None else [])
         if self.rank == 0:
             print(self.startup_summary(), flush=True)
 
@@ -74,7 +76,8 @@ class Trainer:
             f"{s.path}" + (f" ({s.proportion:g})" if s.proportion is not None else "") for s in run.data.streams
         )
         start = (
-            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from}"
+            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from} "
+            f"({self.parts.start.verified})"
             if self.parts.start.resumed_from is not None
             else "fresh run from step 0"
         )
@@ -107,9 +110,10 @@ class Trainer:
             code_version=code_version(),
             wandb_id=self.wandb_id,
             data=self.train_loader.state_dict(),
+            tokenizer_sha256=self.train_loader.tokenizer_sha256,
         )
         started = time.perf_counter()
-        folder = save(self.engine, self.run.checkpoints, manifest, self.run.checkpoint.keep)
+        folder = save(self.engine, self.run.checkpoints, manifest, self.retention)
         if self.rank == 0:
             print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
 
