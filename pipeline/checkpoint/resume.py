@@ -35,7 +35,8 @@ def named_checkpoint(resume: str) -> Path:
 
 
 def job_team() -> Team:
-    """Every rank of the job verifies a share of a checkpoint, and all receive every rank's findings."""
+    """Every rank of the job verifies a share of a checkpoint, and all receive every rank's findings. The ranks
+    agree on the threads each uses (the fewest any can), so they all split the files alike."""
     world = dist.get_world_size()
 
     def gather(value: Any) -> list[Any]:
@@ -43,7 +44,7 @@ def job_team() -> Team:
         dist.all_gather_object(values, value)
         return values
 
-    return Team(rank=dist.get_rank(), size=world, threads=default_threads(), gather=gather)
+    return Team(rank=dist.get_rank(), size=world, threads=min(gather(default_threads())), gather=gather)
 
 
 def _listing(root: Path) -> list[tuple[str, bool]]:

@@ -320,6 +320,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_export_and_resume(kept_o
     with safe_load.torch_loads_checked(), pytest.raises(safe_load.UnsafeCheckpointError):
         torch.load(model_states, weights_only=False)
     assert torch.load is safe_load._torch_load  # restored
+    from lm2.pipeline.checkpoint.engine_io import CheckedCheckpointEngine
+
+    with pytest.raises(safe_load.UnsafeCheckpointError):  # what DeepSpeed's own loads of a resume go through
+        CheckedCheckpointEngine().load(str(model_states), map_location="cpu")
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
