@@ -25,7 +25,7 @@ from train_step import batches, plain_model, plain_step
 from lm2.model.accounting import parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest, read_manifest
 from lm2.pipeline.checkpoint.resume import load
-from lm2.pipeline.checkpoint.save import save
+from lm2.pipeline.checkpoint.save import Retention, save
 from lm2.pipeline.config import load_config
 from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.engine import build_engine
@@ -55,7 +55,7 @@ def main() -> None:
 
         def lm2_save():
             manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
-            saved.append(save(engine, root, manifest, keep=1))
+            saved.append(save(engine, root, manifest, Retention(keep=1)))
 
         def plain_save():
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, reference)

@@ -6,9 +6,10 @@ same function (tests/model/test_memory_kernels.py compares values, gradients and
 is some 40 PyTorch operations forward and backward on [4, 4, 16, 32] tensors, below torch's parallel grain, and
 the read a dozen more plus two layout copies; together they cost more time than their FLOPs (bench/NOTES.md). The
 kernels take the token projections in their own layout ([B, tokens, heads * dh]), so no head-first or
-segment-major copy is made. They are compiled on first use with the system's `cc` into ~/.cache/lm2 (keyed by the
-source, flags and CPU), and link the OpenMP runtime torch has already loaded, so they share torch's threads.
-Python passes each call's shape and tensors as ctypes structures that mirror the C structs field by field.
+segment-major copy is made. They are compiled on first use with the system's `cc` into a folder only this user can
+write (kernel_cache.py: ~/.cache/lm2; keyed by the source, flags and CPU), and link the OpenMP runtime torch has
+already loaded, so they share torch's threads. Python passes each call's shape and tensors as ctypes structures that
+mirror the C structs field by field.
 """
 
 from __future__ import annotations
@@ -18,43 +19,32 @@ import functools
 import hashlib
 import shutil
 import subprocess
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
+from lm2.model import kernel_cache
+from lm2.model.kernel_cache import is_private, this_cpu
+
 _SOURCE = Path(__file__).with_name("memory_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 
 
-def _cpu_key() -> bytes:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.exists() else []
-    return (flags[0] if flags else "").encode()
-
-
-def _cache_dir() -> Path:
-    for folder in (Path.home() / ".cache" / "lm2", Path(tempfile.gettempdir()) / "lm2-cache"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return folder
-        except OSError:
-            continue
-    raise OSError("no writable cache folder for the memory kernels")
-
-
-def _build(compiler: str) -> Path:
+def _build(compiler: str, folder: Path) -> Path:
+    """The library built from the source in `folder` (kernel_cache.folder(): this user's alone), reused when its key
+    (source, flags, compiler, CPU features) matches and it is still this user's alone."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode() + _cpu_key())
-    library = _cache_dir() / f"memory_kernels-{key.hexdigest()[:16]}.so"
-    if not library.exists():
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode() + this_cpu().encode())
+    library = folder / f"memory_kernels-{key.hexdigest()[:16]}.so"
+    if not is_private(library):
         # Ranks may build at once: each writes its own file and renames it into place (atomic).
         partial = library.with_name(f"{library.name}.{uuid.uuid4().hex}.tmp")
         subprocess.run(
             [compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True, text=True
         )
+        partial.chmod(0o700)  # whatever the umask: only this user may change what lm2 loads
         partial.replace(library)
     return library
 
@@ -127,8 +117,17 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
+    folder = kernel_cache.folder()
+    if folder is None:
+        warnings.warn(
+            f"lm2: no folder only you can write for the fused memory kernels ({kernel_cache.user_cache()} is not "
+            "yours alone and no private temporary folder could be made); the memory's read and write run as "
+            "PyTorch operations on CPU (slower).",
+            stacklevel=3,
+        )
+        return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(

@@ -187,14 +187,35 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
 
 
+_HASH = "\ue000"
+"""Stands in for `#` while an override's value is parsed (a private-use character no one types)."""
+
+
+def _restore_hashes(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(_HASH, "#")
+    if isinstance(value, list):
+        return [_restore_hashes(item) for item in value]
+    if isinstance(value, dict):
+        return {_restore_hashes(key): _restore_hashes(item) for key, item in value.items()}
+    return value
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML (numbers, booleans, lists, null), where `#` is always part of the value: on a
+    command line it starts no comment (YAML would read `runs/exp #3` as `runs/exp`, and the run would write to
+    another folder)."""
+    return _restore_hashes(yaml.safe_load(raw.replace("#", _HASH)))
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
-    """`a.b.c=value` sets tree[a][b][c]; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    """`a.b.c=value` sets tree[a][b][c]; the value is parsed by parse_value."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     path, raw = override.split("=", 1)
     keys = path.strip().split(".")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_value(raw)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
     node = tree

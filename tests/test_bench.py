@@ -90,3 +90,19 @@ def test_memory_options_bench_reports_every_option_against_the_paper_rule():
     for name in ("model_step", "memory_module"):
         assert set(report[name]) == {"convex", "paper+read_norm", "convex+read_norm", "paper_ms"}
         assert all(value > 0 for value in report[name].values())
+
+
+@pytest.mark.slow
+def test_verify_checkpoint_bench_reports_consistent_numbers():
+    command = [sys.executable, "bench/verify_checkpoint.py", "--gb", "0.02", "--rounds", "1", "--threads", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert report["files"] == 9 and 0.02e9 <= report["bytes"] < 0.021e9
+    assert report["speedup"] == pytest.approx(report["seconds"]["one_thread"][0] / report["seconds"]["verify"][0])
+    # Half the bytes in the model file, 8 equal partitions: by bytes over 4 workers the model file is alone on one
+    # (0.5 of the bytes); by file count (sorted names) rank 0 gets it and 4 partitions (0.5 + 4/16 = 0.75).
+    critical = report["critical_bytes_at_2_ranks"]
+    assert critical["by_bytes_over_threads"] == pytest.approx(0.5 * report["bytes"], rel=1e-3)
+    assert critical["by_file_count_one_thread"] == pytest.approx(0.75 * report["bytes"], rel=1e-3)
+    assert report["console"].startswith("verified step_00000001: 0.02 GB in 9 files in ")

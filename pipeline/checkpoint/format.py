@@ -4,8 +4,9 @@
 pipeline layer, ZeRO optimizer partitions per data-parallel rank, LR scheduler), lm2's client state inside them (step,
 samples, tokens, loader position, wandb run id, resolved config, code version), one RNG file per rank (and with carried
 memory one file of lane states per rank), and `lm2_manifest.json`: every file with its size and sha256, the layout
-("topology") and the config. `checkpoints/latest` names the newest complete checkpoint; `step_<N>_universal/` is its
-conversion to DeepSpeed's universal format, made when a run resumes it at another layout (universal.py).
+("topology"), the config and the tokenizer's sha256. `checkpoints/latest` names the newest complete checkpoint;
+`step_<N>_universal/` is its conversion to DeepSpeed's universal format, made when a run resumes it at another layout
+(universal.py).
 
 A checkpoint is complete when its manifest exists: the manifest is written only after every rank finished
 writing, and a folder whose files do not match it is never loaded.
@@ -20,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.files import sha256_file, write_atomic
+from lm2.pipeline.files import write_atomic
 
 MANIFEST = "lm2_manifest.json"
 LATEST = "latest"
@@ -118,6 +117,8 @@ class Manifest:
     """The training loader's position (RowLoader.state_dict()); None before any row was read."""
     stage: int | None = None
     """The curriculum stage (train.stages) whose data `data` is a position in; None without stages."""
+    tokenizer_sha256: str | None = None
+    """sha256 of the tokenizer the run's rows were made with: export uses that tokenizer or refuses."""
 
     def client_state(self) -> dict[str, Any]:
         """What every rank saves in DeepSpeed's client state, under "lm2"."""
@@ -146,6 +147,7 @@ class Manifest:
                 "wandb_id": self.wandb_id,
                 "data": self.data,
                 "stage": self.stage,
+                "tokenizer_sha256": self.tokenizer_sha256,
             },
             indent=1,
             default=str,
@@ -171,6 +173,7 @@ class Manifest:
                 wandb_id=values.get("wandb_id"),
                 data=values.get("data"),
                 stage=values.get("stage"),
+                tokenizer_sha256=values.get("tokenizer_sha256"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where} lacks or mangles {error}; the checkpoint cannot be used") from None
@@ -185,16 +188,3 @@ def read_manifest(folder: Path) -> Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_atomic(folder / MANIFEST, manifest.to_json())
-
-
-def shared_hashes(folder: Path, files: list[str]) -> dict[str, dict[str, Any]]:
-    """Sizes and sha256 of `files`, each rank hashing its share; every rank gets the whole table. A collective."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-        for i, name in enumerate(files)
-        if i % world == rank
-    }
-    tables: list[dict] = [{} for _ in range(world)]
-    dist.all_gather_object(tables, mine)
-    return {name: entry for table in tables for name, entry in sorted(table.items())}

@@ -1,6 +1,7 @@
 """Reads lm2 checkpoints offline (no process group): which folder a path names, whether its files match the
 manifest, what a checkpoints folder holds, and the weights of any layout as whole tensors under LM2Model names.
-Export, `lm2 ckpt inspect` and resume's verification all read checkpoints through this module.
+Export, `lm2 ckpt inspect` and resume read checkpoints through this module (verify.py checks them first); every
+file is loaded through safe_load, so a received checkpoint runs no code.
 
 Layouts (from the manifest's topology): without pipelining every TP rank's weights are in
 `mp_rank_{t}_model_states.pt` (ZeRO 0-2 keep the module whole on every data-parallel rank); with pipelining each
@@ -25,15 +26,13 @@ import torch
 from lm2.model.config import ModelConfig
 from lm2.model.errors import CheckpointError
 from lm2.pipeline.checkpoint.format import LATEST, MANIFEST, Layout, Manifest, read_manifest, step_folders
+from lm2.pipeline.checkpoint.safe_load import load, torch_loads_checked
+from lm2.pipeline.checkpoint.verify import size_problems
 from lm2.pipeline.config import from_dict
-from lm2.pipeline.files import sha256_file
 from lm2.pipeline.hf.names import parameter_splits
 
 Progress = Callable[[str], None]
 """Called once per unit of work with a short description (drives a command's progress bar)."""
-
-Hashes = Callable[[Path, list[str]], dict[str, dict[str, Any]]]
-"""(folder, file names) -> {name: {"bytes", "sha256"}}: local_hashes here, format.shared_hashes across ranks."""
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -57,41 +56,6 @@ def resolve(path: str | os.PathLike) -> Path:
         f"{path} is neither a checkpoint (no {MANIFEST}) nor a checkpoints folder with one: "
         "give a run's checkpoints folder, its `latest` file or a step_* folder"
     )
-
-
-def size_problems(folder: Path, manifest: Manifest) -> list[str]:
-    """Files of the manifest that are missing or have another size than it records (cheap: no hashing)."""
-    problems = []
-    for name, entry in sorted(manifest.files.items()):
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{folder} is incomplete: it lacks {name} of its manifest")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-    return problems
-
-
-def local_hashes(folder: Path, files: list[str], progress: Progress = lambda _: None) -> dict[str, dict[str, Any]]:
-    table = {}
-    for name in files:
-        table[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-        progress(f"checked {name}")
-    return table
-
-
-def verified_manifest(folder: Path, hashes: Hashes = local_hashes) -> Manifest:
-    """The manifest of a complete checkpoint whose files all match its sizes and sha256; CheckpointError otherwise.
-    `hashes` computes the files' checksums (format.shared_hashes shares the work over the ranks: a collective)."""
-    manifest = read_manifest(folder)
-    problems = size_problems(folder, manifest)
-    if problems:
-        raise CheckpointError(f"{problems[0]} ({len(problems)} file(s) missing or truncated)")
-    files = sorted(manifest.files)
-    actual = hashes(folder, files)
-    corrupt = [name for name in files if actual[name]["sha256"] != manifest.files[name]["sha256"]]
-    if corrupt:
-        raise CheckpointError(f"{folder / corrupt[0]} does not match its checksum in the manifest: the file is corrupt")
-    return manifest
 
 
 def inspect(root: Path) -> list[dict[str, Any]]:
@@ -128,12 +92,8 @@ def module_tensors(state: dict) -> dict[str, torch.Tensor]:
     return {name: value for name, value in state.items() if torch.is_tensor(value)}
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _plain_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
-    return module_tensors(_load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"])
+    return module_tensors(load(folder / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"])
 
 
 def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -147,7 +107,7 @@ def _pipeline_shard(folder: Path, tp_rank: int, cfg: ModelConfig) -> dict[str, t
             shard.update(
                 {
                     model_name(f"{index}.{name}", cfg.num_layers): tensor
-                    for name, tensor in module_tensors(_load(path)).items()
+                    for name, tensor in module_tensors(load(path)).items()
                 }
             )
     return shard
@@ -164,7 +124,11 @@ def _zero3_shard(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
         for path in folder.glob(f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_*_states.pt"):
             os.symlink(path.resolve(), staged / path.name)
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its bars
+            with (
+                contextlib.redirect_stdout(io.StringIO()),  # its progress bars
+                contextlib.redirect_stderr(io.StringIO()),
+                torch_loads_checked(),
+            ):
                 return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
         except (ValueError, KeyError, FileNotFoundError) as error:
             raise CheckpointError(

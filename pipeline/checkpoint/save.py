@@ -1,12 +1,14 @@
-"""Writing checkpoints: every rank saves its DeepSpeed shards and RNG state, then rank 0 publishes the manifest
-and `latest`, and prunes old checkpoints, only after a newer one is complete."""
+"""Writing checkpoints: every rank saves its DeepSpeed shards and RNG state and reports what it wrote, then rank 0
+publishes the manifest and `latest`, and prunes old checkpoints, only after a newer verified one is complete."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,15 @@ from lm2.pipeline.checkpoint.format import (
     UNIVERSAL_SUFFIX,
     Manifest,
     carry_file,
+    read_manifest,
     rng_file,
-    shared_hashes,
     step_folders,
     tag_for,
     write_manifest,
 )
-from lm2.pipeline.checkpoint.reader import complete_checkpoints
 from lm2.pipeline.checkpoint.universal import universal_checkpoint_info
-from lm2.pipeline.files import write_atomic
+from lm2.pipeline.checkpoint.verify import size_problems
+from lm2.pipeline.files import fsync_dir, fsync_file, sha256_file, write_atomic
 
 
 def code_version() -> str:
@@ -57,51 +59,115 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def prune(root: Path, keep: int) -> None:
-    """Deletes all but the newest `keep` complete checkpoints (and their universal conversions), and incomplete
-    folders older than the newest complete one."""
-    complete = complete_checkpoints(root)
-    for folder in complete[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(root / f"{folder.name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
-    if complete:
+@dataclass
+class Retention:
+    """Which checkpoints pruning counts: only complete ones this job verified, that is the one it resumed from
+    (hashed against its manifest at the start) and the ones it wrote (manifests built from the hashes of files their
+    writers had fsynced), whose files still have their recorded sizes. Hashing every old checkpoint at each save would
+    cost minutes on a large run; a checkpoint this job has not verified is never counted, so a corrupt or foreign one
+    cannot take the place of a good one. The newest `keep` counted ones stay, and everything older goes once there
+    are `keep` of them: after a resume, older checkpoints stay until `keep` newer verified ones exist."""
+
+    keep: int
+    verified: list[str] = field(default_factory=list)
+    """Names of the checkpoint folders this job verified or wrote."""
+
+    def counted(self, root: Path) -> list[str]:
+        """The verified checkpoints still complete, newest first."""
+        names = []
+        for name in sorted(set(self.verified), reverse=True):
+            try:
+                if not size_problems(root / name, read_manifest(root / name)):
+                    names.append(name)
+            except CheckpointError:  # its manifest is gone or unreadable: no longer a checkpoint
+                continue
+        return names
+
+    def prune(self, root: Path) -> None:
+        """Deletes the checkpoints (and their universal conversions) older than the newest `keep` counted ones, and
+        folders without a manifest (saves that never finished) older than the newest counted one."""
+        counted = self.counted(root)
+        if not counted:
+            return
+        oldest_kept = counted[self.keep - 1] if len(counted) >= self.keep else None
         for folder in step_folders(root):
-            if folder.name < complete[0].name and not (folder / MANIFEST).is_file():
+            stale = oldest_kept is not None and folder.name < oldest_kept
+            unfinished = folder.name < counted[0] and not (folder / MANIFEST).is_file()
+            if stale or unfinished:
                 shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(root / f"{folder.name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
 
 
-def save(engine, root: Path, manifest: Manifest, keep: int, carry: dict[str, Any] | None = None) -> Path:
+def _clear(folder: Path, retention: Retention) -> None:
+    """Makes room for writing checkpoint `folder` again (the leftovers of an interrupted save, or a corrupt copy a
+    resume skipped): `latest` first moves off it, to the newest counted checkpoint (or goes), so that it never names
+    a deleted folder; then the folder goes, and its universal conversion with it (made from the old files)."""
+    root = folder.parent
+    latest = root / LATEST
+    if latest.is_file() and latest.read_text().strip() == folder.name:
+        others = [name for name in retention.counted(root) if name != folder.name]
+        if others:
+            write_atomic(latest, others[0] + "\n")
+        else:
+            latest.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(root / f"{folder.name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+
+
+def _entries(folder: Path, written: list[Path]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the files this rank wrote into `folder`, each fsynced first: the manifest that lists them
+    is written only once they are on disk."""
+    entries = {}
+    for path in written:
+        fsync_file(path)
+        entries[os.path.relpath(path, folder)] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return entries
+
+
+def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: dict[str, Any] | None = None) -> Path:
     """Every rank calls it with lm2's Engine (train/engine.py). Writes checkpoint `manifest.step` (DeepSpeed's shards
     with the manifest's client state, and for a ZeRO-1/2 layout what a resume at another layout needs; this rank's
-    carried memory when given), then (rank 0) its manifest with the files' sizes and checksums, `latest`, and
-    prunes to `keep`."""
+    carried memory when given); each rank reports the files it wrote, and rank 0 writes the manifest of them all,
+    moves `latest` and prunes."""
     client_state = {"lm2": manifest.client_state()}
     if engine.layout.reshardable:
         client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(engine, engine.model)
     rank = dist.get_rank()
     folder = root / tag_for(manifest.step)
-    if rank == 0 and folder.exists():  # leftovers of a save that was interrupted: start clean
-        shutil.rmtree(folder)
+    if rank == 0 and folder.exists():
+        _clear(folder, retention)
     dist.barrier()
+    files = engine.deepspeed.checkpoint_engine
+    files.take_saved()  # only this save's files
     try:
         engine.deepspeed.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), rng_file(folder, rank))
+        extra = [rng_file(folder, rank)]
         if carry is not None:
             torch.save(carry, carry_file(folder, rank))
+            extra.append(carry_file(folder, rank))
+        written = [path for path in files.take_saved() if path.parent.resolve() == folder.resolve()]
+        mine = _entries(folder, [*written, *extra])
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None
-    dist.barrier()  # every rank's files are on disk
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    table = shared_hashes(folder, files)
+    tables: list[dict] | None = [{} for _ in range(dist.get_world_size())] if rank == 0 else None
+    dist.gather_object(mine, tables, dst=0)
     if rank == 0:
         try:
-            write_manifest(folder, dataclasses.replace(manifest, files=table))
+            fsync_dir(folder)
+            write_manifest(folder, dataclasses.replace(manifest, files=_joined(tables)))
             write_atomic(root / LATEST, folder.name + "\n")
         except OSError as error:
             raise _not_written(folder, error) from None
-        prune(root, keep)
+        retention.verified.append(folder.name)
+        retention.prune(root)
     dist.barrier()
     return folder
+
+
+def _joined(tables: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every rank's files in one table, sorted by name."""
+    return dict(sorted((name, entry) for table in tables for name, entry in table.items()))
 
 
 def _not_written(folder: Path, error: Exception) -> CheckpointError:

@@ -10,9 +10,10 @@ slice its own partition out of it. The protocol:
    derived from megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes, not from layer names.
 2. Convert (one process, CPU, no process group needed): ``convert_to_universal(dir, tag)`` ->
    ``f"{tag}_universal"``, either before the resuming job starts (``lm2 ckpt universal DIR TAG``) or inside a job
-   with ``convert_to_universal_on_rank0`` (global rank 0 converts, the others wait in a broadcast; mind the
-   process-group timeout for big checkpoints). Written into a temp folder and renamed when complete. The
-   universal folder names parameters as LM2Model does, whatever layout wrote it.
+   with ``convert_to_universal_on_rank0`` (global rank 0 converts, the others wait in a broadcast on a group of
+   their own, with a timeout for the conversion's length). Written into a temp folder and renamed when complete;
+   a killed conversion's temp folders are removed by the next. The universal folder names parameters as LM2Model
+   does, whatever layout wrote it, and records which files of step_N it was made from.
 3. Load (every rank, after ``build_engine`` / ``deepspeed.initialize`` at the new layout, ZeRO stage 1 or 2):
    ``load_universal(engine, dir, f"{tag}_universal")``. No ds_config change at build time: DeepSpeed reads
    ``checkpoint.load_universal`` only inside ``load_checkpoint``, so it is switched on for that call.
@@ -27,9 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from megatron.core import parallel_state
 from lm2.model.config import ModelConfig
 from lm2.model.errors import CheckpointError
 from lm2.model.lm import VOCAB_PARAMETERS
+from lm2.pipeline.checkpoint import safe_load
 from lm2.pipeline.checkpoint.format import UNIVERSAL_SUFFIX, Layout, supports_reshard
 from lm2.pipeline.checkpoint.reader import module_tensors
 from lm2.pipeline.files import write_atomic
@@ -142,7 +146,7 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     files = _model_state_files(Path(folder))
     if not files:
         raise CheckpointError(f"{folder}: no mp_rank_*_model_states.pt, not a DeepSpeed checkpoint")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = safe_load.load(files[0])
     info = state.get(UNIVERSAL_CHECKPOINT_INFO)
     if info is None:
         raise CheckpointError(
@@ -152,14 +156,38 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+SOURCE_FILE = "lm2_source.json"
+"""In a universal folder: the files of the checkpoint it was converted from (name, size, modification time)."""
+
+
+def _source_files(source: Path) -> list[list]:
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in source.iterdir() if p.is_file())
+
+
+def _is_conversion_of(target: Path, source: Path) -> bool:
+    """Whether universal folder `target` was converted from checkpoint `source` as it is now: a step_N written again
+    invalidates the step_N_universal of its old files."""
+    recorded = target / SOURCE_FILE
+    return recorded.is_file() and json.loads(recorded.read_text()) == _source_files(source)
+
+
+def _remove_leftovers(root: Path, new_tag: str) -> None:
+    """The temp folders of conversions of this checkpoint that were killed: only one conversion of a run's
+    checkpoint runs at a time (a job's rank 0, or `lm2 ckpt universal`, each holding the run folder's lock), so any
+    found now is abandoned."""
+    for folder in root.glob(f".{new_tag}.*-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
     """Converts ``<checkpoint_dir>/<tag>`` into ``<checkpoint_dir>/<tag>_universal`` and returns the new tag.
 
     Runs DeepSpeed's ds_to_universal in this process (no worker pools, CPU only, no process group needed): call
     it before the distributed job starts, or on one rank while the others wait (see
     ``convert_to_universal_on_rank0``). Never call it on several ranks at once. Writes into a temp folder
-    renamed into place when complete; an existing ``<tag>_universal`` is reused (it was complete: only complete
-    conversions are renamed). Also points ``<checkpoint_dir>/latest_universal`` at the new tag.
+    renamed into place when complete; an existing ``<tag>_universal`` is reused if it was converted from the
+    checkpoint's current files (its SOURCE_FILE), else converted again. Also points
+    ``<checkpoint_dir>/latest_universal`` at the new tag. Every file is read through safe_load.
     """
     from deepspeed.checkpoint import ds_to_universal
 
@@ -169,6 +197,9 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
         raise CheckpointError(f"no checkpoint {source}")
     new_tag = tag + UNIVERSAL_SUFFIX
     target = root / new_tag
+    _remove_leftovers(root, new_tag)
+    if target.exists() and not _is_conversion_of(target, source):
+        shutil.rmtree(target)
     if not target.exists():
         info = read_info(source)
         if LAYOUT_KEY not in info:
@@ -178,8 +209,6 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
             raise CheckpointError(f"{source}: ZeRO stage {layout.zero_stage}; only stage 1 and 2 are supported")
         tmp = root / f".{new_tag}.tmp-{os.getpid()}"
         staging = root / f".{new_tag}.src-{os.getpid()}"
-        for folder in (tmp, staging):
-            shutil.rmtree(folder, ignore_errors=True)
         log = io.StringIO()
         latest = root / "latest_universal"
         previous_latest = latest.read_text() if latest.is_file() else None
@@ -194,15 +223,18 @@ def convert_to_universal(checkpoint_dir: str, tag: str) -> str:
                 strict=True,
                 inject_missing_state=False,
             )
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), safe_load.torch_loads_checked():
                 ds_to_universal.main(args)
             _canonical_names(tmp / "zero", info)
+            write_atomic(tmp / SOURCE_FILE, json.dumps(_source_files(source)))
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if previous_latest is not None:  # ds_to_universal may have pointed it at the temp folder
                 _write_latest(root, previous_latest)
             else:
                 latest.unlink(missing_ok=True)
+            if isinstance(exc, CheckpointError):  # safe_load's refusal: one line, as it is
+                raise
             raise CheckpointError(
                 f"ds_to_universal failed on {source}: {exc!r}\n--- its output ---\n{log.getvalue()[-4000:]}"
             ) from exc
@@ -234,7 +266,7 @@ def _stage_source(source: Path, staging: Path) -> None:
         if not path.is_file():
             continue
         if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = safe_load.load(path)
             if isinstance(state.get("module"), dict):
                 state["module"] = module_tensors(state["module"])
             torch.save(state, staging / path.name)
@@ -250,19 +282,28 @@ def _write_latest(root: Path, tag: str) -> None:
     write_atomic(root / "latest_universal", tag)
 
 
+CONVERSION_TIMEOUT = timedelta(hours=24)
+"""How long the other ranks wait for rank 0's conversion. ds_to_universal runs at disk speed on one process, hours
+for a large model, far beyond the process group's timeout (init.py: 10 minutes): the ranks wait in a gloo group of
+their own with this timeout instead."""
+
+
 def convert_to_universal_on_rank0(checkpoint_dir: str, tag: str) -> str:
-    """Inside a distributed job: global rank 0 converts, every rank waits at a barrier and gets the new tag.
-    A collective over the world; a failure on rank 0 is raised on every rank."""
+    """Inside a distributed job: global rank 0 converts, every rank waits and gets the new tag. A collective over the
+    world; a failure on rank 0 is raised on every rank. The wait is on a gloo group with CONVERSION_TIMEOUT: the
+    default group's timeout (and NCCL's watchdog) never sees it."""
+    waiting = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
     result: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             result[0] = ("ok", convert_to_universal(checkpoint_dir, tag))
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            result[0] = ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(result, src=0)
+            result[0] = ("error", str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(result, src=0, group=waiting)
+    dist.destroy_process_group(waiting)
     status, value = result[0]
     if status != "ok":
-        raise CheckpointError(f"conversion on rank 0 failed: {value}")
+        raise CheckpointError(f"converting {tag} for this layout failed: {value}")
     return value
 
 
@@ -326,7 +367,7 @@ def load_universal(engine, checkpoint_dir: str, tag: str, load_lr_scheduler_stat
         )
     names = check_loadable(engine, folder, read_info(folder))
     ds = engine.deepspeed
-    with _universal_loading(ds, names):
+    with _universal_loading(ds, names), safe_load.torch_loads_checked():  # DeepSpeed reads these with torch.load
         load_path, client_state = ds.load_checkpoint(
             str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=load_lr_scheduler_states
         )

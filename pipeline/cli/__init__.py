@@ -18,8 +18,26 @@ from lm2.pipeline.cli import ckpt, data, evaluate, hf, launch, train
 from lm2.pipeline.cli.common import VERBOSE_HELP, report
 
 
+class Parser(argparse.ArgumentParser):
+    """Options and positionals in the order people type them (`lm2 train --config C a.b=1 --resume auto c.d=2`):
+    a command's parser reads them with argparse's intermixed parsing, which argparse applies only where asked and
+    cannot apply to a parser of subcommands or of a remainder (`lm2 launch local -- ...`), which stay as they are.
+    Subcommands' parsers are of this class too (argparse makes them of their parent's class)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lm2", description="Pretrain LM2 large memory models.")
+    parser = Parser(prog="lm2", description="Pretrain LM2 large memory models.")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     for module in (train, data, ckpt, hf, evaluate, launch):

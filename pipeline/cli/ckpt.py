@@ -23,10 +23,18 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_ckpt_universal(args: argparse.Namespace) -> None:
-    """Converts a ZeRO-1/2 checkpoint for a resume at another layout, before the job that resumes it."""
-    from lm2.pipeline.checkpoint.universal import convert_to_universal
+    """Converts a ZeRO-1/2 checkpoint for a resume at another layout, before the job that resumes it. It holds the
+    run folder's lock meanwhile: no job trains in it, and no other conversion runs."""
+    from pathlib import Path
 
-    print(convert_to_universal(args.checkpoints, args.tag))
+    from lm2.pipeline.checkpoint.universal import convert_to_universal
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    lock = lock_run_folder(Path(args.checkpoints).resolve().parent)
+    try:
+        print(convert_to_universal(args.checkpoints, args.tag))
+    finally:
+        lock.release()
 
 
 def add_commands(commands) -> None:

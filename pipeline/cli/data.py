@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lm2.model.errors import DataError
 
@@ -24,6 +25,11 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> None:
         raise DataError("give --vocab-size, or --config to take model.vocab_size")
     if model is not None and vocab_size > model.vocab_size:
         raise DataError(f"--vocab-size {vocab_size} exceeds model.vocab_size {model.vocab_size} of {args.config}")
+    if Path(args.output).exists() and not args.force:
+        raise DataError(
+            f"{args.output} exists: datasets and checkpoints made with it name it by its sha256, and a new model "
+            "would not match them; choose another --output, or pass --force to replace it"
+        )
     tokenizer = train_tokenizer(
         read_all(find_input_files(args.inputs), args.text_field), args.output, vocab_size, args.type
     )
@@ -113,6 +119,7 @@ def add_commands(commands) -> None:
     tokenizer.add_argument("--vocab-size", type=int, help="pieces in the vocabulary (default: model.vocab_size)")
     tokenizer.add_argument("--config", help="run YAML whose model.vocab_size bounds the vocabulary")
     tokenizer.add_argument("--type", default="bpe", choices=("bpe", "unigram"), help="sentencepiece model type")
+    tokenizer.add_argument("--force", action="store_true", help="replace an existing model at --output")
     tokenizer.add_argument(
         "--text-field", default="text", help="JSONL field or parquet/dataset column holding the text"
     )

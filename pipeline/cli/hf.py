@@ -24,7 +24,7 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     """A Hugging Face Llama -> a step-0 training checkpoint (under torchrun for a parallel layout)."""
     from lm2.pipeline.hf.importer import import_hf
 
-    summary = import_hf(args.hf_dir, args.config, args.output, args.overrides)
+    summary = import_hf(args.hf_dir, args.config, args.output, args.overrides, force=args.force)
     if summary is not None:  # rank 0
         print(summary)
 
@@ -35,7 +35,9 @@ def add_commands(commands) -> None:
     hf = export_jobs.add_parser("hf", help="write a Hugging Face folder (vanilla: LlamaForCausalLM; LM2: remote code)")
     hf.add_argument("checkpoint", help="a run's checkpoints folder, its `latest` file, or one step_* folder")
     hf.add_argument("output", help="the folder to write (must not exist unless --force)")
-    hf.add_argument("--force", action="store_true", help="overwrite the output folder")
+    hf.add_argument(
+        "--force", action="store_true", help="replace the output folder if it holds an earlier export (and only then)"
+    )
     hf.add_argument(
         "--verify",
         action="store_true",
@@ -50,6 +52,9 @@ def add_commands(commands) -> None:
     hf_in.add_argument("hf_dir", help="a folder holding a LlamaForCausalLM (config.json, safetensors)")
     hf_in.add_argument("--config", required=True, help="the run YAML to train with; the model shape must match")
     hf_in.add_argument("--output", required=True, help="the checkpoints folder to write step_00000000 into")
-    hf_in.add_argument("overrides", nargs="*", help="dotted overrides, right after HF_DIR, e.g. parallel.tp=2")
+    hf_in.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    hf_in.add_argument(
+        "--force", action="store_true", help="write step_00000000 even into a folder that already holds checkpoints"
+    )
     hf_in.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     hf_in.set_defaults(run=cmd_import_hf)

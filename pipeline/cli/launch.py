@@ -35,7 +35,8 @@ def cmd_launch_job_info(args: argparse.Namespace) -> None:
 
 
 def cmd_launch_config_value(args: argparse.Namespace) -> None:
-    """One field of a config by its dotted path, e.g. data.tokenizer (prepare.sbatch reads it)."""
+    """One field of a config by its dotted path, e.g. data.tokenizer (prepare.sbatch reads it); a field that is not
+    set (null) is a ConfigError, so a script never goes on with "None"."""
     from lm2.model.errors import ConfigError
     from lm2.pipeline.config import load_config
 
@@ -44,6 +45,10 @@ def cmd_launch_config_value(args: argparse.Namespace) -> None:
         if not isinstance(value, dict) or key not in value:
             raise ConfigError(f"{args.config} has no field {args.field}")
         value = value[key]
+    if value is None:
+        raise ConfigError(
+            f"{args.config} sets no {args.field}: set it in the config (for data.tokenizer: the .model to use or train)"
+        )
     print(value)
 
 

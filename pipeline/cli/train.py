@@ -97,12 +97,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = load_config(args.config, train_overrides(args))
     run.validate(launched_world_size(os.environ))  # in seconds, before the trainer's imports (the Trainer checks too)
 
-    from lm2.pipeline.train.build import build
+    from lm2.pipeline.train.build import ResumeOptions, build
     from lm2.pipeline.train.loop import Trainer
     from lm2.pipeline.train.step import NonFiniteLossError
 
     try:
-        Trainer(build(run, args.override_schedule, args.reset_memory), signals).fit()
+        options = ResumeOptions(args.override_schedule, args.accept_config_changes, args.reset_memory)
+        parts = build(run, options)
+        Trainer(parts, signals).fit()
     except NonFiniteLossError as error:  # every rank alike (the loss is reduced first): rank 0 reports
         report(f"lm2 train: {error}", args)
         raise SystemExit(EXIT_NONFINITE) from None
@@ -133,6 +135,12 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
         "--override-schedule",
         action="store_true",
         help="resume although train.steps or the optim LR fields changed: the LR follows the config",
+    )
+    train.add_argument(
+        "--accept-config-changes",
+        action="store_true",
+        help="resume although fields that change the data or the math changed (streams, seeds, batch, optimizer, "
+        "precision, tokenizer): continue with the new values deliberately",
     )
     train.add_argument(
         "--reset-memory",

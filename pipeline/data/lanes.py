@@ -100,7 +100,10 @@ class LaneLoader:
         seed: int,
         pad_id: int,
         width: int,
+        tokenizer_sha256: str | None = None,
     ) -> None:
+        self.tokenizer_sha256 = tokenizer_sha256
+        """The tokenizer the rows were made with (checkpoints record it)."""
         self.read_row, self.rows_per_document, self.first_sample = read_row, rows_per_document, first_sample
         self.dp, self.dp_rank, self.micro_batch, self.grad_accum = dp, dp_rank, micro_batch, grad_accum
         self.shuffle, self.seed, self.pad_id, self.width = shuffle, seed, pad_id, width

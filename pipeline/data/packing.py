@@ -2,7 +2,8 @@
 shifted labels).
 
 A document arrives as a [2, n] array: its tokens (EOS last) and its loss mask, 1 where the token is a target of
-the loss: everywhere, unless the input marks spans without loss (a prompt before its answer). Rows come out as
+the loss: everywhere, unless the input marks spans without loss (a prompt before its answer). A long text arrives in
+pieces (sources.Chunk): `first` and `last` say which; the rows are those of the whole document. Rows come out as
 [rows, 2, width] arrays of the same two channels; PAD fills get mask 0.
 
 - concat: rows are cut from the stream "doc0 EOS doc1 EOS ...", without overlap.
@@ -29,12 +30,13 @@ class StreamPacker:
         self.pending = np.empty((2, 0), dtype=dtype)
         self.padding = 0
 
-    def add(self, document: np.ndarray) -> np.ndarray:
+    def add(self, piece: np.ndarray, first: bool = True, last: bool = True) -> np.ndarray:
+        """The rows that `piece` (a document, or the part of one that `first` and `last` describe) completes."""
         closed = np.empty((0, 2, self.width), self.dtype)
-        length = document.shape[1]
-        if self.whole and length <= self.width < self.pending.shape[1] + length:
+        length = piece.shape[1]
+        if self.whole and first and last and length <= self.width < self.pending.shape[1] + length:
             closed = self._pad_pending()
-        stream = np.concatenate([self.pending, document.astype(self.dtype)], axis=1)
+        stream = np.concatenate([self.pending, piece.astype(self.dtype)], axis=1)
         full = stream.shape[1] // self.width * self.width
         self.pending = stream[:, full:]
         rows = stream[:, :full].reshape(2, -1, self.width).transpose(1, 0, 2)
@@ -56,17 +58,24 @@ class DocumentPacker:
 
     def __init__(self, width: int, pad_id: int, dtype: np.dtype) -> None:
         self.width, self.pad_id, self.dtype = width, pad_id, dtype
+        self.pending = np.empty((2, 0), dtype=dtype)  # the current document's tokens not yet in a row, and one before
         self.padding = 0
 
-    def add(self, document: np.ndarray) -> np.ndarray:
-        step, length = self.width - 1, document.shape[1]
-        starts = range(0, max(length - 1, 1), step)  # a one-token document still gets a row
-        rows = [
-            pad_row(document[:, start : start + self.width].astype(self.dtype), self.width, self.pad_id)
-            for start in starts
-        ]
-        self.padding += len(starts) * self.width - (length + len(starts) - 1)
-        return np.stack(rows)
+    def add(self, piece: np.ndarray, first: bool = True, last: bool = True) -> np.ndarray:
+        """The rows that `piece` (a document, or the part of one that `first` and `last` describe) completes."""
+        stream = np.concatenate([self.pending, piece.astype(self.dtype)], axis=1)
+        step, length = self.width - 1, stream.shape[1]
+        if last:
+            starts = range(0, max(length - 1, 1), step)  # a one-token document still gets a row
+            self.pending = np.empty((2, 0), dtype=self.dtype)
+        else:  # the rows that are full now; the next one starts at the last token of the last one
+            starts = range(0, (length - 1) // step * step, step)
+            self.pending = stream[:, len(starts) * step :]
+        rows = [stream[:, start : start + self.width] for start in starts]
+        self.padding += sum(self.width - row.shape[1] for row in rows)
+        if not rows:
+            return np.empty((0, 2, self.width), self.dtype)
+        return np.stack([pad_row(row, self.width, self.pad_id) for row in rows])
 
     def finish(self) -> np.ndarray:
         return np.empty((0, 2, self.width), self.dtype)

@@ -38,7 +38,7 @@ from lm2.model.errors import DataError
 from lm2.pipeline.data.metadata import DOCUMENTS_FILE, FORMAT, METADATA_FILE, check_vocab_fits
 from lm2.pipeline.data.packing import PACKINGS, DocumentPacker, StreamPacker
 from lm2.pipeline.data.parts import Part, pieces_of_part, write_json
-from lm2.pipeline.data.sources import Document, Piece, find_input_files, list_pieces, read_piece
+from lm2.pipeline.data.sources import Chunk, Piece, find_input_files, list_pieces, read_piece
 from lm2.pipeline.data.storage import Location
 from lm2.pipeline.data.tokenizer import Tokenizer
 
@@ -72,6 +72,8 @@ class _SplitWriter:
         self.documents = isinstance(packer, DocumentPacker)
         self.counts = SplitCounts(first_id=first_id)
         self.rows_per_document: list[int] = []
+        self._document_rows = 0  # rows of the current document so far
+        self._tail = np.empty((2, 0), np.int64)  # --truncate: the current document's last tokens so far
         columns = {"tokens": f"ndarray:{packer.dtype.name}:{packer.width}", "id": "int64"}
         if masked:
             columns["mask"] = f"ndarray:uint8:{packer.width}"
@@ -92,17 +94,32 @@ class _SplitWriter:
                 "(S3_ENDPOINT_URL for S3-compatible stores)"
             ) from None
 
-    def add_document(self, document: np.ndarray) -> None:
-        """document: [2, n] tokens and loss mask (packing.py)."""
-        if self.truncate and document.shape[1] > self.packer.width:
-            document = document[:, -self.packer.width :]
+    def add_document(self, piece: np.ndarray, first: bool = True, last: bool = True) -> None:
+        """piece: [2, n] tokens and loss mask (packing.py) of a document, or of the part of a long one that `first`
+        and `last` describe (sources.Chunk)."""
+        if self.truncate:
+            piece = self._truncated(piece, first, last)
+            if piece is None:
+                return
+        rows = self.packer.add(piece, first, last)
+        self._write(rows, self.counts.documents, self._document_rows)
+        self._document_rows += len(rows)
+        if last:
+            if self.documents:
+                self.rows_per_document.append(self._document_rows)
+            self._document_rows = 0
+            self.counts.documents += 1
+        self.counts.tokens += piece.shape[1]
+
+    def _truncated(self, piece: np.ndarray, first: bool, last: bool) -> np.ndarray | None:
+        """--truncate: the document's last `width` tokens once its last piece arrives (None before)."""
+        self._tail = piece if first else np.concatenate([self._tail, piece], axis=1)
+        self._tail = self._tail[:, -self.packer.width - 1 :]  # one more than a row: enough to tell it was longer
+        if not last:
+            return None
+        if self._tail.shape[1] > self.packer.width:
             self.counts.truncated += 1
-        rows = self.packer.add(document)
-        if self.documents:
-            self.rows_per_document.append(len(rows))
-        self._write(rows, self.counts.documents)
-        self.counts.documents += 1
-        self.counts.tokens += document.shape[1]
+        return self._tail[:, -self.packer.width :]
 
     def close(self) -> None:
         self._write(self.packer.finish(), None)
@@ -111,8 +128,8 @@ class _SplitWriter:
         if self.documents:
             self._write_documents()
 
-    def _write(self, rows: np.ndarray, document: int | None) -> None:
-        for position, row in enumerate(rows):
+    def _write(self, rows: np.ndarray, document: int | None, first_position: int = 0) -> None:
+        for position, row in enumerate(rows, start=first_position):
             sample = {"tokens": row[0], "id": self.counts.first_id + self.counts.rows}
             if self.masked:
                 sample["mask"] = row[1].astype(np.uint8)
@@ -146,11 +163,11 @@ def is_validation(index: int, val_fraction: float) -> bool:
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
-def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
+def _batches(chunks: Iterable[Chunk]) -> Iterator[list[Chunk]]:
     batch, chars = [], 0
-    for document in documents:
-        batch.append(document)
-        chars += sum(map(len, document)) if isinstance(document, tuple) else len(document)
+    for chunk in chunks:
+        batch.append(chunk)
+        chars += len(chunk.text) + len(chunk.answer or "")
         if chars >= _BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -166,21 +183,26 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_batch(documents: list[Document]) -> list[np.ndarray]:
-    """Each document as [2, n]: its tokens (EOS last) and its loss mask: 1 everywhere for a text; for a (prompt,
-    answer) pair, 0 on the prompt's tokens and 1 on the answer's and EOS."""
-    if not documents or isinstance(documents[0], str):
-        return [np.stack([t, np.ones_like(t)]) for t in _worker_tokenizer.encode_documents(documents)]
+def _encode_batch(chunks: list[Chunk]) -> list[tuple[np.ndarray, bool, bool]]:
+    """Each chunk as ([2, n], first, last): its tokens (EOS last where it ends its document) and their loss mask: 1
+    everywhere for a text; for a prompt and its answer, 0 on the prompt's tokens and 1 on the answer's and EOS."""
+    texts = iter(_worker_tokenizer.encode_chunks([chunk for chunk in chunks if chunk.answer is None]))
     encoded = []
-    for prompt, answer in documents:
-        prompt_ids, answer_ids = _worker_tokenizer.encode(prompt), _worker_tokenizer.encode(answer)
-        tokens = np.array([*prompt_ids, *answer_ids, _worker_tokenizer.eos_id], dtype=np.int64)
-        mask = np.array([0] * len(prompt_ids) + [1] * (len(answer_ids) + 1), dtype=np.int64)
-        encoded.append(np.stack([tokens, mask]))
+    for chunk in chunks:
+        if chunk.answer is None:
+            tokens = next(texts)
+            mask = np.ones_like(tokens)
+        else:
+            prompt_ids, answer_ids = _worker_tokenizer.encode(chunk.text), _worker_tokenizer.encode(chunk.answer)
+            tokens = np.array([*prompt_ids, *answer_ids, _worker_tokenizer.eos_id], dtype=np.int64)
+            mask = np.array([0] * len(prompt_ids) + [1] * (len(answer_ids) + 1), dtype=np.int64)
+        encoded.append((np.stack([tokens, mask]), chunk.first, chunk.last))
     return encoded
 
 
-def encode_in_order(batches: Iterable[list[Document]], tokenizer_path: str, workers: int) -> Iterator[list[np.ndarray]]:
+def encode_in_order(
+    batches: Iterable[list[Chunk]], tokenizer_path: str, workers: int
+) -> Iterator[list[tuple[np.ndarray, bool, bool]]]:
     """Encodes batches on `workers` processes, yielding results in input order with a bounded backlog."""
     if workers == 1:
         _init_worker(tokenizer_path)
@@ -362,7 +384,7 @@ def _row_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
 
-def _documents(pieces: list[Piece], fields: tuple[str, str | None], bar: tqdm) -> Iterator[Document]:
+def _documents(pieces: list[Piece], fields: tuple[str, str | None], bar: tqdm) -> Iterator[Chunk]:
     for piece in pieces:
         yield from read_piece(piece, *fields)
         bar.update(piece.size)
@@ -408,10 +430,11 @@ def _write_splits(
         desc="preparing", total=sum(p.size for p in pieces), unit="B", unit_scale=True, disable=not progress
     ) as bar:
         for encoded in encode_in_order(_batches(_documents(pieces, fields, bar)), str(tokenizer.path), workers):
-            for document in encoded:
-                splits["val" if val_fraction and is_validation(index, val_fraction) else "train"].add_document(document)
-                index += 1
-                tokens += document.shape[1]
+            for piece, first, last in encoded:
+                split = "val" if val_fraction and is_validation(index, val_fraction) else "train"
+                splits[split].add_document(piece, first, last)
+                index += last
+                tokens += piece.shape[1]
             bar.set_postfix(documents=f"{index:,}", tokens=f"{tokens:,}", refresh=False)
     for writer in splits.values():
         writer.close()

@@ -1,7 +1,10 @@
 """Documents from raw inputs, streamed in one deterministic order (no file is ever loaded whole).
 
 - `.txt` / `.txt.gz` / `.txt.zst`: the whole file is ONE document. Books and articles stay whole, so a memory
-  model sees long coherent contexts; put one document per file, or use JSONL for many small documents.
+  model sees long coherent contexts; put one document per file, or use JSONL for many small documents. A text is
+  read and handed on in chunks of at most CHUNK_CHARS characters (`Chunk`), cut where the tokens of the whole text
+  are cut too (after a newline, else before a word), so memory stays bounded for a file of any size, a single
+  100 MB line included.
 - `.jsonl` / `.jsonl.gz` / `.jsonl.zst`: one JSON object per line; its `text_field` (default "text") is the
   document. Read line by line through the decompressor. With an `answer_field`, each record is a (prompt, answer)
   pair, its `text_field` the prompt: `lm2 data prepare` puts the loss on the answer only.
@@ -14,14 +17,18 @@
 
 Inputs are read in sorted path order, documents in file order. Each input is made of pieces, the unit a
 distributed prepare assigns to a slice: a parquet row group, an arrow file of a saved dataset, otherwise the
-whole file. Text must be UTF-8; whitespace-only and null documents are skipped.
+whole file. Text must be UTF-8 (an error names the file and the byte); whitespace-only and null documents are
+skipped, and an empty (0-byte) input with a warning.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +42,22 @@ PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 _KINDS = f"{', '.join(SUFFIXES)} files, or a Hugging Face dataset folder (save_to_disk)"
 
-Document = str | tuple[str, str]
-"""A document's text, or a (prompt, answer) pair (answer_field)."""
 _RECORD_BATCH = 1024
+CHUNK_CHARS = 1 << 22
+"""A text document is handed on in chunks of at most this many characters (4 Mi)."""
+_READ_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A document, or a part of a long text document: `first` starts it, `last` ends it (a document followed by
+    EOS). Most documents are one chunk, both first and last. With an answer_field, `text` is a record's prompt and
+    `answer` its answer."""
+
+    text: str
+    first: bool = True
+    last: bool = True
+    answer: str | None = None
 
 
 def _is_input(path: Path) -> bool:
@@ -122,6 +142,8 @@ def list_pieces(files: Iterable[Path]) -> list[Piece]:
         elif path.name.endswith(PARQUET_SUFFIXES):
             metadata = _parquet_file(path).metadata
             pieces += [Piece(path, i, metadata.row_group(i).total_byte_size) for i in range(metadata.num_row_groups)]
+        elif path.stat().st_size == 0:
+            warnings.warn(f"skipping {path}: it is empty (0 bytes)", stacklevel=2)
         else:
             pieces.append(Piece(path, None, path.stat().st_size))
     return pieces
@@ -162,7 +184,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: cannot read ({error})") from None
 
 
-def _jsonl_documents(path: Path, text_field: str, answer_field: str | None) -> Iterator[Document]:
+def _jsonl_documents(path: Path, text_field: str, answer_field: str | None) -> Iterator[Chunk]:
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -174,16 +196,54 @@ def _jsonl_documents(path: Path, text_field: str, answer_field: str | None) -> I
         for field, option in ((text_field, "--text-field"), (answer_field, "--answer-field")):
             if field is not None and not (isinstance(record, dict) and isinstance(record.get(field), str)):
                 raise DataError(f"{where}: no string field {field!r}; set {option} to the one the records use")
-        yield record[text_field] if answer_field is None else (record[text_field], record[answer_field])
+        yield Chunk(record[text_field], answer=None if answer_field is None else record[answer_field])
 
 
-def _text_document(path: Path) -> Iterator[str]:
+_WORD_START = re.compile(r"(?<=\S) (?=\S)")
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where a chunk of `text` ends, at most `limit` characters in: after its last newline; else before its last
+    space between two words (sentencepiece's pieces never span a newline, nor start inside a word, so the chunks'
+    tokens are the whole text's); else at `limit`, inside one unbroken word as long as a chunk."""
+    newline = text.rfind("\n", 0, limit)
+    if newline > 0:
+        return newline + 1
+    spaces = [match.start() for match in _WORD_START.finditer(text, max(0, limit - 4096), limit)]
+    return spaces[-1] if spaces and spaces[-1] > 0 else limit
+
+
+def _decoded(decoder: codecs.IncrementalDecoder, data: bytes, offset: int, path: Path, final: bool = False) -> str:
+    """`data`, the bytes of `path` from `offset` on, decoded (a character split across reads is completed by the
+    next); a DataError naming the first byte that is not UTF-8."""
+    pending = len(decoder.getstate()[0])
+    try:
+        return decoder.decode(data, final)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: byte {offset - pending + error.start} is not valid UTF-8 ({error.reason}); re-encode the "
+            "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _text_chunks(path: Path) -> Iterator[Chunk]:
+    """The file's text as one document, in chunks of at most CHUNK_CHARS characters (see _cut)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, offset, first = "", 0, True
     try:
         with _open(path) as handle:
-            data = handle.read()
+            while block := handle.read(_READ_BYTES):
+                text += _decoded(decoder, block, offset, path)
+                offset += len(block)
+                while len(text) >= CHUNK_CHARS:
+                    cut = _cut(text, CHUNK_CHARS)
+                    yield Chunk(text[:cut], first, False)
+                    text, first = text[cut:], False
     except _read_errors() as error:
         raise DataError(f"{path}: cannot read ({error})") from None
-    yield _decode(data, str(path))
+    text += _decoded(decoder, b"", offset, path, final=True)
+    if not first or text.strip():  # a document of whitespace alone is skipped, as every other kind's
+        yield Chunk(text, first, True)
 
 
 def _column(batches: Iterable, text_field: str, where: str) -> Iterator[str]:
@@ -223,24 +283,36 @@ def _arrow_documents(piece: Piece, text_field: str) -> Iterator[str]:
         raise DataError(f"{file}: cannot read ({error}); save the dataset again") from None
 
 
-def read_piece(piece: Piece, text_field: str = "text", answer_field: str | None = None) -> Iterator[Document]:
-    """The non-blank documents of one piece; with answer_field, (prompt, answer) pairs of JSONL records."""
+def read_piece(piece: Piece, text_field: str = "text", answer_field: str | None = None) -> Iterator[Chunk]:
+    """The non-blank documents of one piece, as chunks; with answer_field, JSONL records' prompts and answers."""
     if answer_field is not None and not piece.path.name.endswith(JSONL_SUFFIXES):
         raise DataError(
             f"{piece.path}: --answer-field applies to .jsonl inputs only; give the prompts and answers as JSON lines"
         )
+    if piece.path.is_file() and piece.path.name.endswith(TEXT_SUFFIXES):
+        return _text_chunks(piece.path)
     if piece.path.is_dir():
-        documents = _arrow_documents(piece, text_field)
+        chunks = (Chunk(text) for text in _arrow_documents(piece, text_field))
     elif piece.path.name.endswith(PARQUET_SUFFIXES):
-        documents = _parquet_documents(piece, text_field)
-    elif piece.path.name.endswith(JSONL_SUFFIXES):
-        documents = _jsonl_documents(piece.path, text_field, answer_field)
+        chunks = (Chunk(text) for text in _parquet_documents(piece, text_field))
     else:
-        documents = _text_document(piece.path)
-    return (doc for doc in documents if (doc[1] if isinstance(doc, tuple) else doc).strip())
+        chunks = _jsonl_documents(piece.path, text_field, answer_field)
+    return (chunk for chunk in chunks if (chunk.text if chunk.answer is None else chunk.answer).strip())
 
 
 def read_all(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """Every document of `files`, in order."""
+    """The text of every document of `files`, in order; a long text document in chunks (cut at line ends: what a
+    tokenizer trains on, line by line)."""
     for piece in list_pieces(files):
-        yield from read_piece(piece, text_field)
+        yield from (chunk.text for chunk in read_piece(piece, text_field))
+
+
+def read_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+    """Every document of `files` whole, in order (a long text document joined from its chunks)."""
+    parts: list[str] = []
+    for piece in list_pieces(files):
+        for chunk in read_piece(piece, text_field):
+            parts.append(chunk.text)
+            if chunk.last:
+                yield "".join(parts)
+                parts = []

@@ -28,7 +28,6 @@ repeated rows when the epoch is not a multiple of dp, and those are never read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from math import ceil
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader
 from lm2.model.config import ModelConfig
 from lm2.model.errors import DataError
 from lm2.model.lm import IGNORE_INDEX
+from lm2.pipeline.data import remote_cache
 from lm2.pipeline.data.config import DataConfig, StreamConfig
 from lm2.pipeline.data.lanes import LaneLoader
 from lm2.pipeline.data.metadata import DOCUMENTS_FILE, check_data_compatible, check_local_shards, read_metadata
@@ -122,18 +122,19 @@ class _ReplicaDataset(StreamingDataset):
         it.on_exit()
 
 
-def _cache_folder(cfg: DataConfig, stream: StreamConfig) -> str:
-    return str(Path(cfg.cache_dir) / hashlib.sha256(stream.path.encode()).hexdigest()[:16])
-
-
-def _streams(cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None) -> tuple[list[Stream], int]:
-    """streaming Streams for cfg.streams after checking each dataset fits the model; returns the PAD id too."""
+def _streams(
+    cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None
+) -> tuple[list[Stream], int, str | None]:
+    """streaming Streams for cfg.streams after checking each dataset fits the model; returns the PAD id and the
+    sha256 of the run's tokenizer too."""
     if not cfg.streams:
         raise DataError("data.streams is empty: list at least one folder written by `lm2 data prepare`")
     streams, pad_ids = [], set()
     for stream in cfg.streams:
-        local = _cache_folder(cfg, stream) if stream.is_remote else stream.path
-        metadata = read_metadata(stream.path, local)
+        if stream.is_remote:
+            local, metadata = remote_cache.cache_folder(cfg.cache_dir, stream.path, stream.split)
+        else:
+            local, metadata = stream.path, read_metadata(stream.path)
         # Without data.tokenizer, the first stream's tokenizer is the run's: every stream must share it.
         tokenizer_checksum = tokenizer_checksum or metadata.get("tokenizer", {}).get("sha256")
         check_data_compatible(metadata, model, tokenizer_checksum, where=stream.path)
@@ -152,7 +153,7 @@ def _streams(cfg: DataConfig, model: ModelConfig, tokenizer_checksum: str | None
         )
     if len(pad_ids) > 1:
         raise DataError("data.streams were tokenized with different tokenizers; prepare them with one")
-    return streams, pad_ids.pop()
+    return streams, pad_ids.pop(), tokenizer_checksum
 
 
 class RowLoader:
@@ -164,9 +165,17 @@ class RowLoader:
     """
 
     def __init__(
-        self, dataset: _ReplicaDataset, dims: ParallelDims, micro_batch: int, num_workers: int, pad_id: int
+        self,
+        dataset: _ReplicaDataset,
+        dims: ParallelDims,
+        micro_batch: int,
+        num_workers: int,
+        pad_id: int,
+        tokenizer_sha256: str | None = None,
     ) -> None:
         self.dataset, self.dims, self.micro_batch, self.pad_id = dataset, dims, micro_batch, pad_id
+        self.tokenizer_sha256 = tokenizer_sha256
+        """The tokenizer the rows were made with (checkpoints record it)."""
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, and
         # the global RNG state is part of what an exact resume must reproduce.
         self._loader = DataLoader(
@@ -267,15 +276,11 @@ class RowLoader:
         self.dataset.load_state_dict(self._resumed)
 
 
-def _remove_cut_short_files(dataset: StreamingDataset) -> None:
-    """Removes the files in remote streams' cache folders that the index does not name: downloads and
-    decompressions a killed run cut short (boto3 writes `<shard>.<8 hex digits>`, streaming `<shard>.tmp`, each
-    renamed once complete). streaming neither counts nor removes them: each kill would grow the cache past
-    data.cache_limit for good."""
+def _remove_abandoned_files(dataset: StreamingDataset) -> None:
+    """Removes what killed jobs left in remote streams' cache folders (remote_cache.remove_abandoned)."""
     for stream, begin, count in zip(dataset.streams, dataset.shard_offset_per_stream, dataset.shards_per_stream):
         if stream.remote is None:  # the user's dataset folder, not a cache
             continue
-        folder = Path(stream.local, stream.split)
         named = {get_index_basename()} | {
             info.basename
             for shard in dataset.shards[begin : begin + count]
@@ -283,9 +288,7 @@ def _remove_cut_short_files(dataset: StreamingDataset) -> None:
             for info in pair
             if info
         }
-        for path in folder.rglob("*"):
-            if path.is_file() and str(path.relative_to(folder)) not in named:
-                path.unlink(missing_ok=True)
+        remote_cache.remove_abandoned(Path(stream.local, stream.split), named)
 
 
 def _dataset(cfg: DataConfig, streams: list[Stream], dp_rank: int, dp_size: int, micro_batch: int) -> StreamingDataset:
@@ -320,8 +323,8 @@ def build_train_loader(
         micro_batch: rows per micro-batch per replica (streaming's batch_size).
         model: the model config the rows must fit (row length, vocabulary).
     """
-    dataset, pad_id = _replica_dataset(cfg, dims, rank, micro_batch, model)
-    return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id)
+    dataset, pad_id, checksum = _replica_dataset(cfg, dims, rank, micro_batch, model)
+    return RowLoader(dataset, dims, micro_batch, cfg.num_workers, pad_id, checksum)
 
 
 def build_lane_loader(
@@ -335,7 +338,7 @@ def build_lane_loader(
             "once per epoch): drop the proportions"
         )
     tables = [_documents_table(cfg, stream) for stream in cfg.streams]
-    dataset, pad_id = _replica_dataset(cfg, dims, rank, micro_batch, model)
+    dataset, pad_id, checksum = _replica_dataset(cfg, dims, rank, micro_batch, model)
     offsets = [int(offset) for offset in dataset.sample_offset_per_stream]
     first_sample = np.concatenate([offset + np.cumsum(table) - table for offset, table in zip(offsets, tables)])
     return LaneLoader(
@@ -350,20 +353,21 @@ def build_lane_loader(
         cfg.shuffle_seed,
         pad_id,
         model.row_length + 1,
+        checksum,
     )
 
 
 def _replica_dataset(
     cfg: DataConfig, dims: ParallelDims, rank: int, micro_batch: int, model: ModelConfig
-) -> tuple[_ReplicaDataset, int]:
-    """The streams' dataset for this rank's replica, after checking they fit the model, and the PAD id. Every rank
-    must call it (streaming synchronises them while building)."""
+) -> tuple[_ReplicaDataset, int, str | None]:
+    """The streams' dataset for this rank's replica, after checking they fit the model, its PAD id and the sha256
+    of the run's tokenizer. Every rank must call it (streaming synchronises them while building)."""
     if micro_batch < 1:
         raise DataError(f"micro batch must be >= 1, got {micro_batch}")
     checksum = sha256_file(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None
     if cfg.tokenizer and checksum is None:
         raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
-    streams, pad_id = _streams(cfg, model, checksum)
+    streams, pad_id, checksum = _streams(cfg, model, checksum)
     leader = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one process per node
     with registration_lock(leader):
         if leader:  # before any rank builds its dataset
@@ -371,17 +375,19 @@ def _replica_dataset(
         if dist.is_initialized():
             dist.barrier()
         dataset = _dataset(cfg, streams, dims.coords(rank)[1], dims.dp, micro_batch)
-        if leader:  # streaming has just refused any cache folder a live job reads
-            _remove_cut_short_files(dataset)
+        if leader:
+            _remove_abandoned_files(dataset)
         if dist.is_initialized():
             dist.barrier()  # every rank has registered; none downloads before the cleanup
-    return dataset, pad_id
+    return dataset, pad_id, checksum
 
 
 def _documents_table(cfg: DataConfig, stream: StreamConfig) -> np.ndarray:
     """The stream's rows per document (prepare.py's documents.npy); refuses a stream not packed by document."""
-    local = _cache_folder(cfg, stream) if stream.is_remote else stream.path
-    metadata = read_metadata(stream.path, local)
+    if stream.is_remote:
+        local, metadata = remote_cache.cache_folder(cfg.cache_dir, stream.path, stream.split)
+    else:
+        local, metadata = stream.path, read_metadata(stream.path)
     if metadata.get("packing") != "document":
         raise DataError(
             f"{stream.path} was prepared with --packing {metadata.get('packing')}: train.carry.mode: document "

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
 from lm2.model.errors import DataError
+from lm2.pipeline.data.sources import Chunk
 from lm2.pipeline.files import sha256_file, write_atomic
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -77,6 +79,29 @@ class Tokenizer:
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Each document's tokens followed by EOS (one thread: callers parallelise over processes)."""
         return [np.array([*ids, self.eos_id], dtype=np.int64) for ids in self.processor.encode(texts, num_threads=1)]
+
+    def encode_chunks(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        """Each chunk's tokens, followed by EOS where it ends its document: the tokens of the whole document, as
+        long as a chunk starts after a newline or before a word (sources._cut). A chunk that continues a document
+        is encoded without sentencepiece's leading-space prefix, which only a document's start gets."""
+        encoded = []
+        for chunk in chunks:
+            processor = self.processor if chunk.first else self._continuation
+            ids = processor.encode(chunk.text, num_threads=1)
+            encoded.append(np.array([*ids, self.eos_id] if chunk.last else ids, dtype=np.int64))
+        return encoded
+
+    @cached_property
+    def _continuation(self) -> spm.SentencePieceProcessor:
+        """This model without the leading-space prefix (add_dummy_prefix off), loaded on first use."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        proto.normalizer_spec.add_dummy_prefix = False
+        processor = spm.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(proto.SerializeToString())
+        return processor
 
     def describe(self) -> dict:
         """What shard metadata records about the tokenizer."""

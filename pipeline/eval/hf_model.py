@@ -3,6 +3,7 @@ tokenizer, and how many tokens it can hold (None for LM2, which runs any length 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,29 @@ def eval_device(name: str | None) -> torch.device:
     return device
 
 
+def is_lm2_export(config: Path) -> bool:
+    """Whether a folder's config.json describes an LM2 model, whose class comes from the folder's own
+    modeling_lm2.py (remote code: it runs when loaded). A vanilla export is transformers' own Llama and runs no code
+    of the folder, whatever its config.json's auto_map says."""
+    try:
+        return json.loads(config.read_text()).get("model_type") == "lm2"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise EvalError(
+            f"{config} is not a model config ({error}): give --model a folder written by `lm2 export hf`"
+        ) from None
+
+
 def load_model(folder: str | Path, device: str | None) -> EvalModel:
     """The model in fp32 on `device` (a --device name, see eval_device), whatever dtype it was exported in: LM2 and
     vanilla are compared at full precision, and LM2's memory carries its state over every segment of a long prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(folder) / "config.json").is_file():
+    config = Path(folder) / "config.json"
+    if not config.is_file():
         raise EvalError(f"{folder} holds no config.json: give --model a folder written by `lm2 export hf`")
     target = eval_device(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).float().eval().to(target)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=is_lm2_export(config))
+    model = model.float().eval().to(target)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(model.config, "model_type", "") == "lm2":
         return EvalModel(model, tokenizer, "LM2", None)

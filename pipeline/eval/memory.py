@@ -22,10 +22,10 @@ from lm2.pipeline.eval.hf_model import EvalModel
 
 
 def _tokens(model: EvalModel, files: list[Path], count: int) -> torch.Tensor:
-    from lm2.pipeline.data.sources import read_all
+    from lm2.pipeline.data.sources import read_documents
 
     ids: list[int] = []
-    for document in read_all(files):
+    for document in read_documents(files):
         ids += model.encode(document) + [model.tokenizer.eos_token_id]
         if len(ids) >= count:
             return torch.tensor(ids[:count])

@@ -97,10 +97,10 @@ def mds_perplexity(
 
 
 def text_windows(model: EvalModel, files: list[Path], context: int) -> list[torch.Tensor]:
-    from lm2.pipeline.data.sources import read_all
+    from lm2.pipeline.data.sources import read_documents
 
     stream: list[int] = []
-    for document in read_all(files):
+    for document in read_documents(files):
         stream += model.encode(document) + [model.tokenizer.eos_token_id]
     return [torch.tensor(stream[i : i + context]) for i in range(0, len(stream), context) if len(stream) - i > 1]
 
@@ -115,10 +115,10 @@ def text_perplexity(model: EvalModel, files: list[Path], context: int, progress:
 
 def carried_perplexity(model: EvalModel, files: list[Path], context: int, progress: bool = True) -> Perplexity:
     """Each document in pieces of `context` tokens, the cache (memory, and the open segment's keys) carried."""
-    from lm2.pipeline.data.sources import read_all
+    from lm2.pipeline.data.sources import read_documents
 
     total = Perplexity(0.0, 0)
-    for document in tqdm(list(read_all(files)), desc="ppl", unit="document", disable=not progress):
+    for document in tqdm(list(read_documents(files)), desc="ppl", unit="document", disable=not progress):
         ids = torch.tensor(model.encode(document) + [model.tokenizer.eos_token_id])
         cache = None
         for start in range(0, len(ids) - 1, context):

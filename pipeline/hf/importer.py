@@ -43,7 +43,16 @@ def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{hf_dir} has no config.json: give a folder written by save_pretrained")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(
+            f"{path} is not valid JSON ({error}): give a folder written by save_pretrained, or repair the file"
+        ) from None
+    if not isinstance(config, dict):
+        raise ExportError(
+            f"{path} holds {type(config).__name__}, not a model config: give a folder written by save_pretrained"
+        )
     if config.get("model_type") != "llama":
         raise ExportError(f"{hf_dir} holds a {config.get('model_type')!r} model; only llama models can be imported")
     return config
@@ -133,12 +142,30 @@ def load_into_engine(engine, cfg: ModelConfig, state: dict[str, torch.Tensor]) -
         ds.optimizer.refresh_fp32_params()
 
 
+def check_output(output: Path, force: bool) -> None:
+    """Refuses an --output that already holds checkpoints (step 0 would join another run's), unless `force`."""
+    held = sorted(p.name for p in output.glob("step_*")) if output.is_dir() else []
+    if (output / "step_00000000").exists():
+        raise ExportError(f"{output / 'step_00000000'} exists: choose another --output")
+    if held and not force:
+        raise ExportError(
+            f"{output} already holds checkpoints ({held[-1]}): choose another --output, or pass --force to add "
+            "step_00000000 beside them"
+        )
+
+
 def import_hf(
-    hf_dir: str | os.PathLike, config: str, output: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+    hf_dir: str | os.PathLike,
+    config: str,
+    output: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    force: bool = False,
 ) -> str | None:
-    """Writes `<output>/step_00000000`; returns the summary line on rank 0 (None on the others)."""
+    """Writes `<output>/step_00000000`; returns the summary line on rank 0 (None on the others). `force`: even into
+    a folder that holds checkpoints already."""
     from lm2.pipeline.checkpoint.format import Manifest
-    from lm2.pipeline.checkpoint.save import code_version, save
+    from lm2.pipeline.checkpoint.save import Retention, code_version, save
+    from lm2.pipeline.files import sha256_file
     from lm2.pipeline.launch.environment import launched_world_size
     from lm2.pipeline.parallel.init import init_distributed
     from lm2.pipeline.train.build import seed_everything
@@ -148,8 +175,7 @@ def import_hf(
     run = load_config(config, overrides)
     hf = read_hf_config(hf_dir)
     check_shapes(hf, run.model)
-    if (output / "step_00000000").exists():
-        raise ExportError(f"{output / 'step_00000000'} exists: choose another --output")
+    check_output(output, force)
     backbone = read_hf_weights(hf_dir, run.model)
     run.validate(launched_world_size(os.environ))
     dims = init_distributed(run.parallel.tp, run.parallel.pp)
@@ -157,9 +183,15 @@ def import_hf(
     engine = build_engine(run, dims)
     load_into_engine(engine, run.model, merged_state(engine, run.model, backbone))
     manifest = Manifest(
-        step=0, layout=engine.layout, config=run.to_dict(), samples=0, tokens=0, code_version=code_version()
+        step=0,
+        layout=engine.layout,
+        config=run.to_dict(),
+        samples=0,
+        tokens=0,
+        code_version=code_version(),
+        tokenizer_sha256=sha256_file(run.data.tokenizer) if run.data.tokenizer else None,
     )
-    folder = save(engine, output, manifest, run.checkpoint.keep)
+    folder = save(engine, output, manifest, Retention(run.checkpoint.keep))
     if dist.get_rank() != 0:
         return None
     return (

@@ -10,7 +10,6 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ import yaml
 
 from lm2.pipeline.checkpoint import universal
 from lm2.pipeline.checkpoint.format import read_manifest
-from lm2.pipeline.checkpoint.resume import check_schedule, find_resume, load, resume_route
+from lm2.pipeline.checkpoint.resume import check_config, check_schedule, find_resume, load, resume_route
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.data.lanes import LaneLoader
 from lm2.pipeline.data.streaming import RowLoader, build_lane_loader, build_train_loader
@@ -28,7 +27,7 @@ from lm2.pipeline.parallel.init import init_distributed
 from lm2.pipeline.train.carry import CarriedMemory
 from lm2.pipeline.train.engine import Engine, build_engine, resume_schedule
 from lm2.pipeline.train.init_from import initialise
-from lm2.pipeline.train.run_folder import claim_run_folder
+from lm2.pipeline.train.run_folder import RunFolderLock, claim_run_folder
 
 
 @dataclass
@@ -40,6 +39,8 @@ class Start:
     resumed_from: Path | None = None
     initialised_from: Path | None = None
     """The source of train.init_from, when a fresh run took its weights."""
+    verified: str | None = None
+    """How the checkpoint resumed from was verified (size, time), for the startup summary."""
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RunParts:
     carry: CarriedMemory | None
     """The lanes of carried memory (train.carry), None without."""
     start: Start
-    run_folder_lock: IO | None
+    run_folder_lock: RunFolderLock | None
     """Rank 0's lock on the run folder (run_folder.py), held as long as this object lives."""
 
 
@@ -72,16 +73,27 @@ def build_val_loader(run: RunConfig, dims: ParallelDims, rank: int) -> RowLoader
     return build_train_loader(data, dims, rank, run.train.micro_batch, run.model)
 
 
-def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = False) -> RunParts:
-    """Every rank calls it. `override_schedule`: resume even if the LR schedule's fields changed, following the
-    config's schedule. `reset_memory`: resume with every lane of carried memory from M_0 (the way to resume at
-    another data-parallel size or micro-batch with train.carry)."""
+@dataclass(frozen=True)
+class ResumeOptions:
+    """What a resume may change (lm2 train's flags)."""
+
+    override_schedule: bool = False
+    """Resume even if the LR schedule's fields changed, following the config's schedule."""
+    accept_config_changes: bool = False
+    """Resume even if fields that change the data or the math changed."""
+    reset_memory: bool = False
+    """Resume with every lane of carried memory from M_0 (the way to resume at another data-parallel size or
+    micro-batch with train.carry)."""
+
+
+def build(run: RunConfig, options: ResumeOptions = ResumeOptions()) -> RunParts:
+    """Every rank calls it; `options` say what a resume may change."""
     run.validate(launched_world_size(os.environ))  # before any process group: a bad layout fails at once
     dims = init_distributed(run.parallel.tp, run.parallel.pp)
     rank = torch.distributed.get_rank()
     lock = claim_run_folder(run)
     seed_everything(run.train.seed)  # a resume restores the RNG states saved with the checkpoint
-    folder = find_resume(run.checkpoints, run.checkpoint.resume)
+    folder, verification = find_resume(run.checkpoints, run.checkpoint.resume) or (None, None)
     stage = run.train.stage_at(read_manifest(folder).step if folder is not None else 0)
     # Data first: a dataset that does not fit the model fails before the engine is built.
     train_loader = build_loader(run, dims, rank, stage)
@@ -89,7 +101,8 @@ def build(run: RunConfig, override_schedule: bool = False, reset_memory: bool = 
     engine = build_engine(run, dims)
     carry = CarriedMemory.of_engine(engine, run) if run.train.carry.enabled else None
     if folder is not None:  # train.init_from is ignored: a resumed run continues
-        start = resume(run, engine, train_loader, stage, carry, folder, override_schedule, reset_memory)
+        start = resume(run, engine, train_loader, stage, carry, folder, options)
+        start.verified = verification.describe(folder)
     elif run.train.init_from is not None:
         start = Start(initialised_from=initialise(engine, run.model, run.train.init_from))
     else:
@@ -126,14 +139,14 @@ def resume(
     stage: int | None,
     carry: CarriedMemory | None,
     folder: Path,
-    override_schedule: bool,
-    reset_memory: bool,
+    options: ResumeOptions,
 ) -> Start:
     """Loads checkpoint `folder` into the engine (natively, or through a universal checkpoint when it was written at
     another layout), sets the LR schedule, the loader's position and the lanes' carried memory."""
     manifest = read_manifest(folder)
     route = resume_route(manifest, run.model, engine.layout, folder)
-    check_schedule(manifest, run.to_dict(), folder, override_schedule)
+    check_schedule(manifest, run.to_dict(), folder, options.override_schedule)
+    check_config(manifest, run.to_dict(), train_loader.tokenizer_sha256, folder, options.accept_config_changes)
     if route == "universal":
         tag = universal.convert_to_universal_on_rank0(str(folder.parent), folder.name)
         state = universal.load_universal(engine, str(folder.parent), tag)[1]["lm2"]
@@ -144,9 +157,9 @@ def resume(
     # that stage's position, and the next stage starts from the beginning of its data.
     if state["data"] is not None and manifest.stage == stage:
         if isinstance(train_loader, LaneLoader):
-            train_loader.load_state_dict(state["data"], reset_memory)
+            train_loader.load_state_dict(state["data"], options.reset_memory)
         else:
             train_loader.load_state_dict(state["data"])
     if carry is not None:
-        carry.load(folder, manifest, reset_memory)
+        carry.load(folder, manifest, options.reset_memory)
     return Start(state["step"], state["wandb_id"], folder)

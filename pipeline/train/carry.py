@@ -27,6 +27,7 @@ from torch import nn
 from lm2.model.block import DecoderBlock
 from lm2.model.errors import CheckpointError
 from lm2.model.memory import LaneStates
+from lm2.pipeline.checkpoint import safe_load
 from lm2.pipeline.checkpoint.format import Manifest, carry_file
 from lm2.pipeline.train.config import CarryConfig
 
@@ -148,7 +149,7 @@ def _replica_files(folder: Path, world_size: int, dp_rank: int) -> list[dict[str
                 f"{folder} lacks {path.name}: its carried memory is incomplete; resume an earlier "
                 "checkpoint, or pass --reset-memory"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load.load(path)
         if state["dp_rank"] == dp_rank:
             files.append(state)
     return files

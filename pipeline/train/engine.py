@@ -14,6 +14,7 @@ from torch import nn
 from lm2.model.block import DecoderBlock
 from lm2.model.config import ModelConfig
 from lm2.model.lm import LM2Model
+from lm2.pipeline.checkpoint import engine_io
 from lm2.pipeline.checkpoint.format import Layout
 from lm2.pipeline.config import RunConfig
 from lm2.pipeline.parallel.dims import ParallelDims
@@ -119,6 +120,7 @@ def build_engine(run: RunConfig, dims: ParallelDims) -> Engine:
         config=ds_config(run, dims),
         mpu=None if dims.pp_enabled else DeepSpeedMPU(),
     )
+    engine_io.install(engine)  # checkpoints load without running code, and saves report their files
     layout = Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, zero_stage=run.parallel.zero_stage)
     return Engine(engine, dims.pp_enabled, run.train.grad_accum(dims.dp), layout, run.model)
 

@@ -19,8 +19,9 @@ import torch
 
 from lm2.model.config import ModelConfig
 from lm2.model.errors import ConfigError
-from lm2.pipeline.checkpoint.format import shared_hashes
-from lm2.pipeline.checkpoint.reader import model_config, read_full_state, resolve, verified_manifest
+from lm2.pipeline.checkpoint.reader import model_config, read_full_state, resolve
+from lm2.pipeline.checkpoint.resume import job_team
+from lm2.pipeline.checkpoint.verify import verify
 from lm2.pipeline.hf.importer import check_shapes, load_into_engine, read_hf_weights
 from lm2.pipeline.train.engine import Engine, full_model_state
 
@@ -97,7 +98,7 @@ def check_architecture(source: Path, theirs: dict[str, Any], cfg: ModelConfig) -
 def read_checkpoint(path: Path, cfg: ModelConfig) -> Source:
     """An lm2 checkpoint, its files verified against the manifest (a collective: the ranks share the hashing)."""
     folder = resolve(path)
-    manifest = verified_manifest(folder, shared_hashes)
+    manifest = verify(folder, job_team()).manifest
     saved = model_config(manifest)
     check_architecture(folder, architecture(saved), cfg)
     return Source(folder, read_full_state(folder, manifest), architecture(saved))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest
-from lm2.pipeline.checkpoint.save import code_version, save
+from lm2.pipeline.checkpoint.save import Retention, code_version, save
 from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.lanes import LaneLoader
 from lm2.pipeline.data.streaming import RowLoader
@@ -70,6 +70,8 @@ class Trainer:
         self.memory_monitor = MemoryMonitor(self.engine.deepspeed.module, self.run.model.num_layers, self.device)
         self.step, self.wandb_id = parts.start.step, parts.start.wandb_id
         self.stage = self.run.train.stage_at(self.step)  # the curriculum stage the train loader reads
+        resumed = parts.start.resumed_from
+        self.retention = Retention(self.run.checkpoint.keep, [resumed.name] if resumed is not None else [])
         if self.rank == 0:
             print(self.startup_summary(), flush=True)
 
@@ -90,7 +92,8 @@ class Trainer:
             stages = ", ".join(f"{stage.steps} steps of <= {stage.segments} segment(s)" for stage in run.train.stages)
             streams = f"a curriculum of {len(run.train.stages)} stages ({stages}); validation {streams}"
         start = (
-            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from}"
+            f"resumed from step {self.step}{requeue_note(os.environ)}: {self.parts.start.resumed_from} "
+            f"({self.parts.start.verified})"
             if self.parts.start.resumed_from is not None
             else "fresh run from step 0"
             + (f", weights from {self.parts.start.initialised_from}" if self.parts.start.initialised_from else "")
@@ -152,10 +155,11 @@ class Trainer:
             wandb_id=self.wandb_id,
             data=self.train_loader.state_dict(),
             stage=self.stage,
+            tokenizer_sha256=self.train_loader.tokenizer_sha256,
         )
         started = time.perf_counter()
         carry = self.carry.state_dict() if self.carry is not None else None
-        folder = save(self.engine, self.run.checkpoints, manifest, self.run.checkpoint.keep, carry)
+        folder = save(self.engine, self.run.checkpoints, manifest, self.retention, carry)
         if self.rank == 0:
             print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
 

@@ -1,12 +1,12 @@
-"""One job per run folder, one run per job: a lock on `<run_dir>/.lock` and the refusal of a start that would mix
-two runs' checkpoints and metrics in one folder."""
+"""One job per run folder, one run per job: a lock on `<run_dir>/.lock` (on any cluster file system) and the
+refusal of a start that would mix two runs' checkpoints and metrics in one folder."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import socket
-import time
+import weakref
 from pathlib import Path
 from typing import IO
 
@@ -16,39 +16,111 @@ from lm2.model.errors import CheckpointError
 from lm2.pipeline.checkpoint.format import read_manifest, step_folders, tag_for
 from lm2.pipeline.checkpoint.resume import named_checkpoint
 from lm2.pipeline.config import RunConfig
+from lm2.pipeline.launch.holders import Holder, is_gone
 
 LOCK = ".lock"
+OWNER = ".lock.owner"
+"""Where flock is not available: the lock is this file, created exclusively and removed by its holder."""
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+"""flock's errors where the file system offers no locks (Lustre mounted noflock, NFS without a lock manager)."""
 
 
-def _holder() -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    return (
-        f"host {socket.gethostname()}, pid {os.getpid()}"
-        + (f", SLURM job {job}" if job else "")
-        + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+class RunFolderLock:
+    """A job's hold on its run folder, as long as this object lives (and the process): an flock on `.lock`, whose
+    holder line names the job, or without flock the file `.lock.owner` holding that line, removed on release."""
+
+    def __init__(self, handle: IO | None = None, owner: Path | None = None, line: str = "") -> None:
+        self.handle, self.owner = handle, owner
+        if owner is not None:  # also at exit; a killed job's file is judged stale by the next (holders.is_gone)
+            self._finalizer = weakref.finalize(self, _remove_if_ours, owner, line)
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # drops the flock
+        if self.owner is not None:
+            self._finalizer()
+
+
+def _remove_if_ours(owner: Path, line: str) -> None:
+    try:
+        if owner.read_text().strip() == line:
+            owner.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _in_use(run_dir: Path, holder: Holder | None, text: str, lock_file: Path) -> CheckpointError:
+    who = holder.line() if holder else text or "a process that has not written its name yet"
+    return CheckpointError(
+        f"{run_dir} is in use by another job ({who}): wait for it to end, or set logging.run_dir to another folder "
+        f"(if that job is gone and its lock stays, remove {lock_file})"
     )
 
 
-def lock_run_folder(run_dir: Path) -> IO:
-    """Takes an exclusive flock on `<run_dir>/.lock` and writes who holds it into the file. The lock lasts as long
-    as the returned handle stays open, and the kernel drops it when the process ends, however it ends: a killed
-    job leaves a stale file but no stale lock. Raises CheckpointError naming the holder if another process has it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK, "a+")
+def _flocked(path: Path, line: str) -> IO:
+    """`path` opened and flocked (raises what flock raises), its content replaced by the holder line."""
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
+    except OSError:
         handle.close()
-        raise CheckpointError(
-            f"{run_dir} is in use by another job ({holder}): wait for it to end, or set "
-            "logging.run_dir to another folder"
-        ) from None
+        raise
     handle.truncate(0)
-    handle.write(_holder() + "\n")
+    handle.write(line + "\n")
     handle.flush()
     return handle
+
+
+def _take_stale_flock(run_dir: Path, line: str) -> IO:
+    """A new `.lock` in place of one whose flock outlived its holder (NFS keeps a crashed node's locks): flocked
+    under a temporary name, then renamed over the old file, so the stale lock stays on a file nobody opens again."""
+    fresh = run_dir / f"{LOCK}.new-{os.getpid()}"
+    handle = _flocked(fresh, line)
+    os.replace(fresh, run_dir / LOCK)
+    return handle
+
+
+def _owner_file_lock(run_dir: Path, line: str) -> RunFolderLock:
+    """The lock where flock is not available: `.lock.owner` created exclusively (atomic on NFS and Lustre), or
+    taken over once if its holder is provably gone."""
+    owner = run_dir / OWNER
+    for attempt in range(2):
+        try:
+            handle = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            text = owner.read_text() if owner.is_file() else ""
+            holder = Holder.parse(text)
+            if attempt == 0 and (is_gone(holder) or not owner.exists()):
+                owner.unlink(missing_ok=True)
+                continue
+            raise _in_use(run_dir, holder, text.strip(), owner) from None
+        with os.fdopen(handle, "w") as file:
+            file.write(line + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        return RunFolderLock(owner=owner, line=line)
+    raise _in_use(run_dir, None, "", owner)
+
+
+def lock_run_folder(run_dir: Path) -> RunFolderLock:
+    """Takes the run folder's lock for this process and writes who holds it (host, pid, SLURM job id). An flock on
+    `<run_dir>/.lock`: the kernel drops it when the process ends, however it ends. Held by a job that has provably
+    ended (holders.is_gone: NFS can keep a crashed node's flock), it is taken over; where the file system has no
+    flock, `.lock.owner` is the lock. Raises CheckpointError naming the holder if another job has it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = Holder.this_process().line()
+    try:
+        return RunFolderLock(handle=_flocked(run_dir / LOCK, line))
+    except BlockingIOError:
+        text = (run_dir / LOCK).read_text()
+        holder = Holder.parse(text)
+        if not is_gone(holder):
+            raise _in_use(run_dir, holder, text.strip(), run_dir / LOCK) from None
+        return RunFolderLock(handle=_take_stale_flock(run_dir, line))
+    except OSError as error:
+        if error.errno not in NO_FLOCK:
+            raise
+        return _owner_file_lock(run_dir, line)
 
 
 def check_start(run_dir: Path, checkpoints: Path, resume: str) -> None:
@@ -72,9 +144,9 @@ def check_start(run_dir: Path, checkpoints: Path, resume: str) -> None:
     )
 
 
-def claim_run_folder(run: RunConfig) -> IO | None:
+def claim_run_folder(run: RunConfig) -> RunFolderLock | None:
     """Rank 0 locks the run folder for the life of the job and checks the start (check_start); every rank raises
-    the same CheckpointError if either fails. Returns the lock's handle on rank 0 (keep it), None elsewhere.
+    the same CheckpointError if either fails. Returns the lock on rank 0 (keep it), None elsewhere.
     A collective."""
     run_dir = Path(run.logging.run_dir)
     lock, problem = None, [None]
@@ -85,7 +157,7 @@ def claim_run_folder(run: RunConfig) -> IO | None:
         except CheckpointError as error:
             problem = [str(error)]
             if lock is not None:
-                lock.close()  # releases the lock
+                lock.release()
     dist.broadcast_object_list(problem, src=0)
     if problem[0] is not None:
         raise CheckpointError(problem[0])

@@ -165,3 +165,41 @@ def test_validate_checks_the_layout_against_the_world_size(overrides, world_size
 def test_validate_returns_the_degrees():
     dims = load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.pp=2"]).validate(8)
     assert (dims.tp, dims.pp, dims.dp) == (2, 2, 2)
+
+
+def test_a_hash_in_an_override_is_part_of_the_value_never_a_comment():
+    """`logging.run_dir='runs/exp #3'` reaches lm2 as `runs/exp #3` (the shell drops the quotes); YAML would read
+    ` #3` as a comment and the run would write to runs/exp."""
+    run = load_config("configs/tiny.yaml", ["logging.run_dir=runs/exp #3", "data.streams=[{path: data/a #1}]"])
+    assert run.logging.run_dir == "runs/exp #3" and run.data.streams[0].path == "data/a #1"
+    assert load_config("configs/tiny.yaml", ["logging.run_dir='runs/b #4'"]).logging.run_dir == "runs/b #4"
+    with pytest.raises(ConfigError, match=r"train.steps must be an integer, got '5 #6'"):
+        load_config("configs/tiny.yaml", ["train.steps=5 #6"])
+
+
+def test_every_shipped_config_writes_to_a_run_folder_of_its_own():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    configs = sorted([*root.glob("configs/*.yaml"), *root.glob("experiments/*/*.yaml")])
+    folders = {path.name: load_config(path).logging.run_dir for path in configs}
+    assert len(configs) >= 6 and len(set(folders.values())) == len(folders), folders
+
+
+def test_options_and_overrides_in_the_order_people_type_them():
+    from lm2.pipeline.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train", "--config", "C", "a.b=1", "--resume", "auto", "c.d=2", "--accept-config-changes"]
+    )
+    assert (args.config, args.resume, args.overrides, args.accept_config_changes) == (
+        "C",
+        "auto",
+        ["a.b=1", "c.d=2"],
+        True,
+    )
+    args = parser.parse_args(["import", "hf", "llama", "a=1", "--config", "C", "--output", "o", "b=2"])
+    assert (args.hf_dir, args.overrides) == ("llama", ["a=1", "b=2"])
+    args = parser.parse_args(["launch", "local", "--nproc", "2", "--", "--config", "C", "x=1", "--resume", "auto"])
+    assert args.train_args == ["--", "--config", "C", "x=1", "--resume", "auto"]  # passed on as typed

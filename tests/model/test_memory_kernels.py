@@ -2,6 +2,8 @@
 operations compute: values, gradients and gates, over truncated-BPTT windows and at sizes off their 4 x 16 blocks;
 the same bits at any thread count; and without a C compiler the memory falls back to its PyTorch operations."""
 
+import tempfile
+
 import pytest
 import torch
 
@@ -151,3 +153,67 @@ def test_without_a_c_compiler_the_memory_runs_its_pytorch_operations(single_proc
         memory_kernels._library.cache_clear()  # the next caller finds the real PATH's compiler again
     assert len([w for w in caught if "C compiler" in str(w.message)]) == 1
     assert module.write_k.weight.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def fresh_kernel_cache(monkeypatch, tmp_path):
+    """A home and a temporary folder of the test's own; the kernels are looked up again before and after."""
+    from lm2.model import kernel_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(kernel_cache, "_temporary", None)
+    memory_kernels._library.cache_clear()
+    yield tmp_path
+    memory_kernels._library.cache_clear()  # later tests load the real cache's library again
+
+
+@requires_kernel
+def test_kernels_are_built_in_the_users_private_cache(fresh_kernel_cache):
+    from lm2.model import kernel_cache
+
+    assert memory_kernels.available()
+    (library,) = (fresh_kernel_cache / "home" / ".cache" / "lm2").glob("memory_kernels-*.so")
+    assert kernel_cache.is_private(library) and kernel_cache.is_private(library.parent)
+    assert not list((fresh_kernel_cache / "tmp").iterdir())
+
+
+@requires_kernel
+def test_a_cache_others_can_write_is_never_used_a_private_temporary_folder_is(fresh_kernel_cache):
+    cache = fresh_kernel_cache / "home" / ".cache" / "lm2"
+    cache.mkdir(parents=True)
+    cache.chmod(0o777)  # anyone could plant a library here
+    planted = cache / "memory_kernels-0000000000000000.so"
+    planted.write_bytes(b"not loaded")
+    assert memory_kernels.available()
+    assert sorted(p.name for p in cache.iterdir()) == [planted.name]  # nothing built or read there
+    (private,) = (fresh_kernel_cache / "tmp").iterdir()
+    assert private.name.startswith("lm2-kernels-") and oct(private.stat().st_mode & 0o777) == "0o700"
+    assert list(private.glob("memory_kernels-*.so"))
+
+
+def test_without_a_private_folder_the_memory_runs_its_pytorch_operations_with_one_warning(
+    single_process, fresh_kernel_cache, monkeypatch
+):
+    cfg = tiny_config()
+    module = memory_module(cfg)
+    xn = torch.randn(2, cfg.row_length, cfg.hidden_size, requires_grad=True)
+    (fresh_kernel_cache / "home").write_text("a file, not a folder: no cache below it")
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh_kernel_cache / "missing"))  # mkdtemp fails
+    with pytest.warns(UserWarning, match="no folder only you can write") as caught:
+        assert memory_backend.fused_kernels(xn) is None
+        module(xn, cfg.segment_length).sum().backward()
+    assert len([w for w in caught if "only you can write" in str(w.message)]) == 1
+    assert module.write_k.weight.grad.abs().sum() > 0
+
+
+def test_the_build_key_holds_the_cpu_features_on_x86_and_on_aarch64():
+    from lm2.model.kernel_cache import cpu_key
+
+    x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve sve2\nCPU implementer\t: 0x41\n"
+    assert cpu_key(x86) == "flags\t\t: fpu sse2 avx2 avx512f"
+    assert cpu_key(arm) == "Features\t: fp asimd sve sve2"
+    assert cpu_key(arm.replace("sve2", "")) != cpu_key(arm) and cpu_key("processor\t: 0\n") == ""

@@ -54,12 +54,12 @@ def test_compressed_json_lines_are_streamed_not_read_whole(tmp_path):
         + b"\x28\xb5\x2f\xfd garbage" * 1000
     )
     (piece,) = list_pieces([path])
-    documents = read_piece(piece)
+    documents = (chunk.text for chunk in read_piece(piece))
     assert [next(documents) for _ in range(3)] == texts[:3]
     with pytest.raises(DataError, match="docs.jsonl.zst: cannot read"):
         list(documents)
     path.write_bytes(good)
-    assert list(read_piece(piece)) == texts
+    assert [chunk.text for chunk in read_piece(piece)] == texts
 
 
 def test_text_field_selects_the_parquet_and_dataset_column(tmp_path):
@@ -86,3 +86,104 @@ def test_bad_inputs_of_the_new_kinds_fail_clearly(tmp_path, tokenizer_path):
     with pytest.raises(DataError, match="saved DatasetDict: give the folder of one split, e.g. .*dict/train"):
         find_input_files([tmp_path / "dict"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "bad.txt.zst", "dict"]
+
+
+def test_a_long_text_is_streamed_in_chunks_that_keep_the_tokens_of_the_whole_text(
+    tmp_path, tokenizer_path, monkeypatch
+):
+    """Chunks of 300 characters read 64 bytes at a time (a character of 2 or 4 bytes split between reads), cut at
+    line ends and, in a line longer than a chunk, before a word: the rows are those of the whole text encoded at
+    once, packed with whole documents too."""
+    from lm2.pipeline.data import sources
+
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 300)
+    monkeypatch.setattr(sources, "_READ_BYTES", 64)
+    long_line = " ".join(f"wörd{i}😀" for i in range(400))  # no newline for ~4000 characters
+    text = "\n".join(scene_texts()[:30]) + "\n" + long_line + "\n\n  The end.\n"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "book.txt").write_text(text)
+    (tmp_path / "in" / "notes.jsonl").write_text(json.dumps({"text": "A short one."}) + "\n")
+    (piece, _) = list_pieces(find_input_files([tmp_path / "in"]))
+    chunks = list(read_piece(piece))
+    assert len(chunks) > 20 and "".join(c.text for c in chunks) == text
+    assert [(c.first, c.last) for c in (chunks[0], chunks[1], chunks[-1])] == [
+        (True, False),
+        (False, False),
+        (False, True),
+    ]
+    assert all(len(c.text) <= 300 for c in chunks) and any(c.text.startswith(" wörd") for c in chunks)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    expected = np.concatenate(tokenizer.encode_documents([text, "A short one."]))
+    for packing in ("concat", "whole"):
+        out = tmp_path / packing
+        metadata = prepare([tmp_path / "in"], out, tokenizer_path, row_length=16, packing=packing, progress=False)
+        rows, _ = read_rows(out / "train")
+        flat = rows.reshape(-1)
+        assert metadata["splits"]["train"]["documents"] == 2
+        assert np.array_equal(flat[flat != tokenizer.pad_id], expected[expected != tokenizer.pad_id]), packing
+
+
+def test_a_100_mb_single_line_is_read_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from lm2.pipeline.data.sources import CHUNK_CHARS
+
+    path = tmp_path / "line.txt"
+    word = b"memory " * 1024
+    with open(path, "wb") as handle:
+        for _ in range(100 * 2**20 // len(word)):
+            handle.write(word)
+    (piece,) = list_pieces([path])
+    tracemalloc.start()
+    total, count = 0, 0
+    try:
+        for chunk in read_piece(piece):
+            total += len(chunk.text)
+            count += 1
+            assert chunk.last or chunk.text.endswith("memory")  # cut before a word, never inside one
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == path.stat().st_size >= 100 * 10**6 and count >= total // CHUNK_CHARS
+    assert peak < 6 * CHUNK_CHARS, f"{peak / 2**20:.0f} MiB held for a 100 MiB line"  # a few chunks, not the file
+
+
+def test_an_empty_input_is_skipped_with_a_warning_and_alone_is_one_clear_error(tmp_path, tokenizer_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.txt").write_bytes(b"")
+    (tmp_path / "in" / "book.txt").write_text("Some text.\n")
+    with pytest.warns(UserWarning, match=r"skipping .*empty.txt: it is empty \(0 bytes\)"):
+        metadata = prepare([tmp_path / "in"], tmp_path / "out", tokenizer_path, row_length=16, progress=False)
+    assert metadata["splits"]["train"]["documents"] == 1
+    with pytest.warns(UserWarning, match="empty.txt"), pytest.raises(DataError, match="no documents in 0 input piece"):
+        prepare([tmp_path / "in" / "empty.txt"], tmp_path / "none", tokenizer_path, row_length=16, progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+def test_non_utf8_input_names_the_file_and_the_byte(tmp_path, tokenizer_path):
+    """Also past the first read of a text, and in a JSON line: one line naming the file, the byte and the fix."""
+    from tests.distributed import lm2_cli
+
+    text = ("x" * (3 * 2**20 + 5)).encode() + "café".encode("latin-1") + b"\n"
+    (tmp_path / "latin1.txt").write_bytes(text)
+    with pytest.raises(DataError, match=rf"latin1.txt: byte {3 * 2**20 + 8} is not valid UTF-8 .*iconv"):
+        list(read_all([tmp_path / "latin1.txt"]))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl line 2: byte 13 is not valid UTF-8"):
+        list(read_all([tmp_path / "latin1.jsonl"]))
+    result = lm2_cli(
+        [
+            "data",
+            "prepare",
+            str(tmp_path / "latin1.txt"),
+            "--tokenizer",
+            str(tokenizer_path),
+            "--row-length",
+            "16",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm2 data:")]
+    assert result.returncode == 2 and len(errors) == 1 and "is not valid UTF-8" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

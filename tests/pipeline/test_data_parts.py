@@ -95,7 +95,7 @@ def test_merged_parts_hold_the_single_process_documents_in_order(
     expected, first_ids = [], []
     layout = expected_whole_rows if packing == "whole" else concat_rows
     for index in range(count):
-        documents = [d for p in pieces_of_part(pieces, Part(index, count)) for d in read_piece(p)]
+        documents = [c.text for p in pieces_of_part(pieces, Part(index, count)) for c in read_piece(p)]
         part_rows = layout([t.tolist() for t in tokenizer.encode_documents(documents)], WIDTH, tokenizer.pad_id)
         first_ids += [index * (VAL_ID_OFFSET // count) + i for i in range(len(part_rows))]
         expected += part_rows

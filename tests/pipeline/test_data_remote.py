@@ -250,7 +250,9 @@ def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_en
     assert _shared_memory_of(split), "the killed run left no shared memory: nothing to clean"
     shards = json.loads((split / "index.json").read_text())["shards"]
     zipped = shards[0]["zip_data"]["basename"]
-    (split / f"{zipped}.5eA7c0De").write_bytes((copy / "train" / zipped).read_bytes()[:500])
+    partial = split / f"{zipped}.5eA7c0De"
+    partial.write_bytes((copy / "train" / zipped).read_bytes()[:500])
+    os.utime(partial, (partial.stat().st_mtime - 3600,) * 2)  # untouched for an hour: abandoned
     finish(start_local(interrupted, [*from_s3, "--resume", "auto"]), interrupted)
 
     assert "resumed from step 3" in (tmp_path / "interrupted.log").read_text()
@@ -268,3 +270,54 @@ def test_lm2_train_from_s3_killed_and_resumed_ends_as_a_run_on_the_local_copy_en
     # The shards of the rows read and of those read ahead, decompressed beside the reference's local copy.
     read = sum(p.stat().st_size for p in (copy / "train").rglob("*.mds"))
     assert read > bound - cached["index.json"], "the run read fewer shards than the cache holds: nothing to bound"
+
+
+def _loader_rows(cfg: DataConfig) -> dict[int, list[int]]:
+    """Row id -> input tokens of one epoch read by a world of one."""
+    from lm2.pipeline.data.streaming import build_train_loader
+    from lm2.pipeline.parallel.dims import ParallelDims
+
+    loader = build_train_loader(cfg, ParallelDims(world_size=1), 0, 2, tiny_model_config())
+    return {int(i): row.tolist() for batch in loader for i, row in zip(batch["id"], batch["input_ids"], strict=True)}
+
+
+def _local_rows(folder: Path) -> dict[int, list[int]]:
+    from tests.pipeline.test_data_prepare import read_rows
+
+    rows, ids = read_rows(folder / "train")
+    return {int(i): row[:-1].tolist() for i, row in zip(ids, rows, strict=True)}
+
+
+def test_a_dataset_prepared_again_at_the_same_url_is_fetched_again(s3, tokenizer_path, tmp_path):
+    """The cache is keyed by the dataset's identity (its lm2_data.json and index.json): the second dataset at the
+    URL is read whole from its own folder, never from the first one's shards."""
+    url, cache = f"s3://{BUCKET}/again", tmp_path / "cache"
+    write_mixed_inputs(tmp_path / "in")
+    cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=str(cache), shuffle=False)
+    for version, options in enumerate(
+        ({"shard_size_limit": 1 << 10}, {"shard_size_limit": 1 << 11, "packing": "whole"})
+    ):
+        for key in keys(s3, "again/"):
+            s3.delete_object(Bucket=BUCKET, Key=f"again/{key}")
+        local = tmp_path / f"local{version}"
+        for output in (url, local):
+            prepare([tmp_path / "in"], output, tokenizer_path, row_length=16, progress=False, **options)
+        read, written = _loader_rows(cfg), _local_rows(local)
+        assert read == {i: written[i] for i in read} and len(written) - len(read) < 2  # less a last short batch
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_the_cache_cleanup_removes_only_abandoned_partial_files(s3, remote_dataset, tmp_path):
+    """A partial download the file system has not touched for an hour is a killed job's; one written a moment ago
+    may be another job's download in flight on a shared cache folder, and stays."""
+    url, _ = remote_dataset
+    cfg = DataConfig(streams=[StreamConfig(url)], cache_dir=str(tmp_path / "cache"), shuffle=False)
+    _loader_rows(cfg)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    shard = next((folder / "train").rglob("*.mds"))  # merged parts: part-*/shard.*
+    abandoned, in_flight = shard.with_name(f"{shard.name}.deadbeef"), shard.with_name(f"{shard.name}.5eA7c0De")
+    for partial in (abandoned, in_flight):
+        partial.write_bytes(shard.read_bytes()[:100])
+    os.utime(abandoned, (abandoned.stat().st_mtime - 3600,) * 2)
+    _loader_rows(cfg)
+    assert not abandoned.exists() and in_flight.exists()

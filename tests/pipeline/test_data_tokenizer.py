@@ -56,3 +56,16 @@ def test_embedded_corpus_matches_its_sources_md():
     for name, digest in table.items():
         assert hashlib.sha256(gzip.decompress((CORPUS / name).read_bytes())).hexdigest() == digest
     assert sha256_file(CORPUS / "SOURCES.md")  # readable
+
+
+def test_an_existing_tokenizer_is_replaced_only_with_force(text_inputs, tmp_path, capsys):
+    from lm2.pipeline.cli import main
+
+    model = tmp_path / "t.model"
+    model.write_bytes(b"the tokenizer a dataset was prepared with")
+    command = ["data", "tokenizer", str(text_inputs), "--output", str(model), "--vocab-size", "400"]
+    assert main(command) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"lm2 data: data error: {model} exists:") and "--force" in line
+    assert model.read_bytes() == b"the tokenizer a dataset was prepared with"
+    assert main([*command, "--force"]) == 0 and Tokenizer.load(model).vocab_size == 400

@@ -101,3 +101,26 @@ def test_data_of_another_tokenizer_is_refused(prepared, tmp_path, text_inputs):
     train_tokenizer(read_all(find_input_files([text_inputs])), other, vocab_size=400)
     with pytest.raises(EvalError, match="another tokenizer"):
         perplexity(str(lm2_folder(other, tmp_path / "hf")), [str(prepared)], progress=False)
+
+
+def test_only_an_lm2_export_runs_its_folders_code(hf_vanilla, tmp_path):
+    """A Llama folder whose config.json points AutoModel at code in the folder (as a received folder could): the
+    evaluation loads transformers' own Llama and never imports that code."""
+    import json
+    import shutil
+
+    from lm2.pipeline.eval.hf_model import is_lm2_export, load_model
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_vanilla, folder)
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaForCausalLM as Evil\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not is_lm2_export(folder / "config.json")
+    model = load_model(folder, "cpu")
+    assert model.kind == "vanilla" and type(model.model).__name__ == "LlamaForCausalLM"
+    assert not marker.exists()

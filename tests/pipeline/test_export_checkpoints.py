@@ -13,7 +13,8 @@ import sentencepiece as spm
 import torch
 
 from lm2.model.errors import CheckpointError, ExportError
-from lm2.pipeline.checkpoint.reader import model_config, read_full_state, resolve, verified_manifest
+from lm2.pipeline.checkpoint.reader import model_config, read_full_state, resolve
+from lm2.pipeline.checkpoint.verify import verify
 from lm2.pipeline.hf.export import export_hf
 from lm2.pipeline.hf.names import parameter_splits
 from lm2.pipeline.hf.verify import lm2_logits, verification_tokens, verify_export
@@ -68,7 +69,7 @@ def checkpoints(train_data, tmp_path_factory):
 
 def merged(checkpoints_folder: Path) -> dict[str, torch.Tensor]:
     folder = resolve(checkpoints_folder)
-    return read_full_state(folder, verified_manifest(folder))
+    return read_full_state(folder, verify(folder).manifest)
 
 
 @pytest.mark.parametrize(
@@ -161,7 +162,7 @@ def test_lm2_folder_loads_and_generates_without_lm2(checkpoints, tmp_path):
     22 new tokens: 27 tokens, memory written 3 times) gives the greedy tokens of full forwards without cache."""
     out = tmp_path / "hf"
     export_hf(checkpoints("single"), out, progress=False)
-    cfg = model_config(verified_manifest(resolve(checkpoints("single"))))
+    cfg = model_config(verify(resolve(checkpoints("single"))).manifest)
     tokens = verification_tokens(cfg, seed=5)
     torch.save(tokens, tmp_path / "tokens.pt")
     result = subprocess.run(
@@ -195,7 +196,7 @@ def test_vanilla_exports_as_transformers_llama(checkpoints, tmp_path):
     assert config["tie_word_embeddings"] is False
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # no remote code: transformers' own Llama
     assert type(model) is LlamaForCausalLM
-    cfg = model_config(verified_manifest(resolve(checkpoints("vanilla-tp2-untied"))))
+    cfg = model_config(verify(resolve(checkpoints("vanilla-tp2-untied"))).manifest)
     tokens = verification_tokens(cfg, seed=3)
     with torch.no_grad():
         theirs = model(tokens).logits
@@ -273,3 +274,62 @@ def test_checkpoint_argument_forms_name_the_same_checkpoint(checkpoints, tmp_pat
     assert resolve(root) == resolve(root / "latest") == resolve(step) == step
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         resolve(tmp_path)
+
+
+def test_the_manifest_lists_exactly_the_files_every_rank_wrote(checkpoints):
+    """Built from each rank's report of what it saved (gathered to rank 0), not from a listing of the folder."""
+    folder = resolve(checkpoints("pp2"))
+    on_disk = {p.name for p in folder.iterdir() if p.name != "lm2_manifest.json"}
+    listed = verify(folder).manifest.files
+    assert set(listed) == on_disk and {"rng_rank_00000.pt", "rng_rank_00001.pt"} <= on_disk
+    assert any(name.startswith("layer_") for name in listed)  # pipeline stages' own files, from rank 1 too
+
+
+def test_force_replaces_only_an_earlier_export(checkpoints, tmp_path, monkeypatch):
+    source = resolve(checkpoints("single"))
+    out = tmp_path / "hf"
+    export_hf(source, out, progress=False)
+    marker = json.loads((out / "lm2_export.json").read_text())
+    assert marker["step"] == 2 and "config.json" in marker["files"]
+    export_hf(source, out, force=True, progress=False)  # an earlier export: replaced
+    (out / "notes.txt").write_text("mine")
+    refusals = {
+        out: "holds notes.txt, which the export did not write",
+        source.parent.parent: "holds a run or its checkpoints",  # the run folder
+        source.parent: "holds a run or its checkpoints",
+        source: "holds the checkpoint being exported",
+        tmp_path / "other": "is not an lm2 export",
+        tmp_path / "home": "is your home folder",
+        tmp_path / "here": "is the current folder",
+    }
+    for folder in (tmp_path / "other", tmp_path / "home", tmp_path / "here"):
+        folder.mkdir()
+        (folder / "thesis.tex").write_text("years of work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "here")
+    for folder, problem in refusals.items():
+        target = Path(".") if folder == tmp_path / "here" else folder
+        with pytest.raises(
+            ExportError, match=f"--force replaces only a folder written by `lm2 export hf`, and .*{problem}"
+        ):
+            export_hf(source, target, force=True, progress=False)
+    assert (out / "notes.txt").exists() and all((f / "thesis.tex").exists() for f in list(refusals)[4:])
+    assert (source / "lm2_manifest.json").exists()
+
+
+def test_export_uses_the_tokenizer_the_run_trained_with(checkpoints, tokenizer_path, tmp_path):
+    """The checkpoint records its tokenizer's sha256: another tokenizer is refused; a run whose config named none
+    (it took its streams') needs --tokenizer, said in one line."""
+    source = resolve(checkpoints("single"))
+    assert verify(source).manifest.tokenizer_sha256 is not None
+    with pytest.raises(ExportError, match="is not the tokenizer the checkpoint was trained with"):
+        export_hf(source, tmp_path / "a", tokenizer=str(tokenizer_path), progress=False)
+    copy = tmp_path / "copy" / source.name
+    shutil.copytree(source, copy)
+    manifest = json.loads((copy / "lm2_manifest.json").read_text())
+    manifest["config"]["data"]["tokenizer"] = None
+    (copy / "lm2_manifest.json").write_text(json.dumps(manifest))
+    result = lm2_cli(["export", "hf", str(copy), str(tmp_path / "b")])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm2 export:")]
+    assert result.returncode == 2 and len(errors) == 1 and "named no data.tokenizer" in errors[0], result.stderr
+    assert "--tokenizer PATH" in errors[0] and not (tmp_path / "b").exists()

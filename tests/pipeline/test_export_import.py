@@ -134,3 +134,30 @@ def test_import_refuses_a_shape_mismatch_naming_the_field(train_data, tmp_path):
     ):
         import_hf(tmp_path / "llama", str(CONFIG), tmp_path / "out", [*train_data, "model.num_layers=2"])
     assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_malformed_config_json_in_one_line(tmp_path):
+    from tests.distributed import lm2_cli
+
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')  # cut short
+    result = lm2_cli(
+        ["import", "hf", str(tmp_path / "llama"), "--config", str(CONFIG), "--output", str(tmp_path / "o")]
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lm2 import:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "config.json is not valid JSON" in errors[0] and "save_pretrained" in errors[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_import_refuses_an_output_that_holds_checkpoints_unless_forced(tmp_path):
+    from lm2.pipeline.hf.importer import check_output
+
+    (tmp_path / "step_00000300").mkdir()
+    with pytest.raises(ExportError, match=r"already holds checkpoints \(step_00000300\): .* --force"):
+        check_output(tmp_path, force=False)
+    check_output(tmp_path, force=True)
+    check_output(tmp_path / "new", force=False)
+    (tmp_path / "step_00000000").mkdir()
+    with pytest.raises(ExportError, match="step_00000000 exists"):
+        check_output(tmp_path, force=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lm2.model.errors import ConfigError
-from lm2.pipeline.checkpoint.reader import read_full_state, resolve, verified_manifest
+from lm2.pipeline.checkpoint.reader import read_full_state, resolve
+from lm2.pipeline.checkpoint.verify import verify
 from lm2.pipeline.config import load_config
 from tests.distributed import lm2_cli, run_distributed
 
@@ -31,7 +32,7 @@ def source(train_data, tmp_path_factory) -> Path:
 
 def checkpoint_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
     folder = resolve(checkpoints)
-    return read_full_state(folder, verified_manifest(folder))
+    return read_full_state(folder, verify(folder).manifest)
 
 
 def _build_and_compare(overrides: list[str], expected: dict, fresh_memory: bool, expect_start: str | None) -> None:

@@ -230,4 +230,119 @@ def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_when_the_hol
     assert (tmp_path / ".lock").read_text().startswith("host ")  # the stale file of a killed job ...
     lock = lock_run_folder(tmp_path)  # ... holds no lock
     assert f"pid {os.getpid()}," in (tmp_path / ".lock").read_text()
-    lock.close()
+    lock.release()
+
+
+def fake_slurm(folder: Path, monkeypatch, squeue: str, sacct: str = "") -> None:
+    """`squeue` and `sacct` on PATH that answer as SLURM does for one job: squeue prints its state, or fails with
+    SLURM's message once the controller has forgotten the job ("gone"); sacct prints its accounted state."""
+    folder.mkdir(exist_ok=True)
+    if squeue == "gone":
+        body = 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1'
+    else:
+        body = f'echo "{squeue}"'
+    (folder / "squeue").write_text(f"#!/bin/sh\n{body}\n")
+    (folder / "sacct").write_text(f'#!/bin/sh\necho "{sacct}"\n')
+    for name in ("squeue", "sacct"):
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def without_flock(monkeypatch) -> None:
+    """flock as Lustre mounted noflock answers it."""
+    import errno
+    import fcntl
+
+    def no_flock(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+
+
+def holder_line(host: str, pid: int, job: str | None = None) -> str:
+    return f"host {host}, pid {pid}" + (f", SLURM job {job}" if job else "") + ", since 2026-01-01 00:00:00\n"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_without_flock_the_lock_is_an_owner_file_judged_by_host_and_pid(tmp_path, monkeypatch):
+    import socket
+
+    from lm2.model.errors import CheckpointError
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    without_flock(monkeypatch)
+    owner = tmp_path / ".lock.owner"
+    lock = lock_run_folder(tmp_path)
+    assert f"pid {os.getpid()}," in owner.read_text()
+    with pytest.raises(CheckpointError, match=f"in use by another job \\(host .*, pid {os.getpid()},"):
+        lock_run_folder(tmp_path)  # this process is alive: a second job on the folder is refused
+    lock.release()
+    assert not owner.exists()
+    owner.write_text(holder_line(socket.gethostname(), dead_pid()))  # a killed job on this host
+    lock = lock_run_folder(tmp_path)
+    assert f"pid {os.getpid()}," in owner.read_text()
+    lock.release()
+    owner.write_text(holder_line("elsewhere", 12345))  # another host, no SLURM: nothing proves it gone
+    with pytest.raises(CheckpointError, match=f"host elsewhere, pid 12345.*remove {owner}"):
+        lock_run_folder(tmp_path)
+    assert owner.read_text() == holder_line("elsewhere", 12345)
+
+
+def test_without_flock_a_slurm_holder_is_judged_by_squeue_and_sacct(tmp_path, monkeypatch):
+    from lm2.model.errors import CheckpointError
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    without_flock(monkeypatch)
+    run_dir, owner = tmp_path / "run", tmp_path / "run" / ".lock.owner"
+    run_dir.mkdir()
+    for squeue, sacct, free in (
+        ("RUNNING", "", False),
+        ("COMPLETING", "", False),
+        ("gone", "", True),
+        ("", "CANCELLED by 1000", True),
+        ("", "REQUEUED", False),
+    ):
+        owner.write_text(holder_line("node7", 999, job="4242"))
+        fake_slurm(tmp_path / f"bin-{squeue or sacct}".replace(" ", "_"), monkeypatch, squeue, sacct)
+        if free:
+            lock_run_folder(run_dir).release()
+            assert not owner.exists(), (squeue, sacct)
+        else:
+            with pytest.raises(CheckpointError, match="SLURM job 4242"):
+                lock_run_folder(run_dir)
+    owner.write_text(holder_line("node7", 999, job="5151"))
+    monkeypatch.setenv("SLURM_JOB_ID", "5151")  # this job, requeued: its previous run has ended
+    lock_run_folder(run_dir).release()
+
+
+def test_a_flock_that_outlives_its_job_is_taken_over(tmp_path, monkeypatch):
+    """NFS can keep a crashed node's flock until its server notices: a second open file holding the flock stands in
+    for it. Held by a job SLURM says ended, the lock moves to a new file; held by a running job, it is refused."""
+    import fcntl
+
+    from lm2.model.errors import CheckpointError
+    from lm2.pipeline.train.run_folder import lock_run_folder
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / ".lock").write_text(holder_line("crashed-node", 31, job="77"))
+    stale = open(tmp_path / ".lock")
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fake_slurm(tmp_path / "running", monkeypatch, "RUNNING")
+        with pytest.raises(CheckpointError, match="host crashed-node, pid 31, SLURM job 77"):
+            lock_run_folder(tmp_path)
+        fake_slurm(tmp_path / "ended", monkeypatch, "gone")
+        lock = lock_run_folder(tmp_path)
+        assert f"pid {os.getpid()}," in (tmp_path / ".lock").read_text()
+        with pytest.raises(CheckpointError, match=f"pid {os.getpid()},"):
+            lock_run_folder(tmp_path)  # the new file's flock holds
+        lock.release()
+    finally:
+        stale.close()
