@@ -3,13 +3,18 @@ engine's `save` and `load`, and lm2 replaces that engine (build_engine) with one
 
 - loads through safe_load.load (weights_only with lm2's allowlist): a resumed checkpoint runs no code;
 - records the files it saved, so that each rank reports exactly what it wrote to the manifest (save.py), rather
-  than rank 0 listing a folder that a network file system may show it stale.
+  than rank 0 listing a folder that a network file system may show it stale;
+- with `staged` set (an asynchronous save, save.py), copies each state dict to host memory instead of writing it:
+  the copy is written on a background thread while training changes the parameters.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
+import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from lm2.pipeline.checkpoint import safe_load
@@ -20,10 +25,19 @@ class CheckedCheckpointEngine(TorchCheckpointEngine):
         super().__init__(config_params)
         self.saved: list[Path] = []
         """Files saved since the last take_saved()."""
+        self.staged: list[tuple[Path, Any]] | None = None
+        """While not None: (path, host copy of the state dict) of each save, written later by write_staged."""
 
     def save(self, state_dict, path: str) -> None:
-        super().save(state_dict, path)
+        if self.staged is not None:
+            self.staged.append((Path(path), stage(state_dict)))
+        else:
+            super().save(state_dict, path)
         self.saved.append(Path(path))
+
+    def write_staged(self, state_dict, path: Path) -> None:
+        """Writes a staged copy as save() would have written the original (any thread)."""
+        torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
 
     def load(self, path: str, map_location=None):
         return safe_load.load(path, map_location)
@@ -31,6 +45,43 @@ class CheckedCheckpointEngine(TorchCheckpointEngine):
     def take_saved(self) -> list[Path]:
         saved, self.saved = self.saved, []
         return saved
+
+
+def stage(state: Any) -> Any:
+    """A copy of `state` whose tensors are copies in host memory (pinned when CUDA is available), made now: later
+    changes to the originals do not reach it. Tensors that share storage (views, tied weights) share it in the copy,
+    so torch.save writes the copy byte for byte as it writes the original (for tensors already on the CPU)."""
+    storages: dict[tuple[int, str], torch.UntypedStorage] = {}
+    memo: dict[int, Any] = {}
+    pin = torch.cuda.is_available()
+
+    def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), str(storage.device))
+        if key not in storages:
+            raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            host = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=pin) if pin else None
+            storages[key] = (host.copy_(raw) if host is not None else raw.clone()).untyped_storage()
+        copied = torch.empty(0, dtype=tensor.dtype).set_(
+            storages[key], tensor.storage_offset(), tensor.size(), tensor.stride()
+        )
+        if isinstance(tensor, torch.nn.Parameter):
+            return torch.nn.Parameter(copied, requires_grad=tensor.requires_grad)
+        return copied.requires_grad_(tensor.requires_grad)  # torch.save records it, views' included
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in memo:
+                memo[id(value)] = copy_tensor(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                walk(item)
+
+    walk(state)
+    return copy.deepcopy(state, memo)  # the containers and other values, with the tensors replaced by their copies
 
 
 def install(ds_engine) -> CheckedCheckpointEngine:
