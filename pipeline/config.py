@@ -71,6 +71,10 @@ class CheckpointConfig:
     resume: str = "none"
     """none, auto (the newest complete checkpoint under logging.run_dir/checkpoints, if any), or the path of
     one checkpoint folder (.../checkpoints/step_00000100)."""
+    async_save: bool = False
+    """Periodic saves copy the state to host memory and write it on a background thread while training goes on; the
+    checkpoint is published (manifest, `latest`, pruning) once every rank has written its files. The final save
+    and a signal's save wait for a pending one and write synchronously."""
 
     def __post_init__(self) -> None:
         require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")

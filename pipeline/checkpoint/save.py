@@ -8,6 +8,8 @@ import os
 import random
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.errors import CheckpointError
+from lm2.pipeline.checkpoint.engine_io import stage
 from lm2.pipeline.checkpoint.format import (
     LATEST,
     MANIFEST,
@@ -129,18 +132,11 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
     with the manifest's client state, and for a ZeRO-1/2 layout what a resume at another layout needs; this rank's
     carried memory when given); each rank reports the files it wrote, and rank 0 writes the manifest of them all,
     moves `latest` and prunes."""
-    client_state = {"lm2": manifest.client_state()}
-    if engine.layout.reshardable:
-        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(engine, engine.model)
-    rank = dist.get_rank()
-    folder = root / tag_for(manifest.step)
-    if rank == 0 and folder.exists():
-        _clear(folder, retention)
-    dist.barrier()
+    folder = _begin(engine, root, manifest, retention)
     files = engine.deepspeed.checkpoint_engine
-    files.take_saved()  # only this save's files
     try:
-        engine.deepspeed.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
+        _save_shards(engine, folder, manifest)
+        rank = dist.get_rank()
         torch.save(rng_state(), rng_file(folder, rank))
         extra = [rng_file(folder, rank)]
         if carry is not None:
@@ -150,6 +146,31 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
         mine = _entries(folder, [*written, *extra])
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None
+    _publish(folder, manifest, retention, mine)
+    return folder
+
+
+def _begin(engine, root: Path, manifest: Manifest, retention: Retention) -> Path:
+    """Clears the folder of checkpoint `manifest.step` (rank 0) and starts recording the files saved into it."""
+    folder = root / tag_for(manifest.step)
+    if dist.get_rank() == 0 and folder.exists():
+        _clear(folder, retention)
+    dist.barrier()
+    engine.deepspeed.checkpoint_engine.take_saved()  # only this save's files
+    return folder
+
+
+def _save_shards(engine, folder: Path, manifest: Manifest) -> None:
+    client_state = {"lm2": manifest.client_state()}
+    if engine.layout.reshardable:
+        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(engine, engine.model)
+    engine.deepspeed.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+
+
+def _publish(folder: Path, manifest: Manifest, retention: Retention, mine: dict[str, dict[str, Any]]) -> None:
+    """Every rank's report to rank 0, which writes the manifest, moves `latest` and prunes."""
+    root = folder.parent
+    rank = dist.get_rank()
     tables: list[dict] | None = [{} for _ in range(dist.get_world_size())] if rank == 0 else None
     dist.gather_object(mine, tables, dst=0)
     if rank == 0:
@@ -162,7 +183,81 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
         retention.verified.append(folder.name)
         retention.prune(root)
     dist.barrier()
-    return folder
+
+
+WRITE_DELAY_ENV = "LM2_ASYNC_SAVE_DELAY_S"
+"""For tests only: seconds the background writer of an asynchronous save waits before writing, so that training
+surely changes the parameters while the save is pending."""
+
+
+class PendingSave:
+    """An asynchronous save (checkpoint.async_save): `start` captures this rank's state at the save step (DeepSpeed's
+    state dicts, the RNG state and carried memory, copied to host memory) and writes, fsyncs and hashes the files on
+    a background thread while training goes on. `poll` (a collective: every rank calls it at the same step
+    boundaries) publishes the checkpoint (manifest, `latest`, pruning) once every rank's files are written."""
+
+    def __init__(self, folder: Path, manifest: Manifest, retention: Retention, staged: list[tuple[Path, Any]], files):
+        self.folder, self.manifest, self.retention = folder, manifest, retention
+        self.started = time.perf_counter()
+        self.mine: dict[str, dict[str, Any]] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._write, args=(staged, files), name=f"lm2-save-{folder.name}", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def start(
+        cls, engine, root: Path, manifest: Manifest, retention: Retention, carry: dict[str, Any] | None = None
+    ) -> PendingSave:
+        folder = _begin(engine, root, manifest, retention)
+        files = engine.deepspeed.checkpoint_engine
+        rank = dist.get_rank()
+        files.staged = []
+        try:
+            _save_shards(engine, folder, manifest)  # the shards' state dicts are staged, not written
+            staged = files.staged
+        except (OSError, RuntimeError) as error:
+            raise _not_written(folder, error) from None
+        finally:
+            files.staged = None
+        staged = [(path, state) for path, state in staged if path.parent.resolve() == folder.resolve()]
+        files.take_saved()
+        staged.append((rng_file(folder, rank), rng_state()))
+        if carry is not None:
+            staged.append((carry_file(folder, rank), stage(carry)))
+        return cls(folder, manifest, retention, staged, files)
+
+    def _write(self, staged: list[tuple[Path, Any]], files) -> None:
+        try:
+            time.sleep(float(os.environ.get(WRITE_DELAY_ENV, "0")))
+            for path, state in staged:
+                files.write_staged(state, path)
+            self.mine = _entries(self.folder, [path for path, _ in staged])
+        except BaseException as error:  # reported by poll, on the training thread
+            self.error = error
+
+    def poll(self, group, wait: bool = False) -> bool:
+        """Whether the checkpoint is published: True once every rank's files are written, after publishing it; with
+        `wait`, waits for this rank's writes first. Raises the CheckpointError of a failed write on every rank."""
+        if wait:
+            self._thread.join()
+        flag = np.array([self._thread.is_alive(), self.error is not None], dtype=np.int32)
+        dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=group)
+        if flag[0]:
+            return False
+        if self.error is not None:
+            raise _not_written(self.folder, self.error) from None
+        if flag[1]:
+            raise CheckpointError(
+                f"could not write checkpoint {self.folder}: another rank failed to write its files (see its error)"
+            )
+        _publish(self.folder, self.manifest, self.retention, self.mine)
+        return True
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _joined(tables: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

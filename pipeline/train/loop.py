@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from lm2.model.accounting import forward_flops_per_token, parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest
-from lm2.pipeline.checkpoint.save import Retention, code_version, save
+from lm2.pipeline.checkpoint.save import PendingSave, Retention, code_version, save
 from lm2.pipeline.console import human, saved_line
 from lm2.pipeline.data.lanes import LaneLoader
 from lm2.pipeline.data.streaming import RowLoader
@@ -72,6 +72,8 @@ class Trainer:
         self.stage = self.run.train.stage_at(self.step)  # the curriculum stage the train loader reads
         resumed = parts.start.resumed_from
         self.retention = Retention(self.run.checkpoint.keep, [resumed.name] if resumed is not None else [])
+        self.pending: PendingSave | None = None
+        """The asynchronous save whose files are still being written (checkpoint.async_save)."""
         if self.rank == 0:
             print(self.startup_summary(), flush=True)
 
@@ -144,7 +146,10 @@ class Trainer:
                 flush=True,
             )
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, background: bool = False) -> None:
+        """Saves the current step; with `background`, starts an asynchronous save (published later by
+        publish_pending). A pending save is published first."""
+        self.publish_pending(wait=True)
         manifest = Manifest(
             step=self.step,
             layout=self.engine.layout,
@@ -159,9 +164,27 @@ class Trainer:
         )
         started = time.perf_counter()
         carry = self.carry.state_dict() if self.carry is not None else None
+        if background:
+            self.pending = PendingSave.start(self.engine, self.run.checkpoints, manifest, self.retention, carry)
+            return
         folder = save(self.engine, self.run.checkpoints, manifest, self.retention, carry)
         if self.rank == 0:
             print(saved_line(self.step, folder, time.perf_counter() - started), flush=True)
+
+    def publish_pending(self, wait: bool = False) -> None:
+        """Publishes the pending asynchronous save once every rank has written its files (a collective: every rank
+        calls it at the same step boundaries); with `wait`, waits for them."""
+        if self.pending is None:
+            return
+        pending = self.pending
+        if pending.poll(self.host_group, wait=wait):
+            self.pending = None
+            if self.rank == 0:
+                print(
+                    saved_line(pending.manifest.step, pending.folder, pending.seconds)
+                    + f" (in the background, published at step {self.step})",
+                    flush=True,
+                )
 
     def validate(self) -> float:
         stream = micro_batch_stream(self.val_loader, self.device)
@@ -210,10 +233,12 @@ class Trainer:
                     logger.log(self.step, metrics)
                     logged_loss = metrics.get("loss", logged_loss)
                 stop = self._stop_requested()
+                self.publish_pending()
                 every = run.checkpoint.every
-                if stop or self.step == run.train.steps or (every and self.step % every == 0):
+                final = stop or self.step == run.train.steps
+                if final or (every and self.step % every == 0):
                     finite.check()  # never save a blown-up model
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=run.checkpoint.async_save and not final)
                 if stop:
                     # Every rank leaves only when all are done, wandb included: launchers stop the other ranks of
                     # a job once one exits with a non-zero code.
