@@ -236,6 +236,8 @@ class PendingSave:
             self.mine = _entries(self.folder, [path for path, _ in staged])
         except BaseException as error:  # reported by poll, on the training thread
             self.error = error
+            # Now, not at the next step boundary: a full disk must not fail training's own writes meanwhile.
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def poll(self, group, wait: bool = False) -> bool:
         """Whether the checkpoint is published: True once every rank's files are written, after publishing it; with
