@@ -5,7 +5,9 @@
 One process. lm2's save (DeepSpeed shards, RNG state, manifest with sha256 of every file, `latest`) and load
 (DeepSpeed load with optimizer and schedule, RNG state) of an engine after one step alternate with a plain
 reference: torch.save / torch.load + load_state_dict of an LM2Model and its torch AdamW after one step. Bytes are
-compared with the analytic size: weights plus AdamW's two moments (fp32: 4 + 8 bytes per parameter).
+compared with the analytic size: weights plus AdamW's two moments (fp32: 4 + 8 bytes per parameter). Then
+lm2's synchronous save alternates with an asynchronous one (checkpoint.async_save): the time the training loop is
+blocked (staging the state in host memory) and the time until the checkpoint is published.
 Prints one JSON line, then a summary.
 """
 
@@ -16,18 +18,19 @@ import itertools
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from measure import interleaved, median_ratio
+from measure import interleaved, median_ratio, synchronize
 from train_step import batches, plain_model, plain_step
 
 from lm2.model.accounting import parameter_counts
 from lm2.pipeline.checkpoint.format import Manifest, read_manifest
 from lm2.pipeline.checkpoint.resume import load
-from lm2.pipeline.checkpoint.save import Retention, save
+from lm2.pipeline.checkpoint.save import PendingSave, Retention, save
 from lm2.pipeline.config import load_config
-from lm2.pipeline.parallel.init import init_distributed
+from lm2.pipeline.parallel.init import host_group, init_distributed
 from lm2.pipeline.train.engine import build_engine
 from lm2.pipeline.train.step import train_step
 
@@ -44,9 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     run = load_config(args.config, args.overrides)
     engine = build_engine(run, init_distributed())
-    micro_batches = batches(run, engine.grad_accum)
+    device = engine.deepspeed.device
+    micro_batches = batches(run, engine.grad_accum, device)
     train_step(engine, micro_batches)
-    model, optimizer = plain_model(run)
+    model, optimizer = plain_model(run, device)
     plain_step(model, optimizer, run.optim.grad_clip, micro_batches)()
     steps = itertools.count(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,6 +75,7 @@ def main() -> None:
             args.rounds,
         )
         lm2_bytes, plain_bytes = folder_bytes(saved[-1]), reference.stat().st_size
+        seconds |= async_rounds(engine, run, root, steps, args.rounds)
     parameters = parameter_counts(run.model).total
     analytic = parameters * (4 + 8)
     result = {
@@ -83,6 +88,7 @@ def main() -> None:
         "seconds": {name: statistics.median(s) for name, s in seconds.items()},
         "save_ratio": median_ratio(seconds["lm2_save"], seconds["plain_save"]),
         "load_ratio": median_ratio(seconds["lm2_load"], seconds["plain_load"]),
+        "async_blocked_ratio": median_ratio(seconds["async_blocked"], seconds["sync_save"]),
         "bytes": {"lm2": lm2_bytes, "plain": plain_bytes, "analytic": analytic},
         "bytes_over_analytic": {"lm2": lm2_bytes / analytic, "plain": plain_bytes / analytic},
     }
@@ -93,6 +99,35 @@ def main() -> None:
         f"(x{result['load_ratio']:.2f} torch.load); {lm2_bytes / 1e6:.1f} MB = x{lm2_bytes / analytic:.2f} the "
         f"analytic {analytic / 1e6:.1f} MB (torch.save x{plain_bytes / analytic:.2f})"
     )
+    print(
+        f"async save: the loop is blocked {s['async_blocked']:.3f} s against {s['sync_save']:.3f} s synchronously "
+        f"(x{result['async_blocked_ratio']:.2f}); published after {s['async_published']:.3f} s"
+    )
+
+
+def async_rounds(engine, run, root: Path, steps, rounds: int) -> dict[str, list[float]]:
+    """Synchronous saves alternating with asynchronous ones: the seconds a synchronous save takes, the seconds an
+    asynchronous one blocks its caller (PendingSave.start) and the seconds until it is published."""
+    group = host_group()
+    retention = Retention(keep=1)
+    seconds: dict[str, list[float]] = {"sync_save": [], "async_blocked": [], "async_published": []}
+    for round in range(rounds + 1):  # the first round warms up
+        manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
+        synchronize()
+        start = time.perf_counter()
+        save(engine, root, manifest, retention)
+        synced = time.perf_counter() - start
+        manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
+        synchronize()
+        start = time.perf_counter()
+        pending = PendingSave.start(engine, root, manifest, retention)
+        blocked = time.perf_counter() - start
+        pending.poll(group, wait=True)
+        if round:
+            seconds["sync_save"].append(synced)
+            seconds["async_blocked"].append(blocked)
+            seconds["async_published"].append(time.perf_counter() - start)
+    return seconds
 
 
 if __name__ == "__main__":
