@@ -377,3 +377,13 @@ def test_universal_conversion_in_a_job_outlasts_the_process_groups_timeout(train
     rng.write_bytes(rng.read_bytes())  # step 1 written again
     convert_to_universal(str(checkpoints), "step_00000001")
     assert (universal / SOURCE_FILE).stat().st_mtime_ns != made  # converted again from the new files
+
+
+def test_async_save_is_a_validated_boolean_off_by_default():
+    from lm2.model.errors import ConfigError
+
+    assert load_config(CONFIG).checkpoint.async_save is False
+    assert load_config(CONFIG, ["checkpoint.async_save=true"]).checkpoint.async_save is True
+    for value in ("maybe", "1"):
+        with pytest.raises(ConfigError, match="checkpoint.async_save must be true or false"):
+            load_config(CONFIG, [f"checkpoint.async_save={value}"])

@@ -14,8 +14,9 @@ import psutil
 import pytest
 import torch
 
-from lm2.pipeline.checkpoint.format import MANIFEST
+from lm2.pipeline.checkpoint.format import MANIFEST, read_manifest
 from lm2.pipeline.checkpoint.reader import inspect
+from lm2.pipeline.checkpoint.save import WRITE_DELAY_ENV
 from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from tests.distributed import lm2_cli
 
@@ -133,8 +134,14 @@ LAYOUTS |= {
     for name, (size, overrides) in PARALLEL.items()
 }
 LAYOUTS |= {f"document-{name}": (size, overrides) for name, (size, overrides) in PARALLEL.items()}
+LAYOUTS |= {
+    f"async-{name}": (size, [*overrides, "checkpoint.async_save=true"])
+    for name, (size, overrides) in LAYOUTS.items()
+    if name in ("single", "dp2-zero2")
+}
 """name -> (world size, overrides). document-*: train_documents's data (--packing document, train.carry.mode:
-document); the others: train_data's."""
+document); the others: train_data's. async-*: periodic saves written in the background; their reference is the
+synchronous run of the same layout."""
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +160,7 @@ def references(layout_overrides, tmp_path_factory):
     folders = {}
 
     def reference(layout: str) -> Path:
+        layout = layout.removeprefix("async-")  # an asynchronous save must not change the training
         if layout not in folders:
             world_size, overrides = layout_overrides(layout)
             folders[layout] = tmp_path_factory.mktemp(f"reference-{layout}") / "run"
@@ -169,6 +177,10 @@ def references(layout_overrides, tmp_path_factory):
     [
         ("single", False),
         ("document-single", False),
+        ("async-single", False),
+        ("async-single", True),
+        pytest.param("async-dp2-zero2", False, marks=pytest.mark.slow),
+        pytest.param("async-dp2-zero2", True, marks=pytest.mark.slow),
         *(
             pytest.param(name, False, marks=pytest.mark.slow)
             for name in LAYOUTS
@@ -184,9 +196,13 @@ def references(layout_overrides, tmp_path_factory):
     ],
     ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value),
 )
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, layout_overrides, references, layout, during_save):
+def test_killed_and_resumed_run_is_bit_identical(
+    tmp_path, layout_overrides, references, layout, during_save, monkeypatch
+):
     world_size, overrides = layout_overrides(layout)
     reference, interrupted = references(layout), tmp_path / "interrupted"
+    if layout.startswith("async-") and during_save:  # the kill surely lands while the background write is pending
+        monkeypatch.setenv(WRITE_DELAY_ENV, "1")
 
     process = launch(interrupted, world_size, overrides)
     killed_in = wait_for_kill_point(process, interrupted, during_save)
@@ -200,6 +216,55 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, layout_overrides, ref
     assert_ends_like(interrupted, reference, killed_in)
     complete = [row for row in inspect(interrupted / "checkpoints") if row["complete"]]
     assert [row["step"] for row in complete] == [3, 6, STEPS]  # keep=3; a half-written step 6 was redone
+
+
+def test_async_saves_write_the_checkpoints_a_synchronous_run_writes(tmp_path, train_data, monkeypatch):
+    """Checkpoints every 2 steps, the background writer held back 0.5 s so that training changes the parameters
+    while each save is pending: every file has the bytes of the synchronous run's (the model states' only
+    difference: the config they record, checkpoint.async_save and logging.run_dir)."""
+    sync, background = tmp_path / "sync", tmp_path / "async"
+    overrides = [*train_data, "checkpoint.every=2", "checkpoint.keep=10"]
+    finish(launch(sync, 1, overrides), sync)
+    monkeypatch.setenv(WRITE_DELAY_ENV, "0.5")
+    finish(launch(background, 1, [*overrides, "checkpoint.async_save=true"]), background)
+
+    log = (tmp_path / "async.log").read_text()
+    assert log.count("(in the background, published at step") == STEPS // 2 - 1, log[-3000:]  # the last: in sync
+    assert logged_losses(background) == logged_losses(sync)
+    assert [row["step"] for row in inspect(background / "checkpoints") if row["complete"]] == [2, 4, 6, 8]
+    assert (background / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    for step in range(2, STEPS + 1, 2):
+        ours = read_manifest(background / "checkpoints" / f"step_{step:08d}").files
+        theirs = read_manifest(sync / "checkpoints" / f"step_{step:08d}").files
+        assert ours.keys() == theirs.keys()
+        differ = [name for name in theirs if ours[name]["sha256"] != theirs[name]["sha256"]]
+        assert all("model_states" in name for name in differ), (step, differ)
+        for name in differ:
+            mine, reference = (
+                torch.load(run / "checkpoints" / f"step_{step:08d}" / name, map_location="cpu", weights_only=False)
+                for run in (background, sync)
+            )
+            assert mine["lm2"]["config"]["checkpoint"].pop("async_save") is True
+            assert reference["lm2"]["config"]["checkpoint"].pop("async_save") is False
+            assert mine["lm2"]["config"]["logging"].pop("run_dir") == str(background)
+            assert reference["lm2"]["config"]["logging"].pop("run_dir") == str(sync)
+            assert_same(mine, reference, f"{name} of step {step}")
+
+
+def assert_same(ours, theirs, where: str) -> None:
+    """Equal nested values, tensors bitwise."""
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and torch.equal(ours, theirs), where
+    elif isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in theirs:
+            assert_same(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{where}/{i}")
+    else:
+        assert ours == theirs, where
 
 
 def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
@@ -277,9 +342,11 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
 
 
-def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data, async_save):
     """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
-    (4.6 MB) fits, the second does not."""
+    (4.6 MB) fits, the second does not. Async: step 2's save fails on the background thread, and the error
+    surfaces at the next step boundary as the synchronous save's does."""
     probe = subprocess.run(
         [
             "unshare",
@@ -314,6 +381,7 @@ def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(t
         "train.steps=2",
         "checkpoint.every=1",
         "checkpoint.keep=1",
+        *(["checkpoint.async_save=true", "train.steps=3"] if async_save else []),
     ]
     # The tmpfs vanishes with the namespace: the run folder is copied out before it ends.
     script = (
