@@ -34,6 +34,8 @@ def test_every_c_source_ships_in_the_wheel():
 def test_model_never_imports_training_machinery():
     forbidden = {"deepspeed", "wandb", "streaming", "os", "lm2.pipeline"}
     for path in (ROOT / "model").rglob("*.py"):
+        # The one place the model meets the OS: the compiled kernels' folder must be this user's (uid, XDG cache).
+        allowed = {"os"} if path.name == "kernel_cache.py" else set()
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]
@@ -43,7 +45,9 @@ def test_model_never_imports_training_machinery():
                 else []
             )
             for name in names:
-                assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path}: imports {name}"
+                assert not any(name == f or name.startswith(f + ".") for f in forbidden - allowed), (
+                    f"{path}: imports {name}"
+                )
 
 
 def test_plain_pytest_collects_from_the_repository_root(tmp_path):
