@@ -339,6 +339,9 @@ def test_writing_a_checkpoint_again_moves_latest_off_it_and_drops_its_universal_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
 
 
+SHORT_TIMEOUT_S = 1
+
+
 def _convert_under_a_short_timeout(checkpoints: str, out: str) -> None:
     from datetime import timedelta
 
@@ -346,7 +349,9 @@ def _convert_under_a_short_timeout(checkpoints: str, out: str) -> None:
 
     from lm2.pipeline.checkpoint.universal import convert_to_universal_on_rank0
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=3))  # shorter than the conversion
+    dist.init_process_group("gloo")
+    dist.barrier()  # both ranks are up before the short timeout applies
+    dist.set_timeout(timedelta(seconds=SHORT_TIMEOUT_S))  # far shorter than the conversion
     started = time.perf_counter()
     tag = convert_to_universal_on_rank0(checkpoints, "step_00000001")
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps([tag, time.perf_counter() - started]))
@@ -367,7 +372,7 @@ def test_universal_conversion_in_a_job_outlasts_the_process_groups_timeout(train
     run_distributed(_convert_under_a_short_timeout, 2, (str(checkpoints), str(tmp_path)))
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [tag for tag, _ in results] == ["step_00000001_universal"] * 2
-    assert min(seconds for _, seconds in results) > 3  # rank 1 waited past the default group's timeout
+    assert min(seconds for _, seconds in results) > SHORT_TIMEOUT_S  # rank 1 waited past the default group's timeout
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == []
     universal = checkpoints / "step_00000001_universal"
     made = (universal / SOURCE_FILE).stat().st_mtime_ns
