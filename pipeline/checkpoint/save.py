@@ -185,11 +185,6 @@ def _publish(folder: Path, manifest: Manifest, retention: Retention, mine: dict[
     dist.barrier()
 
 
-WRITE_DELAY_ENV = "LM2_ASYNC_SAVE_DELAY_S"
-"""For tests only: seconds the background writer of an asynchronous save waits before writing, so that training
-surely changes the parameters while the save is pending."""
-
-
 class PendingSave:
     """An asynchronous save (checkpoint.async_save): `start` captures this rank's state at the save step (DeepSpeed's
     state dicts, the RNG state and carried memory, copied to host memory) and writes, fsyncs and hashes the files on
@@ -230,7 +225,6 @@ class PendingSave:
 
     def _write(self, staged: list[tuple[Path, Any]], files) -> None:
         try:
-            time.sleep(float(os.environ.get(WRITE_DELAY_ENV, "0")))
             for path, state in staged:
                 files.write_staged(state, path)
             self.mine = _entries(self.folder, [path for path, _ in staged])

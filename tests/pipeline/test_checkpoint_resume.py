@@ -16,17 +16,22 @@ import torch
 
 from lm2.pipeline.checkpoint.format import MANIFEST, read_manifest
 from lm2.pipeline.checkpoint.reader import inspect
-from lm2.pipeline.checkpoint.save import WRITE_DELAY_ENV
 from lm2.pipeline.launch.exit_codes import EXIT_REQUEUE
 from tests.distributed import lm2_cli
 
 # The module stays on one pytest-xdist worker: its tests share the reference runs.
 pytestmark = pytest.mark.xdist_group("kill-resume")
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
 STEPS = 8
 
 
-def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) -> subprocess.Popen:
+def launch(
+    run_dir: Path, world_size: int, overrides: list[str], *extra: str, writes_held_back: float = 0
+) -> subprocess.Popen:
+    """`lm2 train` under torchrun; with `writes_held_back`, asynchronous saves start writing that many seconds late
+    (tests/slow_saves.py)."""
+    cli = ["tests.slow_saves", str(writes_held_back)] if writes_held_back else ["lm2.pipeline.cli"]
     command = [
         sys.executable,
         "-m",
@@ -34,7 +39,7 @@ def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) ->
         f"--nproc_per_node={world_size}",
         "--standalone",
         "-m",
-        "lm2.pipeline.cli",
+        *cli,
         "train",
         "--config",
         str(CONFIG),
@@ -48,7 +53,7 @@ def launch(run_dir: Path, world_size: int, overrides: list[str], *extra: str) ->
         *extra,
     ]  # later overrides win
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
 
 def kill_job(process: subprocess.Popen) -> None:
@@ -196,15 +201,13 @@ def references(layout_overrides, tmp_path_factory):
     ],
     ids=lambda value: {False: "between-checkpoints", True: "during-save"}.get(value, value),
 )
-def test_killed_and_resumed_run_is_bit_identical(
-    tmp_path, layout_overrides, references, layout, during_save, monkeypatch
-):
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, layout_overrides, references, layout, during_save):
     world_size, overrides = layout_overrides(layout)
     reference, interrupted = references(layout), tmp_path / "interrupted"
-    if layout.startswith("async-") and during_save:  # the kill surely lands while the background write is pending
-        monkeypatch.setenv(WRITE_DELAY_ENV, "1")
+    # async during a save: the kill surely lands while the background write is pending.
+    held_back = 1 if layout.startswith("async-") and during_save else 0
 
-    process = launch(interrupted, world_size, overrides)
+    process = launch(interrupted, world_size, overrides, writes_held_back=held_back)
     killed_in = wait_for_kill_point(process, interrupted, during_save)
     kill_job(process)
     killed_at = len((interrupted / "metrics.jsonl").read_text().splitlines())
@@ -218,15 +221,14 @@ def test_killed_and_resumed_run_is_bit_identical(
     assert [row["step"] for row in complete] == [3, 6, STEPS]  # keep=3; a half-written step 6 was redone
 
 
-def test_async_saves_write_the_checkpoints_a_synchronous_run_writes(tmp_path, train_data, monkeypatch):
+def test_async_saves_write_the_checkpoints_a_synchronous_run_writes(tmp_path, train_data):
     """Checkpoints every 2 steps, the background writer held back 0.5 s so that training changes the parameters
     while each save is pending: every file has the bytes of the synchronous run's (the model states' only
     difference: the config they record, checkpoint.async_save and logging.run_dir)."""
     sync, background = tmp_path / "sync", tmp_path / "async"
     overrides = [*train_data, "checkpoint.every=2", "checkpoint.keep=10"]
     finish(launch(sync, 1, overrides), sync)
-    monkeypatch.setenv(WRITE_DELAY_ENV, "0.5")
-    finish(launch(background, 1, [*overrides, "checkpoint.async_save=true"]), background)
+    finish(launch(background, 1, [*overrides, "checkpoint.async_save=true"], writes_held_back=0.5), background)
 
     log = (tmp_path / "async.log").read_text()
     assert log.count("(in the background, published at step") == STEPS // 2 - 1, log[-3000:]  # the last: in sync
@@ -293,6 +295,28 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path, train_data):
     rows = inspect(run_dir / "checkpoints")
     assert len(rows) == 1 and rows[0]["complete"] and rows[0]["latest"]
     assert rows[0]["step"] == len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_stop_signal_during_an_async_save_publishes_it_then_saves_and_exits_for_requeue(tmp_path, train_data):
+    """SIGTERM while step 3's background write is held back 3 s: the run waits for that write, publishes step 3,
+    saves the step it stopped at and exits 75; both checkpoints are complete and `latest` names the second."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tests.slow_saves", "3", "train", "--config", str(CONFIG), *train_data]
+    command += [f"logging.run_dir={run_dir}", "logging.wandb=disabled", "train.log_every=1", "train.steps=1000"]
+    command += ["checkpoint.every=3", "checkpoint.async_save=true"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 4:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.02)
+    assert not (run_dir / "checkpoints" / "step_00000003" / MANIFEST).exists(), "step 3's save was not in flight"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == EXIT_REQUEUE, output
+    stopped = len(metrics.read_text().splitlines())
+    assert f"(in the background, published at step {stopped})" in output, output
+    rows = inspect(run_dir / "checkpoints")
+    assert [(row["step"], row["complete"], row["latest"]) for row in rows] == [(3, True, False), (stopped, True, True)]
 
 
 def test_inspect_command_reports_incomplete_checkpoints(tmp_path, train_data):
