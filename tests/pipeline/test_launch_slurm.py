@@ -251,17 +251,27 @@ def test_two_node_job_trains_exactly_like_torchrun(cluster, tmp_path, train_data
     assert_bitwise_equal(final_tensors(run_dir), final_tensors(torchrun_reference))
 
 
-@pytest.mark.parametrize("target", ["--batch", "--full"], ids=["batch-shell-forwards", "every-rank"])
+ASYNC_SAVES = ["checkpoint.every=2", "checkpoint.async_save=true"]
+
+
+@pytest.mark.parametrize(
+    "target,saves",
+    [("--batch", []), ("--full", []), ("--full", ASYNC_SAVES)],
+    ids=["batch-shell-forwards", "every-rank", "every-rank-async-saves"],
+)
 def test_signalled_job_saves_requeues_and_ends_like_an_uninterrupted_run(
-    cluster, tmp_path, train_data, torchrun_reference, target
+    cluster, tmp_path, train_data, torchrun_reference, target, saves
 ):
     """--batch: the signal reaches the batch shell only, which forwards it to the ranks. --full: every process of the
-    job gets it at once, as with `#SBATCH --signal=USR1@<grace>` before the time limit or a preemption notice."""
+    job gets it at once, as with `#SBATCH --signal=USR1@<grace>` before the time limit or a preemption notice.
+    Async saves: a checkpoint every 2 steps written in the background, so the signal comes with one pending or just
+    published; saves do not change training, so the reference (no periodic saves) is the same."""
     run_dir = tmp_path / "run"
     job = submit(
         cluster,
         "train.sbatch",
         *train_args(run_dir, train_data),
+        *saves,
         options=("--nodes=2", "--gpus-per-node=1"),
         output=tmp_path / "job.out",
     )
@@ -278,6 +288,7 @@ def test_signalled_job_saves_requeues_and_ends_like_an_uninterrupted_run(
     saved = re.search(r"resumed from step (\d+) \(requeue 1 of job (\d+)\)", log)
     assert saved and saved[2] == job and 2 <= int(saved[1]) < STEPS, log[-3000:]
     assert "requeueing" in (log_dir / "job.log").read_text()
+    assert ("(in the background, published at step" in log) == bool(saves), log[-3000:]
     assert logged_losses(run_dir) == logged_losses(torchrun_reference)
     assert_bitwise_equal(final_tensors(run_dir), final_tensors(torchrun_reference))
     wandb_runs = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
