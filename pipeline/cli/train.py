@@ -72,6 +72,11 @@ def _print_plan(run, dp: int, mfu: float) -> None:
     if memory.carried:
         print(f"  carried memory  {size(memory.carried)} (train.carry: every lane's state, twice)")
     print(f"  total           {size(memory.total)}")
+    if memory.staging:
+        print(
+            f"host memory       {size(memory.staging)} per rank for asynchronous saves (checkpoint.async_save: "
+            "its part of one checkpoint, held until written)"
+        )
     import torch
 
     from lm2.pipeline.train.peak import resolve_peak_tflops

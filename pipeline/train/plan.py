@@ -35,6 +35,9 @@ class MemoryEstimate:
     """ZeRO-1/2's buffer for reducing gradients (reduce_bucket_elements), in the params dtype."""
     carried: int = 0
     """train.carry: every lane's memory state in each memory block, twice (where rows start, where they end)."""
+    staging: int = 0
+    """checkpoint.async_save: this rank's part of one checkpoint, copied to host memory (pinned on GPUs) until the
+    background writer has written it. Host memory: not in `total`, which is the device's."""
 
     @property
     def total(self) -> int:
@@ -122,6 +125,7 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
     )
     lanes = accum * train.micro_batch if train.carry.enabled else 0
     carried = 2 * lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
+    staging = checkpoint_bytes(run, dp, params_bytes) if run.checkpoint.async_save else 0
     return MemoryEstimate(
         int(weights),
         int(gradients),
@@ -132,7 +136,26 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
         train.activation_checkpointing,
         int(bucket),
         int(carried),
+        int(staging),
     )
+
+
+def checkpoint_bytes(run: RunConfig, dp: int, params_bytes: int) -> int:
+    """Bytes the busiest rank (the first data-parallel rank of the first pipeline stage) writes into a checkpoint:
+    DeepSpeed's model file holds the weights in the params dtype (ZeRO-3: only their partitioned fp32 copy in the
+    optimizer file); the optimizer state is AdamW's two fp32 moments plus, with ZeRO >= 1 or bf16, the fp32 master
+    copy, partitioned over data-parallel ranks from ZeRO-1 on; and this rank's carried lanes (train.carry)."""
+    m, par, train = run.model, run.parallel, run.train
+    params = _params_per_device(run)
+    zero = par.zero_stage
+    weights = 0 if zero == 3 else params * params_bytes
+    master = 4 if (zero >= 1 or params_bytes == 2) else 0
+    optimizer = params * (8 + master) / (dp if zero >= 1 else 1)
+    layers_here = -(-m.num_layers // par.pp)
+    memory_layers = sum(m.has_memory(i) for i in range(layers_here))
+    lanes = train.grad_accum(dp) * train.micro_batch if train.carry.enabled else 0
+    carried = lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
+    return int(weights + optimizer + carried)
 
 
 def tokens_per_s_per_device(run: RunConfig, mfu: float, peak_tflops: float) -> float:

@@ -18,7 +18,12 @@ import torch
 from bench.measure import saved_activation_bytes
 from lm2.model.accounting import forward_flops_per_token
 from lm2.pipeline.config import load_config
-from lm2.pipeline.train.plan import memory_estimate, reduce_bucket_elements, tokens_per_s_per_device
+from lm2.pipeline.train.plan import (
+    checkpoint_bytes,
+    memory_estimate,
+    reduce_bucket_elements,
+    tokens_per_s_per_device,
+)
 from tests.distributed import run_distributed
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -134,8 +139,39 @@ def test_zero_stages_partition_what_they_should():
     )
 
 
+@pytest.mark.parametrize(
+    "zero,precision", [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32")], ids=lambda v: str(v)
+)
+def test_the_staging_estimate_is_what_a_save_writes(single_process, tmp_path, zero, precision):
+    """checkpoint.async_save stages what the rank writes: the estimate against the bytes of a real checkpoint's
+    model and optimizer files after a step (their pickles add a few % on a model this small)."""
+    from lm2.pipeline.checkpoint.format import Manifest
+    from lm2.pipeline.checkpoint.save import Retention, save
+    from lm2.pipeline.train.engine import build_engine
+    from lm2.pipeline.train.step import train_step
+
+    overrides = [f"parallel.zero_stage={zero}", f"train.precision={precision}", "checkpoint.async_save=true"]
+    run = load_config(TEST_CONFIG, overrides)
+    engine = build_engine(run, single_process)
+    rows = torch.randint(0, run.model.vocab_size, (engine.grad_accum, run.train.micro_batch, run.model.row_length + 1))
+    train_step(engine, [(r[:, :-1], r[:, 1:]) for r in rows])  # AdamW's moments exist from the first step
+    folder = save(engine, tmp_path, Manifest(step=1, layout=engine.layout, config=run.to_dict()), Retention(1))
+    written = sum(p.stat().st_size for p in folder.glob("*.pt") if not p.name.startswith("rng_"))
+    estimate = memory_estimate(run, dp=1, params_bytes=4 if precision == "fp32" else 2).staging
+    assert estimate == checkpoint_bytes(run, 1, 4 if precision == "fp32" else 2)
+    assert estimate <= written <= 1.08 * estimate
+
+
+def test_the_staging_estimate_counts_carried_lanes_and_only_async_saves():
+    run = load_config(TEST_CONFIG, ["checkpoint.async_save=true"])
+    carrying = load_config(TEST_CONFIG, ["checkpoint.async_save=true", "train.carry.mode=state"])
+    lanes = memory_estimate(carrying, dp=1, params_bytes=4).carried // 2  # the saved table of the two
+    assert checkpoint_bytes(carrying, 1, 4) - checkpoint_bytes(run, 1, 4) == lanes > 0
+    assert memory_estimate(load_config(TEST_CONFIG), dp=1, params_bytes=4).staging == 0
+
+
 def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
-    overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100"]
+    overrides = ["parallel.zero_stage=2", "train.micro_batch=2", "train.peak_tflops=100", "checkpoint.async_save=true"]
     out = subprocess.run(
         [
             sys.executable,
@@ -157,6 +193,8 @@ def test_info_prints_the_estimate_and_refuses_a_batch_that_does_not_split():
     run = load_config(TINY, overrides)
     total = memory_estimate(run, dp=2, params_bytes=2).total
     assert f"total           {total / 2**20:.1f} MiB" in out and "ZeRO-2" in out and "bf16" in out
+    staging = memory_estimate(run, dp=2, params_bytes=2).staging
+    assert f"host memory       {staging / 2**20:.1f} MiB per rank for asynchronous saves" in out
     assert f"{tokens_per_s_per_device(run, 0.5, 100):,.0f} at MFU 50%" in out
     bad = subprocess.run(
         [sys.executable, "-m", "lm2.pipeline.cli", "info", "--config", str(TINY), "--world-size", "3"],
