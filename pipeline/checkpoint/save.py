@@ -136,18 +136,22 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
     files = engine.deepspeed.checkpoint_engine
     try:
         _save_shards(engine, folder, manifest)
-        rank = dist.get_rank()
-        torch.save(rng_state(), rng_file(folder, rank))
-        extra = [rng_file(folder, rank)]
-        if carry is not None:
-            torch.save(carry, carry_file(folder, rank))
-            extra.append(carry_file(folder, rank))
+        own = _rank_files(folder, carry)
+        for path, state in own:
+            torch.save(state, path)
         written = [path for path in files.take_saved() if path.parent.resolve() == folder.resolve()]
-        mine = _entries(folder, [*written, *extra])
+        mine = _entries(folder, [*written, *(path for path, _ in own)])
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None
     _publish(folder, manifest, retention, mine)
     return folder
+
+
+def _rank_files(folder: Path, carry: dict[str, Any] | None) -> list[tuple[Path, Any]]:
+    """lm2's own files of this rank beside DeepSpeed's: its RNG state and its carried memory (when given)."""
+    rank = dist.get_rank()
+    files = [(rng_file(folder, rank), rng_state())]
+    return files + ([(carry_file(folder, rank), carry)] if carry is not None else [])
 
 
 def _begin(engine, root: Path, manifest: Manifest, retention: Retention) -> Path:
@@ -207,7 +211,6 @@ class PendingSave:
     ) -> PendingSave:
         folder = _begin(engine, root, manifest, retention)
         files = engine.deepspeed.checkpoint_engine
-        rank = dist.get_rank()
         files.staged = []
         try:
             _save_shards(engine, folder, manifest)  # the shards' state dicts are staged, not written
@@ -218,9 +221,7 @@ class PendingSave:
             files.staged = None
         staged = [(path, state) for path, state in staged if path.parent.resolve() == folder.resolve()]
         files.take_saved()
-        staged.append((rng_file(folder, rank), rng_state()))
-        if carry is not None:
-            staged.append((carry_file(folder, rank), stage(carry)))
+        staged += [(path, stage(state)) for path, state in _rank_files(folder, carry)]
         return cls(folder, manifest, retention, staged, files)
 
     def _write(self, staged: list[tuple[Path, Any]], files) -> None:
