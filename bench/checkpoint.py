@@ -6,8 +6,9 @@ One process. lm2's save (DeepSpeed shards, RNG state, manifest with sha256 of ev
 (DeepSpeed load with optimizer and schedule, RNG state) of an engine after one step alternate with a plain
 reference: torch.save / torch.load + load_state_dict of an LM2Model and its torch AdamW after one step. Bytes are
 compared with the analytic size: weights plus AdamW's two moments (fp32: 4 + 8 bytes per parameter). Then
-lm2's synchronous save alternates with an asynchronous one (checkpoint.async_save): the time the training loop is
-blocked (staging the state in host memory) and the time until the checkpoint is published.
+the training time a save costs, synchronous against asynchronous (checkpoint.async_save): training steps alone,
+after a synchronous save, and after an asynchronous save started and until it is published (its background writer
+shares the CPU with training).
 Prints one JSON line, then a summary.
 """
 
@@ -43,10 +44,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-between", type=int, default=3, help="training steps after each save")
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        help="torch's threads for training (default: every core); fewer leave the "
+        "background writer a core of its own, as on a GPU node whose host CPU is mostly idle",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     run = load_config(args.config, args.overrides)
     engine = build_engine(run, init_distributed())
+    if args.train_threads:  # after init_distributed, which gives each rank its share of the cores
+        torch.set_num_threads(args.train_threads)
     device = engine.deepspeed.device
     micro_batches = batches(run, engine.grad_accum, device)
     train_step(engine, micro_batches)
@@ -75,7 +85,7 @@ def main() -> None:
             args.rounds,
         )
         lm2_bytes, plain_bytes = folder_bytes(saved[-1]), reference.stat().st_size
-        seconds |= async_rounds(engine, run, root, steps, args.rounds)
+        seconds |= lost_rounds(engine, run, root, steps, args.rounds, args.steps_between, micro_batches)
     parameters = parameter_counts(run.model).total
     analytic = parameters * (4 + 8)
     result = {
@@ -83,12 +93,14 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "rounds": args.rounds,
+        "train_threads": torch.get_num_threads(),
         "zero_stage": run.parallel.zero_stage,
         "parameters": parameters,
         "seconds": {name: statistics.median(s) for name, s in seconds.items()},
         "save_ratio": median_ratio(seconds["lm2_save"], seconds["plain_save"]),
         "load_ratio": median_ratio(seconds["lm2_load"], seconds["plain_load"]),
-        "async_blocked_ratio": median_ratio(seconds["async_blocked"], seconds["sync_save"]),
+        "checkpoint_bytes": lm2_bytes,
+        "async_lost_ratio": statistics.median(seconds["async_lost"]) / statistics.median(seconds["sync_lost"]),
         "bytes": {"lm2": lm2_bytes, "plain": plain_bytes, "analytic": analytic},
         "bytes_over_analytic": {"lm2": lm2_bytes / analytic, "plain": plain_bytes / analytic},
     }
@@ -100,33 +112,52 @@ def main() -> None:
         f"analytic {analytic / 1e6:.1f} MB (torch.save x{plain_bytes / analytic:.2f})"
     )
     print(
-        f"async save: the loop is blocked {s['async_blocked']:.3f} s against {s['sync_save']:.3f} s synchronously "
-        f"(x{result['async_blocked_ratio']:.2f}); published after {s['async_published']:.3f} s"
+        f"training time lost per save of {lm2_bytes / 1e9:.2f} GB: {s['async_lost']:.3f} s asynchronous against "
+        f"{s['sync_lost']:.3f} s synchronous (x{result['async_lost_ratio']:.2f}; {args.steps_between} steps of "
+        f"{s['steps'] / args.steps_between:.2f} s after each save); staging blocks the loop {s['async_blocked']:.3f} s"
     )
 
 
-def async_rounds(engine, run, root: Path, steps, rounds: int) -> dict[str, list[float]]:
-    """Synchronous saves alternating with asynchronous ones: the seconds a synchronous save takes, the seconds an
-    asynchronous one blocks its caller (PendingSave.start) and the seconds until it is published."""
+def lost_rounds(engine, run, root: Path, steps, rounds: int, between: int, micro_batches) -> dict[str, list[float]]:
+    """The training time a save costs, synchronous against asynchronous. Each round times `between` training steps
+    alone, then a synchronous save followed by as many steps, then an asynchronous save started, as many steps, and
+    the wait until it is published (what the loop's next save or its end would wait for). A save's lost time is its
+    round's seconds less the steps alone. Also the seconds an asynchronous save blocks its caller (staging)."""
     group = host_group()
     retention = Retention(keep=1)
-    seconds: dict[str, list[float]] = {"sync_save": [], "async_blocked": [], "async_published": []}
+
+    def train() -> None:
+        for _ in range(between):
+            train_step(engine, micro_batches)
+
+    def timed(action) -> float:
+        synchronize()
+        start = time.perf_counter()
+        action()
+        synchronize()
+        return time.perf_counter() - start
+
+    def sync_save() -> None:
+        save(engine, root, Manifest(step=next(steps), layout=engine.layout, config=run.to_dict()), retention)
+        train()
+
+    blocked: list[float] = []
+
+    def async_save() -> None:
+        manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
+        blocked.append(timed(lambda: pending.append(PendingSave.start(engine, root, manifest, retention))))
+        train()
+        pending.pop().poll(group, wait=True)
+
+    pending: list[PendingSave] = []
+    seconds: dict[str, list[float]] = {"steps": [], "sync_lost": [], "async_lost": []}
     for round in range(rounds + 1):  # the first round warms up
-        manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
-        synchronize()
-        start = time.perf_counter()
-        save(engine, root, manifest, retention)
-        synced = time.perf_counter() - start
-        manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
-        synchronize()
-        start = time.perf_counter()
-        pending = PendingSave.start(engine, root, manifest, retention)
-        blocked = time.perf_counter() - start
-        pending.poll(group, wait=True)
+        alone, synced, background = timed(train), timed(sync_save), timed(async_save)
         if round:
-            seconds["sync_save"].append(synced)
-            seconds["async_blocked"].append(blocked)
-            seconds["async_published"].append(time.perf_counter() - start)
+            seconds["steps"].append(alone)
+            seconds["sync_lost"].append(synced - alone)
+            seconds["async_lost"].append(background - alone)
+    seconds["async_blocked"] = blocked[1:]
     return seconds
 
 

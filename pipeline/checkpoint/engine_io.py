@@ -4,8 +4,10 @@ engine's `save` and `load`, and lm2 replaces that engine (build_engine) with one
 - loads through safe_load.load (weights_only with lm2's allowlist): a resumed checkpoint runs no code;
 - records the files it saved, so that each rank reports exactly what it wrote to the manifest (save.py), rather
   than rank 0 listing a folder that a network file system may show it stale;
-- with `staged` set (an asynchronous save, save.py), copies each state dict to host memory instead of writing it:
-  the copy is written on a background thread while training changes the parameters.
+- while staging (an asynchronous save, save.py), copies each state dict to host memory instead of writing it: the
+  copy is written on a background thread while training changes the parameters. The host buffers are kept for the
+  next asynchronous save: copying into pages already mapped is several times faster than allocating them anew
+  (1.2 GB on a 2-core VM: 0.11-0.15 s against 0.57 s), and the copy is the part of the save training waits for.
 """
 
 from __future__ import annotations
@@ -26,11 +28,22 @@ class CheckedCheckpointEngine(TorchCheckpointEngine):
         self.saved: list[Path] = []
         """Files saved since the last take_saved()."""
         self.staged: list[tuple[Path, Any]] | None = None
-        """While not None: (path, host copy of the state dict) of each save, written later by write_staged."""
+        """While staging: (path, host copy of the state dict) of each save, written later by write_staged."""
+        self.buffers = HostBuffers()
+
+    def start_staging(self) -> None:
+        self.staged = []
+
+    def end_staging(self) -> list[tuple[Path, Any]]:
+        """This checkpoint's staged copies. Their buffers serve the next asynchronous save, which must therefore
+        start only once these copies are written (at most one save is in flight)."""
+        staged, self.staged = self.staged or [], None
+        self.buffers.keep_used()
+        return staged
 
     def save(self, state_dict, path: str) -> None:
         if self.staged is not None:
-            self.staged.append((Path(path), stage(state_dict)))
+            self.staged.append((Path(path), stage(state_dict, self.buffers)))
         else:
             super().save(state_dict, path)
         self.saved.append(Path(path))
@@ -47,21 +60,42 @@ class CheckedCheckpointEngine(TorchCheckpointEngine):
         return saved
 
 
-def stage(state: Any) -> Any:
-    """A copy of `state` whose tensors are copies in host memory (pinned when CUDA is available), made now: later
+class HostBuffers:
+    """Host buffers (pinned when CUDA is available) reused from one staged checkpoint to the next: the n-th storage
+    a checkpoint stages gets the previous checkpoint's n-th buffer when their sizes match (a run's checkpoints hold
+    the same tensors in the same order), a new one otherwise."""
+
+    def __init__(self) -> None:
+        self._kept: list[torch.Tensor] = []
+        self._used: list[torch.Tensor] = []
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        index = len(self._used)
+        kept = self._kept[index] if index < len(self._kept) else None
+        if kept is None or kept.numel() != nbytes:
+            kept = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        self._used.append(kept)
+        return kept
+
+    def keep_used(self) -> None:
+        """The buffers used since the last call become those the next checkpoint reuses."""
+        self._kept, self._used = self._used, []
+
+
+def stage(state: Any, buffers: HostBuffers | None = None) -> Any:
+    """A copy of `state` whose tensors are copies in host memory (in `buffers`' when given), made now: later
     changes to the originals do not reach it. Tensors that share storage (views, tied weights) share it in the copy,
     so torch.save writes the copy byte for byte as it writes the original (for tensors already on the CPU)."""
     storages: dict[tuple[int, str], torch.UntypedStorage] = {}
     memo: dict[int, Any] = {}
-    pin = torch.cuda.is_available()
+    buffers = buffers or HostBuffers()
 
     def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), str(storage.device))
         if key not in storages:
             raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-            host = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=pin) if pin else None
-            storages[key] = (host.copy_(raw) if host is not None else raw.clone()).untyped_storage()
+            storages[key] = buffers.get(raw.numel()).copy_(raw).untyped_storage()
         copied = torch.empty(0, dtype=tensor.dtype).set_(
             storages[key], tensor.storage_offset(), tensor.size(), tensor.stride()
         )

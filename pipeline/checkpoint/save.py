@@ -211,14 +211,13 @@ class PendingSave:
     ) -> PendingSave:
         folder = _begin(engine, root, manifest, retention)
         files = engine.deepspeed.checkpoint_engine
-        files.staged = []
+        files.start_staging()
         try:
             _save_shards(engine, folder, manifest)  # the shards' state dicts are staged, not written
-            staged = files.staged
         except (OSError, RuntimeError) as error:
             raise _not_written(folder, error) from None
         finally:
-            files.staged = None
+            staged = files.end_staging()
         staged = [(path, state) for path, state in staged if path.parent.resolve() == folder.resolve()]
         files.take_saved()
         staged += [(path, stage(state)) for path, state in _rank_files(folder, carry)]

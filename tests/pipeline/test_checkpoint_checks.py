@@ -392,3 +392,25 @@ def test_async_save_is_a_validated_boolean_off_by_default():
     for value in ("maybe", "1"):
         with pytest.raises(ConfigError, match="checkpoint.async_save must be true or false"):
             load_config(CONFIG, [f"checkpoint.async_save={value}"])
+
+
+def test_staged_copies_are_made_at_once_and_their_buffers_serve_the_next_checkpoint():
+    from lm2.pipeline.checkpoint.engine_io import HostBuffers, stage
+
+    def address(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    weights = torch.arange(6.0)
+    state = {"weights": weights, "tail": weights[2:], "step": 3}
+    buffers = HostBuffers()
+    first = stage(state, buffers)
+    buffers.keep_used()
+    weights.add_(1)  # training goes on
+    assert torch.equal(first["weights"], torch.arange(6.0)) and first["step"] == 3
+    assert address(first["tail"]) == address(first["weights"]) and torch.equal(first["tail"], first["weights"][2:])
+    second = stage(state, buffers)
+    buffers.keep_used()
+    assert address(second["weights"]) == address(first["weights"])  # the same host pages, copied into again
+    assert torch.equal(second["weights"], weights) and address(weights) != address(second["weights"])
+    grown = stage({"weights": torch.zeros(7)}, buffers)
+    assert address(grown["weights"]) != address(second["weights"])  # another size: a buffer of its own
