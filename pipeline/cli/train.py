@@ -75,7 +75,7 @@ def _print_plan(run, dp: int, mfu: float) -> None:
     if memory.staging:
         print(
             f"host memory       {size(memory.staging)} per rank for asynchronous saves (checkpoint.async_save: "
-            "its part of one checkpoint, held until written)"
+            "its part of one checkpoint, kept for the next save)"
         )
     import torch
 

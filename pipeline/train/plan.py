@@ -36,8 +36,8 @@ class MemoryEstimate:
     carried: int = 0
     """train.carry: every lane's memory state in each memory block, twice (where rows start, where they end)."""
     staging: int = 0
-    """checkpoint.async_save: this rank's part of one checkpoint, copied to host memory (pinned on GPUs) until the
-    background writer has written it. Host memory: not in `total`, which is the device's."""
+    """checkpoint.async_save: this rank's part of one checkpoint, copied to host memory (pinned on GPUs) for the
+    background writer; the buffers are kept for the next save. Host memory: not in `total`, which is the device's."""
 
     @property
     def total(self) -> int:
