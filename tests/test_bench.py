@@ -110,3 +110,18 @@ def test_verify_checkpoint_bench_reports_consistent_numbers():
     assert critical["by_bytes_over_threads"] == pytest.approx(0.5 * report["bytes"], rel=1e-3)
     assert critical["by_file_count_one_thread"] == pytest.approx(0.75 * report["bytes"], rel=1e-3)
     assert report["console"].startswith("verified step_00000001: 0.02 GB in 9 files in ")
+
+
+@pytest.mark.slow
+def test_checkpoint_bench_reports_the_time_a_save_costs_consistently():
+    """One round: the asynchronous/synchronous ratio is that round's lost seconds, each its round's seconds less the
+    steps alone; the checkpoint's bytes are those of the folder lm2 wrote."""
+    small = ["model.num_layers=2", "train.global_batch=4", "train.micro_batch=4"]
+    command = [sys.executable, "bench/checkpoint.py", "--rounds", "1", "--steps-between", "1", "--train-threads", "1"]
+    result = subprocess.run([*command, *small], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    seconds = report["seconds"]
+    assert report["train_threads"] == 1 and seconds["steps"] > 0 and seconds["async_blocked"] > 0
+    assert report["async_lost_ratio"] == pytest.approx(seconds["async_lost"] / seconds["sync_lost"])
+    assert report["checkpoint_bytes"] == report["bytes"]["lm2"] > report["bytes"]["analytic"]
