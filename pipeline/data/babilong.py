@@ -4,10 +4,10 @@ Each record is one question of a bAbI training story (the held-out stories that 
 `pipeline/eval/babilong/babi/`, are left out) with its facts in a haystack of training-book sentences, built by
 the evaluation's own builder (facts at sentence boundaries drawn uniformly, in order): `prompt` is the evaluation's
 prompt (`samples.prompt`), `answer` its continuation (`samples.ANSWER`, e.g. " kitchen."), on which a loss-masked
-`lm2 data prepare` trains. A record's length in tokens, prompt + answer + EOS (each tokenized alone), is drawn
-uniformly from [min_tokens, max_tokens] and never exceeds max_tokens; a story too long for max_tokens even without
-background is skipped. The books must not be the evaluation's (its default background, corpus/): a book whose text
-equals one of them is refused. Everything is deterministic in the seed.
+`lm2 data prepare` trains. A record's length in tokens, prompt + answer (one text, as prepare tokenizes it) + EOS,
+is drawn uniformly from [min_tokens, max_tokens] and never exceeds max_tokens; a story too long for max_tokens even
+without background is skipped. The books must not be the evaluation's (its default background, corpus/): a book
+whose text equals one of them is refused. Everything is deterministic in the seed.
 
 Options: `text_records` writes {"text": prompt + answer} instead, for a prepare without loss masks; `book_documents`
 writes the training books, cut into pieces, as {"text"} documents into a second file, to mix in language-model data.
@@ -115,15 +115,15 @@ class SampleWriter:
     def record(self, sample: BabiSample, rng: np.random.Generator) -> dict[str, str] | None:
         """The sample in a haystack filling a drawn number of tokens, or None if its bare story is too long."""
         answer = ANSWER.format(answer=sample.answer)
-        outside = self.count(prompt(sample, "")) + self.count(answer) + 1  # the question, answer and EOS
-        bare = self.count(prompt(sample, " ".join(sample.facts))) + self.count(answer) + 1
+        outside = self.count(prompt(sample, "") + answer) + 1  # the question, answer and EOS
+        bare = self.count(prompt(sample, " ".join(sample.facts)) + answer) + 1
         if bare > self.budget.max_tokens:
             return None
         total = int(rng.integers(self.budget.min_tokens, self.budget.max_tokens + 1))
         context_tokens = max(total - outside, 0)
         for _ in range(REBUILDS):
             text = prompt(sample, haystack(sample, context_tokens, self.background, rng).context)
-            excess = self.count(text) + self.count(answer) + 1 - self.budget.max_tokens
+            excess = self.count(text + answer) + 1 - self.budget.max_tokens
             if excess <= 0:
                 return {"prompt": text, "answer": answer}
             context_tokens -= excess

@@ -193,11 +193,22 @@ def _encode_batch(chunks: list[Chunk]) -> list[tuple[np.ndarray, bool, bool]]:
             tokens = next(texts)
             mask = np.ones_like(tokens)
         else:
-            prompt_ids, answer_ids = _worker_tokenizer.encode(chunk.text), _worker_tokenizer.encode(chunk.answer)
-            tokens = np.array([*prompt_ids, *answer_ids, _worker_tokenizer.eos_id], dtype=np.int64)
-            mask = np.array([0] * len(prompt_ids) + [1] * (len(answer_ids) + 1), dtype=np.int64)
+            tokens, answer_from = _prompt_and_answer(chunk.text, chunk.answer)
+            mask = (np.arange(len(tokens)) >= answer_from).astype(np.int64)
         encoded.append((np.stack([tokens, mask]), chunk.first, chunk.last))
     return encoded
+
+
+def _prompt_and_answer(prompt: str, answer: str) -> tuple[np.ndarray, int]:
+    """The tokens of prompt + answer + EOS, tokenized as one text, and the index of the first token the loss covers.
+    One text, because that is how a model reads its answer at inference: tokenized alone, the answer would get a
+    word-start piece of its own from sentencepiece's dummy prefix (" kitchen." -> "▁▁", "k", ... where the prompt's
+    continuation is "▁k", ...), which a model would learn to emit and no prompt would ever contain. The loss starts
+    at the first token that differs from the prompt's own tokens (a token the seam merges counts as the answer's)."""
+    prompt_ids = _worker_tokenizer.encode(prompt)
+    joint = _worker_tokenizer.encode(prompt + answer)
+    answer_from = next((i for i, (a, b) in enumerate(zip(prompt_ids, joint)) if a != b), len(prompt_ids))
+    return np.array([*joint, _worker_tokenizer.eos_id], dtype=np.int64), min(answer_from, len(joint))
 
 
 def encode_in_order(

@@ -53,9 +53,9 @@ def records_of(path: Path) -> list[dict]:
 
 
 def lengths(records, tokenizer_path) -> list[int]:
-    """Prompt + answer + EOS in tokens, each tokenized alone, recounted with sentencepiece itself."""
+    """Prompt + answer (one text, as prepare tokenizes it) + EOS in tokens, recounted with sentencepiece itself."""
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    return [len(processor.encode(r["prompt"])) + len(processor.encode(r["answer"])) + 1 for r in records]
+    return [len(processor.encode(r["prompt"] + r["answer"])) + 1 for r in records]
 
 
 def test_records_are_prompt_and_answer_of_training_stories_within_the_budget(tmp_path, tokenizer_path, capsys):

@@ -188,10 +188,15 @@ def test_answer_field_puts_the_loss_on_the_answers_only(tmp_path, tokenizer_path
         ],
     )
     batch = next(iter(build_loader(run, ParallelDims(world_size=1), 0)))
-    answer = tokenizer.encode(" garden.") + [tokenizer.eos_id]
     for inputs, labels in zip(batch["input_ids"], batch["labels"]):
-        assert labels[labels != IGNORE_INDEX].tolist() == answer  # one record per row: its answer and EOS
-        assert tokenizer.decode(inputs[: (inputs != tokenizer.pad_id).sum()].tolist()).startswith("Mary went to")
+        row = inputs[: (inputs != tokenizer.pad_id).sum()].tolist()  # one record per row, then padding
+        # The record is one text, as a model reads its answer at inference: the answer is the prompt's own
+        # continuation, not a word of its own that sentencepiece would start with an extra "▁".
+        record = next(r for r in records if tokenizer.encode(r["prompt"] + r["answer"]) + [tokenizer.eos_id] == row)
+        answer = row[len(tokenizer.encode(record["prompt"])) :]  # the seam merges nothing here
+        assert answer != tokenizer.encode(record["answer"]) + [tokenizer.eos_id]
+        assert labels[labels != IGNORE_INDEX].tolist() == answer  # its answer and EOS
+        assert tokenizer.decode(row).startswith("Mary went to")
 
 
 def test_truncate_keeps_a_long_documents_last_row(tmp_path, tokenizer_path):
@@ -222,8 +227,7 @@ def test_truncate_keeps_a_long_documents_last_row(tmp_path, tokenizer_path):
     assert metadata["splits"]["train"]["truncated"] == 1 and metadata["splits"]["train"]["rows"] == 2
     dataset = StreamingDataset(local=str(tmp_path / "data" / "train"), shuffle=False, batch_size=1)
     first = dataset[0]
-    whole = tokenizer.encode(records[0]["prompt"]) + tokenizer.encode(" here.") + [tokenizer.eos_id]
+    whole = tokenizer.encode(records[0]["prompt"] + " here.") + [tokenizer.eos_id]
+    answer = len(whole) - len(tokenizer.encode(records[0]["prompt"]))  # its tokens and EOS (no merge at the seam)
     assert first["tokens"].tolist() == whole[-17:]
-    assert first["mask"].tolist() == [0] * (17 - len(tokenizer.encode(" here.")) - 1) + [1] * (
-        len(tokenizer.encode(" here.")) + 1
-    )
+    assert first["mask"].tolist() == [0] * (17 - answer) + [1] * answer
