@@ -2,6 +2,7 @@
 `lm2 eval babilong` on tiny random LM2 and vanilla folders (answers checked against a plain greedy loop)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm2.model.errors import EvalError
 from lm2.pipeline.cli import main
-from lm2.pipeline.eval.babilong.answers import is_correct
+from lm2.pipeline.eval.babilong.answers import is_correct, last_mentioned
 from lm2.pipeline.eval.babilong.babi import (
     HELDOUT_FOLDER,
     TASK_LABELS,
@@ -202,6 +203,7 @@ def check_answers(results, folder, tokenizer, background, kept=None):
         assert cell["correct"] == sum(r["correct"] for r in cell["records"]) and cell["samples"] == 3
         assert cell["accuracy"] == pytest.approx(100 * cell["correct"] / 3)
         assert cell["forced_accuracy"] == pytest.approx(100 * sum(r["forced_correct"] for r in cell["records"]) / 3)
+        check_recency(cell, samples[cell["task"]])
     for task in results["tasks"]:
         rows = [row for row in results["distance"] if row["task"] == task]
         records = [r for c in results["cells"] if c["task"] == task for r in c["records"]]
@@ -209,6 +211,35 @@ def check_answers(results, folder, tokenizer, background, kept=None):
         assert sum(row["correct"] for row in rows) == sum(r["correct"] for r in records)
         assert sum(row["facts_cut_off"] for row in rows) == sum(not r["facts_in_view"] for r in records)
         assert {bucket_label(*bucket(r["distance"])) for r in records} == {row["bucket"] for row in rows}
+
+
+def named_last(task: str, facts: tuple[str, ...]) -> str | None:
+    """The answer word whose last whole-word occurrence in the facts comes latest."""
+    text = " ".join(facts).lower()
+    ends = {w: max((m.end() for m in re.finditer(rf"\b{w.lower()}\b", text)), default=-1) for w in TASK_LABELS[task]}
+    word = max(ends, key=ends.get)
+    return word if ends[word] >= 0 else None
+
+
+def check_recency(cell: dict, samples: list) -> None:
+    """The recency figures of a cell, recomputed from its records and the samples' facts."""
+    for record in cell["records"]:
+        assert record["last_mentioned"] == named_last(cell["task"], samples[record["index"]].facts)
+    scored = [r for r in cell["records"] if r["last_mentioned"] is not None and r["forced_correct"] is not None]
+    if not scored:
+        assert cell["recency_accuracy"] is None and cell["forced_is_last_mentioned"] is None
+        return
+    hits = sum(r["last_mentioned"].lower() == r["target"].lower() for r in scored)
+    follows = sum(r["last_mentioned"].lower() == r["forced"].lower() for r in scored)
+    assert cell["recency_accuracy"] == pytest.approx(100 * hits / len(scored))
+    assert cell["forced_is_last_mentioned"] == pytest.approx(100 * follows / len(scored))
+
+
+def test_the_recency_shortcut_answers_with_the_answer_word_named_last():
+    facts = ("Mary went to the kitchen.", "John moved to the garden.", "Mary travelled to the office.")
+    assert last_mentioned("qa1", facts[:2]) == "garden" and last_mentioned("qa1", facts) == "office"
+    assert last_mentioned("qa5", ("Fred gave the milk to Bill.",)) == "Bill"
+    assert last_mentioned("qa6", facts) is None  # yes/no: the facts never name the answer
 
 
 def test_babilong_command_on_lm2_runs_any_length(hf_lm2, tokenizer, background, tmp_path, capsys):
@@ -224,6 +255,7 @@ def test_babilong_command_on_lm2_runs_any_length(hf_lm2, tokenizer, background, 
     assert all(r["facts_in_view"] for c in results["cells"] for r in c["records"])  # LM2 reads every token
     assert "| qa1 |" in printed.out and f"wrote {tmp_path / 'out'}/results.json" in printed.out
     assert "Forced choice among the task's answer words" in printed.out and "supporting fact" in printed.out
+    assert "Recency shortcut" in printed.out
     assert "babilong" in printed.err and "100%" in printed.err  # the progress bar
     assert (tmp_path / "out" / "results.md").read_text().startswith("BABILong accuracy (%)")
     import matplotlib.image

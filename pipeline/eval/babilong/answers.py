@@ -4,6 +4,8 @@ when the target is the only one found (for qa8's lists: exactly the target's wor
 
 from __future__ import annotations
 
+import re
+
 from lm2.pipeline.eval.babilong.babi import TASK_LABELS
 
 
@@ -25,3 +27,14 @@ def is_correct(task: str, target: str, output: str, question: str) -> bool:
         parts = set(target.split(","))
         return found == parts
     return found == {target}
+
+
+def last_mentioned(task: str, facts: tuple[str, ...]) -> str | None:
+    """The task's answer word that the facts mention last (None when they mention none): the answer of the recency
+    shortcut, which a model that has not learned the task often gives (qa1: "where is X?" answered with the last
+    place named, whoever went there)."""
+    words = {label.lower(): label for label in TASK_LABELS[task]}
+    for word in reversed(re.findall(r"[A-Za-z]+", " ".join(facts))):
+        if word.lower() in words:
+            return words[word.lower()]
+    return None

@@ -1,6 +1,8 @@
 """`lm2 eval babilong`: a model's answers to BABILong samples, scored per task and length by greedy exact match
 (the benchmark's metric) and by a forced choice among the task's answer words (continuations.py), and by the
-distance between the last supporting fact and the question (distance.py).
+distance between the last supporting fact and the question (distance.py). Each cell also says how often the forced
+choice is the answer word the facts name last, beside how often that word is the target: a model near the second
+figure that follows the first has learned the recency shortcut rather than the task.
 
 A model that cannot hold a prompt plus the answer (a vanilla model beyond its training row length) reads the
 prompt's tail only, which keeps the question; every such cell says how many samples were cut and to what, and a
@@ -15,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lm2.model.errors import EvalError
-from lm2.pipeline.eval.babilong.answers import is_correct
+from lm2.pipeline.eval.babilong.answers import is_correct, last_mentioned
 from lm2.pipeline.eval.babilong.babi import TASK_LABELS, BabiSample, task_samples
 from lm2.pipeline.eval.babilong.continuations import candidate_ids, chosen, forced_choice, greedy, read_prompt
 from lm2.pipeline.eval.babilong.distance import distance_rows, fact_place
@@ -33,6 +35,9 @@ class Cell:
     correct: int = 0
     forced_samples: int = 0  # samples whose target is one answer word (not qa8's lists)
     forced_correct: int = 0
+    recency_samples: int = 0  # samples whose facts name an answer word, and whose target is one word
+    recency_correct: int = 0  # of them, those whose target is the word named last (the recency shortcut's score)
+    forced_recency: int = 0  # of them, those whose forced choice is the word named last
     truncated: int = 0  # samples whose prompt was cut to the model's last `kept_tokens`
     kept_tokens: int | None = None
     prompt_tokens: list[int] = field(default_factory=list)
@@ -47,6 +52,10 @@ class Cell:
         if record["forced_correct"] is not None:
             self.forced_samples += 1
             self.forced_correct += record["forced_correct"]
+        if record["last_mentioned"] is not None and record["forced_correct"] is not None:
+            self.recency_samples += 1
+            self.recency_correct += record["last_mentioned"].lower() == record["target"].lower()
+            self.forced_recency += record["last_mentioned"].lower() == record["forced"].lower()
         self.prompt_tokens.append(record["prompt_tokens"])
         if read < record["prompt_tokens"]:
             self.truncated, self.kept_tokens = self.truncated + 1, read
@@ -56,6 +65,9 @@ class Cell:
         out = {k: v for k, v in asdict(self).items() if k not in ("prompt_tokens", "records")}
         out["accuracy"] = self.accuracy
         out["forced_accuracy"] = 100.0 * self.forced_correct / self.forced_samples if self.forced_samples else None
+        recency = self.recency_samples
+        out["recency_accuracy"] = 100.0 * self.recency_correct / recency if recency else None
+        out["forced_is_last_mentioned"] = 100.0 * self.forced_recency / recency if recency else None
         out["mean_prompt_tokens"] = sum(self.prompt_tokens) / len(self.prompt_tokens)
         out["records"] = self.records
         return out
@@ -98,6 +110,7 @@ def answer_sample(model: EvalModel, task: str, sample: BabiSample, built: Haysta
         "prompt_tokens": len(ids),
         "distance": None if place is None else place.distance,
         "facts_in_view": place is None or place.first_token >= len(ids) - len(read_ids),
+        "last_mentioned": last_mentioned(task, sample.facts),
     }
     return record, len(read_ids)
 

@@ -39,6 +39,18 @@ def _length_table(results: dict, key: str) -> list[str]:
     return lines
 
 
+def _recency_table(results: dict) -> list[str]:
+    cells = {(c["task"], c["length"]): c for c in results["cells"]}
+    lines = ["| task | " + " | ".join(results["lengths"]) + " |", "|---|" + "---|" * len(results["lengths"])]
+    for task in results["tasks"]:
+        shown = [
+            f"{_percent(cells[task, n]['forced_is_last_mentioned'])} / {_percent(cells[task, n]['recency_accuracy'])}"
+            for n in results["lengths"]
+        ]
+        lines.append(f"| {task} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def _buckets(results: dict) -> list[str]:
     """Every bucket label that holds samples, in order of distance."""
     lows = {row["bucket"]: row["low"] for row in results["distance"]}
@@ -78,6 +90,14 @@ def markdown(results: dict) -> str:
         "",
         *_length_table(results, "forced_accuracy"),
     ]
+    if any(c["forced_is_last_mentioned"] is not None for c in results["cells"]):
+        lines += [
+            "",
+            "Recency shortcut: how often the forced choice is the answer word the facts name last, against how "
+            "often that word is the target (the shortcut's own accuracy), forced / shortcut:",
+            "",
+            *_recency_table(results),
+        ]
     notes = truncation_notes(results)
     if notes:
         lines += [
