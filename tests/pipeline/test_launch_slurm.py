@@ -26,7 +26,9 @@ from tests.pipeline.test_checkpoint_resume import checkpoint_tensors
 
 # make test-all and CI run it. The module is meant to stay on one pytest-xdist worker (xdist_group); the cluster
 # fixture also takes a machine-wide lock (below), as parts of it still ran on both workers.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# The timeout covers a worker's wait for the machine-wide cluster lock while the other worker runs the module's
+# jobs (about 14 min on 2 loaded cores, past the default 900 s: two setups timed out so).
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm"), pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "tiny_train.yaml"
