@@ -123,8 +123,7 @@ def memory_estimate(run: RunConfig, dp: int, params_bytes: int, device: str = "c
         / par.tp
         * params_bytes
     )
-    lanes = accum * train.micro_batch if train.carry.enabled else 0
-    carried = 2 * lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
+    carried = 2 * _lane_state_bytes(run, dp, params_bytes)
     staging = checkpoint_bytes(run, dp, params_bytes) if run.checkpoint.async_save else 0
     return MemoryEstimate(
         int(weights),
@@ -145,17 +144,23 @@ def checkpoint_bytes(run: RunConfig, dp: int, params_bytes: int) -> int:
     DeepSpeed's model file holds the weights in the params dtype (ZeRO-3: only their partitioned fp32 copy in the
     optimizer file); the optimizer state is AdamW's two fp32 moments plus, with ZeRO >= 1 or bf16, the fp32 master
     copy, partitioned over data-parallel ranks from ZeRO-1 on; and this rank's carried lanes (train.carry)."""
-    m, par, train = run.model, run.parallel, run.train
+    zero = run.parallel.zero_stage
     params = _params_per_device(run)
-    zero = par.zero_stage
     weights = 0 if zero == 3 else params * params_bytes
     master = 4 if (zero >= 1 or params_bytes == 2) else 0
     optimizer = params * (8 + master) / (dp if zero >= 1 else 1)
+    return int(weights + optimizer + _lane_state_bytes(run, dp, params_bytes))
+
+
+def _lane_state_bytes(run: RunConfig, dp: int, params_bytes: int) -> float:
+    """train.carry: one table of every lane's memory state in each memory block of the first pipeline stage."""
+    m, par, train = run.model, run.parallel, run.train
+    if not train.carry.enabled:
+        return 0
     layers_here = -(-m.num_layers // par.pp)
     memory_layers = sum(m.has_memory(i) for i in range(layers_here))
-    lanes = train.grad_accum(dp) * train.micro_batch if train.carry.enabled else 0
-    carried = lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
-    return int(weights + optimizer + carried)
+    lanes = train.grad_accum(dp) * train.micro_batch
+    return lanes * memory_layers * m.memory.slots * m.memory_dim / par.tp * params_bytes
 
 
 def tokens_per_s_per_device(run: RunConfig, mfu: float, peak_tflops: float) -> float:
