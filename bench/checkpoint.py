@@ -114,7 +114,9 @@ def main() -> None:
     print(
         f"training time lost per save of {lm2_bytes / 1e9:.2f} GB: {s['async_lost']:.3f} s asynchronous against "
         f"{s['sync_lost']:.3f} s synchronous (x{result['async_lost_ratio']:.2f}; {args.steps_between} steps of "
-        f"{s['steps'] / args.steps_between:.2f} s after each save); staging blocks the loop {s['async_blocked']:.3f} s"
+        f"{s['steps'] / args.steps_between:.2f} s after each save); staging blocks the loop "
+        f"{s['async_blocked']:.3f} s; CPU: {s['sync_save_cpu']:.3f} s a synchronous save, "
+        f"{s['async_writer_cpu']:.3f} s the asynchronous writer"
     )
 
 
@@ -122,7 +124,9 @@ def lost_rounds(engine, run, root: Path, steps, rounds: int, between: int, micro
     """The training time a save costs, synchronous against asynchronous. Each round times `between` training steps
     alone, then a synchronous save followed by as many steps, then an asynchronous save started, as many steps, and
     the wait until it is published (what the loop's next save or its end would wait for). A save's lost time is its
-    round's seconds less the steps alone. Also the seconds an asynchronous save blocks its caller (staging)."""
+    round's seconds less the steps alone. Also the seconds an asynchronous save blocks its caller (staging), and the
+    CPU seconds of a synchronous save and of an asynchronous save's background writer: on a host whose cores all
+    train, the writer's CPU is training time lost whatever the overlap."""
     group = host_group()
     retention = Retention(keep=1)
 
@@ -137,17 +141,23 @@ def lost_rounds(engine, run, root: Path, steps, rounds: int, between: int, micro
         synchronize()
         return time.perf_counter() - start
 
+    sync_cpu: list[float] = []
+
     def sync_save() -> None:
+        started = time.process_time()
         save(engine, root, Manifest(step=next(steps), layout=engine.layout, config=run.to_dict()), retention)
+        sync_cpu.append(time.process_time() - started)
         train()
 
     blocked: list[float] = []
+    writer_cpu: list[float] = []
 
     def async_save() -> None:
         manifest = Manifest(step=next(steps), layout=engine.layout, config=run.to_dict())
         blocked.append(timed(lambda: pending.append(PendingSave.start(engine, root, manifest, retention))))
         train()
-        pending.pop().poll(group, wait=True)
+        pending[-1].poll(group, wait=True)
+        writer_cpu.append(pending.pop().writer_cpu)
 
     pending: list[PendingSave] = []
     seconds: dict[str, list[float]] = {"steps": [], "sync_lost": [], "async_lost": []}
@@ -158,6 +168,7 @@ def lost_rounds(engine, run, root: Path, steps, rounds: int, between: int, micro
             seconds["sync_lost"].append(synced - alone)
             seconds["async_lost"].append(background - alone)
     seconds["async_blocked"] = blocked[1:]
+    seconds["sync_save_cpu"], seconds["async_writer_cpu"] = sync_cpu[1:], writer_cpu[1:]
     return seconds
 
 

@@ -123,5 +123,6 @@ def test_checkpoint_bench_reports_the_time_a_save_costs_consistently():
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     seconds = report["seconds"]
     assert report["train_threads"] == 1 and seconds["steps"] > 0 and seconds["async_blocked"] > 0
+    assert seconds["sync_save_cpu"] > 0 and seconds["async_writer_cpu"] > 0  # the writer thread's own CPU time
     assert report["async_lost_ratio"] == pytest.approx(seconds["async_lost"] / seconds["sync_lost"])
     assert report["checkpoint_bytes"] == report["bytes"]["lm2"] > report["bytes"]["analytic"]

@@ -200,6 +200,8 @@ class PendingSave:
         self.started = time.perf_counter()
         self.mine: dict[str, dict[str, Any]] | None = None
         self.error: BaseException | None = None
+        self.writer_cpu = 0.0
+        """CPU seconds the background writer took (serializing, fsyncing, hashing), once it is done."""
         self._thread = threading.Thread(
             target=self._write, args=(staged, files), name=f"lm2-save-{folder.name}", daemon=True
         )
@@ -224,6 +226,7 @@ class PendingSave:
         return cls(folder, manifest, retention, staged, files)
 
     def _write(self, staged: list[tuple[Path, Any]], files) -> None:
+        started = time.thread_time()
         try:
             for path, state in staged:
                 files.write_staged(state, path)
@@ -232,6 +235,8 @@ class PendingSave:
             self.error = error
             # Now, not at the next step boundary: a full disk must not fail training's own writes meanwhile.
             shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            self.writer_cpu = time.thread_time() - started
 
     def poll(self, group, wait: bool = False) -> bool:
         """Whether the checkpoint is published: True once every rank's files are written, after publishing it; with
