@@ -125,9 +125,11 @@ def test_data_that_does_not_fit_the_model_is_refused(prepared, tokenizer_path, t
         read_metadata(str(tmp_path))
 
 
-def _copy(prepared, tmp_path) -> Path:
-    copy = tmp_path / "copy"
-    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("*.mds"))  # zipped shards only
+def _copy(prepared, tmp_path, name: str = "copy") -> Path:
+    """The prepared dataset's zipped shards and indexes. Not the shards an earlier test's loader decompressed, nor
+    those its prefetch thread may still be decompressing (`*.tmp`, renamed away mid-copy)."""
+    copy = tmp_path / name
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("*.mds", "*.tmp"))
     return copy
 
 
@@ -240,7 +242,7 @@ def test_jobs_starting_on_one_node_at_once_all_get_their_loader(prepared, tmp_pa
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    copies = [shutil.copytree(prepared, tmp_path / f"copy{i}") for i in range(6)]
+    copies = [_copy(prepared, tmp_path, f"copy{i}") for i in range(6)]
     start = context.Event()
     outs = [tmp_path / f"out-{i}" for i in range(len(copies))]
     jobs = [
