@@ -125,8 +125,9 @@ def lost_rounds(engine, run, root: Path, steps, rounds: int, between: int, micro
     alone, then a synchronous save followed by as many steps, then an asynchronous save started, as many steps, and
     the wait until it is published (what the loop's next save or its end would wait for). A save's lost time is its
     round's seconds less the steps alone. Also the seconds an asynchronous save blocks its caller (staging), and the
-    CPU seconds of a synchronous save and of an asynchronous save's background writer: on a host whose cores all
-    train, the writer's CPU is training time lost whatever the overlap."""
+    CPU seconds of a synchronous save (the process's, every thread) and of an asynchronous save's background writer
+    (that thread's alone, staging not included): on a host whose cores all train, the writer's CPU is training time
+    lost whatever the overlap."""
     group = host_group()
     retention = Retention(keep=1)
 
