@@ -20,7 +20,7 @@ import torch.distributed as dist
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from lm2.model.errors import CheckpointError
-from lm2.pipeline.checkpoint.engine_io import stage
+from lm2.pipeline.checkpoint.engine_io import stage, write_file
 from lm2.pipeline.checkpoint.format import (
     LATEST,
     MANIFEST,
@@ -138,7 +138,7 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
         _save_shards(engine, folder, manifest)
         own = _rank_files(folder, carry)
         for path, state in own:
-            torch.save(state, path)
+            write_file(state, path)
         written = [path for path in files.take_saved() if path.parent.resolve() == folder.resolve()]
         mine = _entries(folder, [*written, *(path for path, _ in own)])
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
