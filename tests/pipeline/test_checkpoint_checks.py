@@ -414,3 +414,22 @@ def test_staged_copies_are_made_at_once_and_their_buffers_serve_the_next_checkpo
     assert torch.equal(second["weights"], weights) and address(weights) != address(second["weights"])
     grown = stage({"weights": torch.zeros(7)}, buffers)
     assert address(grown["weights"]) != address(second["weights"])  # another size: a buffer of its own
+
+
+def test_checkpoint_files_skip_the_zip_crc_without_changing_torch_save_elsewhere(tmp_path):
+    """The manifest's sha256 is a checkpoint file's checksum: write_file leaves out torch.save's CRC-32 (most of its
+    CPU time), for its own call only. The file loads as written."""
+    import zipfile
+
+    from torch.utils.serialization import config as torch_serialization
+
+    from lm2.pipeline.checkpoint.engine_io import write_file
+
+    state = {"weights": torch.randn(64, generator=torch.Generator().manual_seed(0)), "step": 3}
+    write_file(state, tmp_path / "checkpoint.pt")
+    assert {entry.CRC for entry in zipfile.ZipFile(tmp_path / "checkpoint.pt").infolist()} == {0}
+    loaded = safe_load.load(tmp_path / "checkpoint.pt")
+    assert torch.equal(loaded["weights"], state["weights"]) and loaded["step"] == 3
+    assert torch_serialization.save.compute_crc32
+    torch.save(state, tmp_path / "plain.pt")
+    assert all(entry.CRC for entry in zipfile.ZipFile(tmp_path / "plain.pt").infolist() if entry.file_size)
