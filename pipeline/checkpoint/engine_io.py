@@ -9,7 +9,7 @@ engine's `save` and `load`, and lm2 replaces that engine (build_engine) with one
   next asynchronous save: copying into pages already mapped is several times faster than allocating them anew
   (1.2 GB on a 2-core VM: 0.11-0.15 s against 0.57 s), and the copy is the part of the save training waits for.
 
-Every checkpoint file is written by `write_file`.
+Every file a save writes (DeepSpeed's shards, each rank's own files, staged copies) goes through `write_file`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def write_file(state: Any, path: Path, zipfile: bool = True) -> None:
     """torch.save without the zip format's CRC-32 of every record. The manifest's sha256 of every file (save.py) is
     the checksum a resume verifies; the CRC-32 was a second one over the same bytes and half of torch.save's CPU time
     (1.2 GB on a 2-core VM: 0.7-0.9 s with it, 0.35 s without), which an asynchronous save's writer takes from
-    training.
-    torch.load reads such files (it does not check the CRC); `unzip` warns on them. The setting is thread-local."""
+    training. torch.load reads such files (it does not check the CRC); `unzip` warns on them. The setting is
+    thread-local."""
     with torch_serialization.patch({"save.compute_crc32": False}):
         torch.save(state, path, _use_new_zipfile_serialization=zipfile)
 

@@ -417,7 +417,7 @@ def test_staged_copies_are_made_at_once_and_their_buffers_serve_the_next_checkpo
 
 
 def test_checkpoint_files_skip_the_zip_crc_without_changing_torch_save_elsewhere(tmp_path):
-    """The manifest's sha256 is a checkpoint file's checksum: write_file leaves out torch.save's CRC-32 (most of its
+    """The manifest's sha256 is a checkpoint file's checksum: write_file leaves out torch.save's CRC-32 (half of its
     CPU time), for its own call only. The file loads as written."""
     import zipfile
 
