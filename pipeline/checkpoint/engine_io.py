@@ -2,8 +2,8 @@
 engine's `save` and `load`, and lm2 replaces that engine (build_engine) with one that
 
 - loads through safe_load.load (weights_only with lm2's allowlist): a resumed checkpoint runs no code;
-- records the files it saved, so that each rank reports exactly what it wrote to the manifest (save.py), rather
-  than rank 0 listing a folder that a network file system may show it stale;
+- records the files it saved and their sha256, so that each rank reports exactly what it wrote to the manifest
+  (save.py), rather than rank 0 listing a folder that a network file system may show it stale;
 - while staging (an asynchronous save, save.py), copies each state dict to host memory instead of writing it: the
   copy is written on a background thread while training changes the parameters. The host buffers are kept for the
   next asynchronous save: copying into pages already mapped is several times faster than allocating them anew
@@ -23,13 +23,14 @@ from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from torch.utils.serialization import config as torch_serialization
 
 from lm2.pipeline.checkpoint import safe_load
+from lm2.pipeline.files import write_hashed
 
 
 class CheckedCheckpointEngine(TorchCheckpointEngine):
     def __init__(self, config_params=None) -> None:
         super().__init__(config_params)
-        self.saved: list[Path] = []
-        """Files saved since the last take_saved()."""
+        self.saved: dict[Path, str] = {}
+        """Files written since the last take_saved(), with their sha256."""
         self.staged: list[tuple[Path, Any]] | None = None
         """While staging: (path, host copy of the state dict) of each save, written later by write_staged."""
         self.buffers = HostBuffers()
@@ -48,29 +49,28 @@ class CheckedCheckpointEngine(TorchCheckpointEngine):
         if self.staged is not None:
             self.staged.append((Path(path), stage(state_dict, self.buffers)))
         else:
-            write_file(state_dict, Path(path), self.zipfile_serialization)
-        self.saved.append(Path(path))
+            self.saved[Path(path)] = write_file(state_dict, Path(path), self.zipfile_serialization)
 
-    def write_staged(self, state_dict, path: Path) -> None:
-        """Writes a staged copy as save() would have written the original (any thread)."""
-        write_file(state_dict, path, self.zipfile_serialization)
+    def write_staged(self, state_dict, path: Path) -> str:
+        """Writes a staged copy as save() would have written the original (any thread); returns its sha256."""
+        return write_file(state_dict, path, self.zipfile_serialization)
 
     def load(self, path: str, map_location=None):
         return safe_load.load(path, map_location)
 
-    def take_saved(self) -> list[Path]:
-        saved, self.saved = self.saved, []
+    def take_saved(self) -> dict[Path, str]:
+        saved, self.saved = self.saved, {}
         return saved
 
 
-def write_file(state: Any, path: Path, zipfile: bool = True) -> None:
-    """torch.save without the zip format's CRC-32 of every record. The manifest's sha256 of every file (save.py) is
-    the checksum a resume verifies; the CRC-32 was a second one over the same bytes and half of torch.save's CPU time
-    (1.2 GB on a 2-core VM: 0.7-0.9 s with it, 0.35 s without), which an asynchronous save's writer takes from
-    training. torch.load reads such files (it does not check the CRC); `unzip` warns on them. The setting is
-    thread-local."""
+def write_file(state: Any, path: Path, zipfile: bool = True) -> str:
+    """torch.save into files.write_hashed (direct writes, fsynced, hashed as written): returns the file's sha256.
+    Without the zip format's CRC-32 of every record: the manifest's sha256 of every file (save.py) is the checksum
+    a resume verifies; the CRC-32 was a second one over the same bytes and half of torch.save's CPU time (1.2 GB on
+    a 2-core VM: 0.7-0.9 s with it, 0.35 s without), which an asynchronous save's writer takes from training.
+    torch.load reads such files (it does not check the CRC); `unzip` warns on them. The setting is thread-local."""
     with torch_serialization.patch({"save.compute_crc32": False}):
-        torch.save(state, path, _use_new_zipfile_serialization=zipfile)
+        return write_hashed(path, lambda handle: torch.save(state, handle, _use_new_zipfile_serialization=zipfile))
 
 
 class HostBuffers:

@@ -35,7 +35,7 @@ from lm2.pipeline.checkpoint.format import (
 )
 from lm2.pipeline.checkpoint.universal import universal_checkpoint_info
 from lm2.pipeline.checkpoint.verify import size_problems
-from lm2.pipeline.files import fsync_dir, fsync_file, sha256_file, write_atomic
+from lm2.pipeline.files import fsync_dir, write_atomic
 
 
 def code_version() -> str:
@@ -117,14 +117,13 @@ def _clear(folder: Path, retention: Retention) -> None:
     shutil.rmtree(root / f"{folder.name}{UNIVERSAL_SUFFIX}", ignore_errors=True)
 
 
-def _entries(folder: Path, written: list[Path]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of the files this rank wrote into `folder`, each fsynced first: the manifest that lists them
-    is written only once they are on disk."""
-    entries = {}
-    for path in written:
-        fsync_file(path)
-        entries[os.path.relpath(path, folder)] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return entries
+def _entries(folder: Path, written: dict[Path, str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the files this rank wrote into `folder` (write_file fsynced each and hashed its bytes as
+    they passed): the manifest that lists them is written only once they are on disk."""
+    return {
+        os.path.relpath(path, folder): {"bytes": path.stat().st_size, "sha256": sha256}
+        for path, sha256 in written.items()
+    }
 
 
 def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: dict[str, Any] | None = None) -> Path:
@@ -136,11 +135,9 @@ def save(engine, root: Path, manifest: Manifest, retention: Retention, carry: di
     files = engine.deepspeed.checkpoint_engine
     try:
         _save_shards(engine, folder, manifest)
-        own = _rank_files(folder, carry)
-        for path, state in own:
-            write_file(state, path)
-        written = [path for path in files.take_saved() if path.parent.resolve() == folder.resolve()]
-        mine = _entries(folder, [*written, *(path for path, _ in own)])
+        written = {path: sha256 for path, sha256 in files.take_saved().items() if _inside(path, folder)}
+        written |= {path: write_file(state, path) for path, state in _rank_files(folder, carry)}
+        mine = _entries(folder, written)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError without errno
         raise _not_written(folder, error) from None
     _publish(folder, manifest, retention, mine)
@@ -152,6 +149,11 @@ def _rank_files(folder: Path, carry: dict[str, Any] | None) -> list[tuple[Path, 
     rank = dist.get_rank()
     files = [(rng_file(folder, rank), rng_state())]
     return files + ([(carry_file(folder, rank), carry)] if carry is not None else [])
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether DeepSpeed saved `path` into this checkpoint's folder."""
+    return path.parent.resolve() == folder.resolve()
 
 
 def _begin(engine, root: Path, manifest: Manifest, retention: Retention) -> Path:
@@ -220,17 +222,14 @@ class PendingSave:
             raise _not_written(folder, error) from None
         finally:
             staged = files.end_staging()
-        staged = [(path, state) for path, state in staged if path.parent.resolve() == folder.resolve()]
-        files.take_saved()
+        staged = [(path, state) for path, state in staged if _inside(path, folder)]
         staged += [(path, stage(state)) for path, state in _rank_files(folder, carry)]
         return cls(folder, manifest, retention, staged, files)
 
     def _write(self, staged: list[tuple[Path, Any]], files) -> None:
         started = time.thread_time()
         try:
-            for path, state in staged:
-                files.write_staged(state, path)
-            self.mine = _entries(self.folder, [path for path, _ in staged])
+            self.mine = _entries(self.folder, {path: files.write_staged(state, path) for path, state in staged})
         except BaseException as error:  # reported by poll, on the training thread
             self.error = error
             # Now, not at the next step boundary: a full disk must not fail training's own writes meanwhile.

@@ -5,6 +5,7 @@ and what the trainer refuses before it starts: data that does not fit the model.
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -433,3 +434,112 @@ def test_checkpoint_files_skip_the_zip_crc_without_changing_torch_save_elsewhere
     assert torch_serialization.save.compute_crc32
     torch.save(state, tmp_path / "plain.pt")
     assert all(entry.CRC for entry in zipfile.ZipFile(tmp_path / "plain.pt").infolist() if entry.file_size)
+
+
+def cached_pages(path: Path) -> int:
+    """How many of a file's pages are in the page cache (mincore on a read-only mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(handle)
+    return sum(page & 1 for page in pages)
+
+
+def keeps_a_page_cache(folder: Path) -> bool:
+    """Whether the file system of `folder` caches a file's pages apart from the file (not tmpfs): a written file's
+    pages are cached, and leave the cache when dropped."""
+    probe = folder / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    cached = cached_pages(probe)
+    handle = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+        os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(handle)
+    dropped = cached_pages(probe) == 0
+    probe.unlink()
+    return cached > 0 and dropped
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 12345, 2 * (8 << 20)])
+def test_hashed_writes_return_the_sha256_of_the_file_and_bypass_the_page_cache(size, tmp_path):
+    """write_hashed's direct writes: whole blocks, and a last one padded then cut to the file's size."""
+    from lm2.pipeline.files import DIRECT_BLOCK, write_hashed
+
+    if not keeps_a_page_cache(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} keeps its files in memory (tmpfs): no direct writes")
+    data = os.urandom(size)
+    pieces = [data[:100], memoryview(data)[100 : DIRECT_BLOCK + 7], bytearray(data[DIRECT_BLOCK + 7 :])]
+    path = tmp_path / "file"
+    sha256 = write_hashed(path, lambda handle: [handle.write(piece) for piece in pieces])
+    assert path.stat().st_size == size
+    assert size == 0 or cached_pages(path) == 0
+    assert path.read_bytes() == data and sha256 == sha256_file(path)
+
+
+def _write_hashed_on_ramfs(folder: str) -> None:
+    """In a mount namespace with a ramfs (which refuses O_DIRECT) on `folder`: write_hashed writes there all the
+    same, and returns the file's sha256."""
+    import errno
+
+    from lm2.pipeline.files import write_hashed
+
+    path = Path(folder) / "file"
+    try:
+        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        raise AssertionError("ramfs accepted O_DIRECT")
+    except OSError as error:
+        assert error.errno == errno.EINVAL, error
+    data = os.urandom((1 << 20) + 3)
+    sha256 = write_hashed(path, lambda handle: [handle.write(data[:5]), handle.write(data[5:])])
+    assert path.read_bytes() == data and sha256 == sha256_file(path)
+    print("written through the page cache")
+
+
+def test_hashed_writes_go_through_the_page_cache_where_o_direct_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t ramfs ramfs {tmp_path}"]
+    probe = subprocess.run(namespace, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs in a mount namespace here: {probe.stderr.strip()}")
+    script = f"from tests.pipeline.test_checkpoint_checks import _write_hashed_on_ramfs as w; w({str(tmp_path)!r})"
+    namespace[-1] += f" && {sys.executable} -c {shlex.quote(script)}"
+    result = subprocess.run(namespace, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0 and "written through the page cache" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_checkpoint_files_bypass_the_page_cache_and_the_manifest_has_their_sha256(async_save, train_data, tmp_path):
+    """Every file a checkpoint lists was written direct (files.write_hashed), and the sha256 the manifest records,
+    computed as the bytes passed, is the file's."""
+    if not keeps_a_page_cache(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} keeps its files in memory (tmpfs): no direct writes")
+    run_dir = tmp_path / "run"
+    args = [*train_data, *KEPT_ONE, "checkpoint.keep=2", f"checkpoint.async_save={async_save}"]
+    result = lm2_cli(["train", "--config", str(CONFIG), *args, f"logging.run_dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (1, 2):
+        folder = run_dir / "checkpoints" / tag_for(step)
+        files = read_manifest(folder).files
+        assert files and all(entry["bytes"] for entry in files.values())
+        assert {name: cached_pages(folder / name) for name in files} == dict.fromkeys(files, 0)
+        assert {name: sha256_file(folder / name) for name in files} == {n: e["sha256"] for n, e in files.items()}

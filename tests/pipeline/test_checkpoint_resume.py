@@ -366,32 +366,33 @@ def test_resume_at_another_data_parallel_size_continues_the_same_training(tmp_pa
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
 
 
+def mount_7m(filesystem: str, disk: Path) -> str:
+    """A shell command mounting a 7 MiB file system of that kind on `disk`: tmpfs (memory; older kernels refuse
+    O_DIRECT there, and the files are written through the page cache) or ext4 on a loop device (direct writes to a
+    disk)."""
+    if filesystem == "tmpfs":
+        return f"mount -t tmpfs -o size=7m tmpfs {disk}"
+    image = disk.with_name("ext4.img")
+    return f"truncate -s 7m {image} && mkfs.ext4 -F -q -O ^has_journal -m 0 {image} && mount -o loop {image} {disk}"
+
+
+@pytest.mark.parametrize("filesystem", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(tmp_path, train_data, async_save):
-    """The run folder lies on a 7 MiB tmpfs (in a mount namespace of its own): one checkpoint of the tiny model
+def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(
+    tmp_path, train_data, async_save, filesystem
+):
+    """The run folder lies on a 7 MiB file system (in a mount namespace of its own): one checkpoint of the tiny model
     (4.6 MB) fits, the second does not. Async: step 2's save fails on the background thread, and the error
     surfaces at the next step boundary as the synchronous save's does."""
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
     probe = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "tmpfs",
-            str(tmp_path),
-        ],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount_7m(filesystem, disk)],
         capture_output=True,
         text=True,
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
-    disk, copy = tmp_path / "disk", tmp_path / "copy"
-    disk.mkdir()
+        pytest.skip(f"cannot mount a 7 MiB {filesystem} in a mount namespace here: {probe.stderr.strip()}")
     train = [
         sys.executable,
         "-m",
@@ -407,9 +408,9 @@ def test_a_full_disk_while_saving_fails_once_and_keeps_the_previous_checkpoint(t
         "checkpoint.keep=1",
         *(["checkpoint.async_save=true", "train.steps=3"] if async_save else []),
     ]
-    # The tmpfs vanishes with the namespace: the run folder is copied out before it ends.
+    # The mount vanishes with the namespace: the run folder is copied out before it ends.
     script = (
-        f"mount -t tmpfs -o size=7m tmpfs {disk} && {subprocess.list2cmdline(train)}; code=$?; "
+        f"{mount_7m(filesystem, disk)} && {subprocess.list2cmdline(train)}; code=$?; "
         f"cp -a {disk}/run {copy}; exit $code"
     )
     result = subprocess.run(
